@@ -116,3 +116,30 @@ pub extern "C" fn qvshim_set_budget(pool: i32, bytes: u64) -> i32 {
 pub extern "C" fn qvshim_purge() -> u64 {
     crate::jemalloc::purge().returned()
 }
+
+/// # Safety
+/// `cb` is a function with the `qvshim_level_callback` signature; `ctx` is passed back as is.
+#[no_mangle]
+pub unsafe extern "C" fn qvshim_on_level_change(
+    cb: Option<crate::runtime::callbacks::LevelCallback>,
+    ctx: *mut core::ffi::c_void,
+) -> i32 {
+    match cb {
+        Some(cb) => crate::runtime::callbacks::register(cb, ctx),
+        None => -1,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn qvshim_remove_level_callback(id: i32) -> i32 {
+    crate::runtime::callbacks::remove(id)
+}
+
+#[no_mangle]
+pub extern "C" fn qvshim_dump(fd: i32, json: i32) -> i32 {
+    if crate::diag::write_dump(fd, json != 0) {
+        0
+    } else {
+        -1
+    }
+}

@@ -19,6 +19,15 @@ pub const DEFAULT_CRITICAL_PERCENT: u8 = 90;
 pub const MIN_BUDGET_BYTES: u64 = 1 << 20;
 /// Sizes stay below 2^63 so sums of a few of them never overflow a u64.
 pub const MAX_SIZE_BYTES: u64 = 1 << 63;
+pub const DEFAULT_INTERVAL_MS: u64 = 1000;
+pub const DEFAULT_PURGE_INTERVAL_MS: u64 = 30_000;
+/// Memory left to the rest of the machine: the effective budget shrinks so that the process
+/// never takes the machine's MemAvailable below this.
+pub const DEFAULT_SYSTEM_RESERVE_BYTES: u64 = 512 << 20;
+/// Intervals are kept between these bounds: a shorter one would keep a core busy, a longer one
+/// would make the monitor blind.
+pub const MIN_INTERVAL_MS: u64 = 10;
+pub const MAX_INTERVAL_MS: u64 = 3_600_000;
 
 /// What `QVSHIM_BUDGET` asked for, before the machine's memory is known.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -37,6 +46,21 @@ pub struct Settings {
     pub warn_percent: u8,
     pub critical_percent: u8,
     pub log_level: Level,
+    /// QVSHIM_INTERVAL: how often the monitor reads the machine at the normal level.
+    pub interval_ms: u64,
+    /// QVSHIM_PURGE_INTERVAL: how often purges repeat while a pool is above normal.
+    pub purge_interval_ms: u64,
+    pub system_reserve_bytes: u64,
+    /// QVSHIM_PYTHON: tell a CPython runtime to collect.
+    pub python: bool,
+    /// QVSHIM_SIGNAL: a signal raised to the process on each level rise.
+    pub notify_signal: Option<i32>,
+    /// QVSHIM_DUMP_SIGNAL: the signal that asks for the diagnostic dump.
+    pub dump_signal: Option<i32>,
+    /// QVSHIM_DUMP_FORMAT=json.
+    pub dump_json: bool,
+    /// QVSHIM_BACKTRACE: native backtraces of the largest live allocations.
+    pub backtrace: bool,
 }
 
 impl Default for Settings {
@@ -47,6 +71,14 @@ impl Default for Settings {
             warn_percent: DEFAULT_WARN_PERCENT,
             critical_percent: DEFAULT_CRITICAL_PERCENT,
             log_level: Level::Info,
+            interval_ms: DEFAULT_INTERVAL_MS,
+            purge_interval_ms: DEFAULT_PURGE_INTERVAL_MS,
+            system_reserve_bytes: DEFAULT_SYSTEM_RESERVE_BYTES,
+            python: true,
+            notify_signal: None,
+            dump_signal: Some(libc::SIGUSR2),
+            dump_json: false,
+            backtrace: false,
         }
     }
 }
@@ -189,6 +221,108 @@ pub fn parse_log_level(text: &[u8]) -> Result<Level, &'static str> {
         .ok_or("not one of off, error, warn, info, debug")
 }
 
+/// Parses a duration: a number with an optional fraction and a unit `ms`, `s` or `m`
+/// (a bare number is seconds), between [`MIN_INTERVAL_MS`] and [`MAX_INTERVAL_MS`].
+pub fn parse_interval_ms(text: &[u8]) -> Result<u64, &'static str> {
+    let text = trim(text);
+    if text.is_empty() {
+        return Err("empty");
+    }
+    if text.first() == Some(&b'-') {
+        return Err("negative");
+    }
+    let (number, unit) = split_number(text);
+    let value = parse_decimal(number).ok_or("not a duration (e.g. 1s, 100ms, 0.5s)")?;
+    let unit = trim(unit);
+    let scale = if unit.is_empty() || unit.eq_ignore_ascii_case(b"s") {
+        1000.0
+    } else if unit.eq_ignore_ascii_case(b"ms") {
+        1.0
+    } else if unit.eq_ignore_ascii_case(b"m") || unit.eq_ignore_ascii_case(b"min") {
+        60_000.0
+    } else {
+        return Err("unknown unit (use ms, s or m)");
+    };
+    let ms = value * scale;
+    if ms < MIN_INTERVAL_MS as f64 {
+        return Err("shorter than 10ms");
+    }
+    if ms > MAX_INTERVAL_MS as f64 {
+        return Err("longer than 1 hour");
+    }
+    Ok(ms as u64)
+}
+
+/// Parses an on/off switch: `1`, `on`, `yes`, `true` or `0`, `off`, `no`, `false`.
+pub fn parse_switch(text: &[u8]) -> Result<bool, &'static str> {
+    let trimmed = trim(text);
+    const ON: [&[u8]; 4] = [b"1", b"on", b"yes", b"true"];
+    const OFF: [&[u8]; 4] = [b"0", b"off", b"no", b"false"];
+    if ON.iter().any(|w| trimmed.eq_ignore_ascii_case(w)) {
+        Ok(true)
+    } else if OFF.iter().any(|w| trimmed.eq_ignore_ascii_case(w)) {
+        Ok(false)
+    } else {
+        Err("not on or off (1, on, yes, true / 0, off, no, false)")
+    }
+}
+
+/// Signals a user may name, with or without the `SIG` prefix.
+const SIGNAL_NAMES: [(&[u8], i32); 10] = [
+    (b"USR1", libc::SIGUSR1),
+    (b"USR2", libc::SIGUSR2),
+    (b"HUP", libc::SIGHUP),
+    (b"INT", libc::SIGINT),
+    (b"QUIT", libc::SIGQUIT),
+    (b"ALRM", libc::SIGALRM),
+    (b"TERM", libc::SIGTERM),
+    (b"WINCH", libc::SIGWINCH),
+    (b"URG", libc::SIGURG),
+    (b"PWR", libc::SIGPWR),
+];
+
+/// Parses a signal: a name (`USR1`, `SIGUSR1`, any case), a number 1..64 other than SIGKILL
+/// and SIGSTOP (which no handler can catch), or `off` (None).
+pub fn parse_signal(text: &[u8]) -> Result<Option<i32>, &'static str> {
+    const BAD: &str = "not a signal (e.g. USR1, SIGUSR2, 10, off)";
+    let trimmed = trim(text);
+    if trimmed.eq_ignore_ascii_case(b"off") {
+        return Ok(None);
+    }
+    if !trimmed.is_empty() && trimmed.iter().all(u8::is_ascii_digit) {
+        let number = parse_decimal(trimmed).ok_or(BAD)?;
+        if !(1.0..=64.0).contains(&number) {
+            return Err(BAD);
+        }
+        let number = number as i32;
+        if number == libc::SIGKILL || number == libc::SIGSTOP {
+            return Err("SIGKILL and SIGSTOP cannot be caught");
+        }
+        return Ok(Some(number));
+    }
+    let name = match trimmed.get(..3) {
+        Some(prefix) if prefix.eq_ignore_ascii_case(b"SIG") => trimmed.get(3..).unwrap_or(&[]),
+        _ => trimmed,
+    };
+    SIGNAL_NAMES
+        .iter()
+        .find(|(n, _)| name.eq_ignore_ascii_case(n))
+        .map(|(_, number)| Some(*number))
+        .ok_or(BAD)
+}
+
+/// Parses QVSHIM_DUMP_FORMAT: `text` (false) or `json` (true).
+pub fn parse_dump_format(text: &[u8]) -> Result<bool, &'static str> {
+    let trimmed = trim(text);
+    if trimmed.eq_ignore_ascii_case(b"text") {
+        Ok(false)
+    } else if trimmed.eq_ignore_ascii_case(b"json") {
+        Ok(true)
+    } else {
+        Err("not text or json")
+    }
+}
+
 fn trim(mut s: &[u8]) -> &[u8] {
     while let [first, rest @ ..] = s {
         if !first.is_ascii_whitespace() {
@@ -295,6 +429,54 @@ impl Settings {
         if let Some((value, bad)) = read("QVSHIM_RESERVE", "64M") {
             match parse_size(value) {
                 Ok(bytes) => s.reserve_bytes = bytes,
+                Err(reason) => report(bad(reason)),
+            }
+        }
+        if let Some((value, bad)) = read("QVSHIM_INTERVAL", "1s") {
+            match parse_interval_ms(value) {
+                Ok(ms) => s.interval_ms = ms,
+                Err(reason) => report(bad(reason)),
+            }
+        }
+        if let Some((value, bad)) = read("QVSHIM_PURGE_INTERVAL", "30s") {
+            match parse_interval_ms(value) {
+                Ok(ms) => s.purge_interval_ms = ms,
+                Err(reason) => report(bad(reason)),
+            }
+        }
+        if let Some((value, bad)) = read("QVSHIM_SYSTEM_RESERVE", "512M") {
+            match parse_size(value) {
+                Ok(bytes) => s.system_reserve_bytes = bytes,
+                Err(reason) => report(bad(reason)),
+            }
+        }
+        if let Some((value, bad)) = read("QVSHIM_PYTHON", "on") {
+            match parse_switch(value) {
+                Ok(on) => s.python = on,
+                Err(reason) => report(bad(reason)),
+            }
+        }
+        if let Some((value, bad)) = read("QVSHIM_SIGNAL", "off") {
+            match parse_signal(value) {
+                Ok(signal) => s.notify_signal = signal,
+                Err(reason) => report(bad(reason)),
+            }
+        }
+        if let Some((value, bad)) = read("QVSHIM_DUMP_SIGNAL", "USR2") {
+            match parse_signal(value) {
+                Ok(signal) => s.dump_signal = signal,
+                Err(reason) => report(bad(reason)),
+            }
+        }
+        if let Some((value, bad)) = read("QVSHIM_DUMP_FORMAT", "text") {
+            match parse_dump_format(value) {
+                Ok(json) => s.dump_json = json,
+                Err(reason) => report(bad(reason)),
+            }
+        }
+        if let Some((value, bad)) = read("QVSHIM_BACKTRACE", "0") {
+            match parse_switch(value) {
+                Ok(on) => s.backtrace = on,
                 Err(reason) => report(bad(reason)),
             }
         }
@@ -498,6 +680,88 @@ mod tests {
         assert_eq!(s.reserve_bytes, 0);
         assert_eq!((s.warn_percent, s.critical_percent), (50, 80));
         assert_eq!(s.log_level, Level::Debug);
+    }
+
+    #[test]
+    fn monitor_values_parse() {
+        let intervals: &[(&str, Result<u64, &str>)] = &[
+            ("1s", Ok(1000)),
+            ("100ms", Ok(100)),
+            ("0.5", Ok(500)),
+            ("2 m", Ok(120_000)),
+            ("5ms", Err("shorter than 10ms")),
+            ("2h", Err("unknown unit (use ms, s or m)")),
+            ("-1s", Err("negative")),
+            ("soon", Err("not a duration (e.g. 1s, 100ms, 0.5s)")),
+            ("", Err("empty")),
+        ];
+        for (text, want) in intervals {
+            assert_eq!(parse_interval_ms(text.as_bytes()), *want, "{text:?}");
+        }
+        let signals: &[(&str, Result<Option<i32>, &str>)] = &[
+            ("USR1", Ok(Some(libc::SIGUSR1))),
+            ("sigusr2", Ok(Some(libc::SIGUSR2))),
+            ("SIGHUP", Ok(Some(libc::SIGHUP))),
+            ("10", Ok(Some(10))),
+            ("off", Ok(None)),
+            ("9", Err("SIGKILL and SIGSTOP cannot be caught")),
+            ("65", Err("not a signal (e.g. USR1, SIGUSR2, 10, off)")),
+            ("KILL", Err("not a signal (e.g. USR1, SIGUSR2, 10, off)")),
+            ("", Err("not a signal (e.g. USR1, SIGUSR2, 10, off)")),
+        ];
+        for (text, want) in signals {
+            assert_eq!(parse_signal(text.as_bytes()), *want, "{text:?}");
+        }
+        let switches: &[(&str, Result<bool, &str>)] = &[
+            ("1", Ok(true)),
+            ("ON", Ok(true)),
+            ("off", Ok(false)),
+            ("0", Ok(false)),
+            (
+                "maybe",
+                Err("not on or off (1, on, yes, true / 0, off, no, false)"),
+            ),
+        ];
+        for (text, want) in switches {
+            assert_eq!(parse_switch(text.as_bytes()), *want, "{text:?}");
+        }
+        assert_eq!(parse_dump_format(b"JSON"), Ok(true));
+        assert_eq!(parse_dump_format(b"xml"), Err("not text or json"));
+    }
+
+    #[test]
+    fn monitor_variables_load_and_bad_ones_keep_defaults() {
+        let (s, lines) = load_with(&[
+            ("QVSHIM_INTERVAL", "250ms"),
+            ("QVSHIM_PURGE_INTERVAL", "5s"),
+            ("QVSHIM_SYSTEM_RESERVE", "1G"),
+            ("QVSHIM_PYTHON", "off"),
+            ("QVSHIM_SIGNAL", "USR1"),
+            ("QVSHIM_DUMP_SIGNAL", "off"),
+            ("QVSHIM_DUMP_FORMAT", "json"),
+            ("QVSHIM_BACKTRACE", "1"),
+        ]);
+        assert!(lines.is_empty(), "unexpected lines {lines:?}");
+        assert_eq!((s.interval_ms, s.purge_interval_ms), (250, 5000));
+        assert_eq!(s.system_reserve_bytes, 1 << 30);
+        assert!(!s.python && s.dump_json && s.backtrace);
+        assert_eq!(
+            (s.notify_signal, s.dump_signal),
+            (Some(libc::SIGUSR1), None)
+        );
+
+        let (s, lines) = load_with(&[("QVSHIM_INTERVAL", "1ms"), ("QVSHIM_SIGNAL", "KILL")]);
+        assert_eq!(
+            lines,
+            [
+                "QVSHIM_INTERVAL=\"1ms\": shorter than 10ms; using default 1s",
+                "QVSHIM_SIGNAL=\"KILL\": not a signal (e.g. USR1, SIGUSR2, 10, off); using default off",
+            ]
+        );
+        assert_eq!(
+            (s.interval_ms, s.notify_signal),
+            (DEFAULT_INTERVAL_MS, None)
+        );
     }
 
     #[test]

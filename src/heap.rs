@@ -11,6 +11,7 @@ use core::ptr;
 use tikv_jemalloc_sys as je;
 
 use crate::ledger;
+use crate::tracker::{self, TRACK_MIN_BYTES};
 
 /// glibc's malloc alignment on x86-64 and aarch64: what malloc guarantees without flags.
 pub const MALLOC_ALIGNMENT: usize = 16;
@@ -85,6 +86,8 @@ pub fn alloc(size: usize, align: usize, zero: bool) -> *mut c_void {
     if p.is_null() {
         ledger::host_uncharge(usable as u64);
         set_errno(libc::ENOMEM);
+    } else if usable as u64 >= TRACK_MIN_BYTES {
+        tracker::on_alloc(p, usable as u64);
     }
     p
 }
@@ -102,6 +105,10 @@ pub unsafe fn free(p: *mut c_void) {
     let saved = errno();
     // SAFETY: p is a live jemalloc block (caller's contract).
     let usable = unsafe { je::malloc_usable_size(p) };
+    // Forgotten before the address can be handed out again.
+    if usable as u64 >= TRACK_MIN_BYTES {
+        tracker::on_free(p);
+    }
     // SAFETY: usable is p's own usable size, valid for sized deallocation.
     unsafe { je::sdallocx(p, usable, 0) };
     ledger::host_uncharge(usable as u64);
@@ -159,6 +166,12 @@ pub unsafe fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     // An in-place resize can keep a size other than the estimate: settle on the truth.
     // SAFETY: q is the live result of realloc.
     let new = unsafe { je::malloc_usable_size(q) } as u64;
+    if old >= TRACK_MIN_BYTES {
+        tracker::on_free(p);
+    }
+    if new >= TRACK_MIN_BYTES {
+        tracker::on_alloc(q, new);
+    }
     let charged = old + grow;
     if new > charged {
         ledger::host_force_charge(new - charged);

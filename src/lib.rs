@@ -5,13 +5,16 @@
 
 pub mod capi;
 pub mod config;
+pub mod diag;
 pub mod heap;
 pub mod interpose;
 pub mod jemalloc;
 pub mod ledger;
 pub mod log;
 pub mod monitor;
+pub mod runtime;
 pub mod system;
+pub mod tracker;
 
 use core::ffi::CStr;
 
@@ -101,6 +104,17 @@ fn apply(settings: &Settings) {
     host.set_reserve(settings.reserve_bytes);
     host.set_budget(budget);
     host.activate();
+    monitor::configure(
+        settings.interval_ms,
+        settings.purge_interval_ms,
+        settings.system_reserve_bytes,
+    );
+    runtime::python::configure(settings.python);
+    runtime::signal::configure(settings.notify_signal);
+    diag::configure(settings, budget, env_bytes("QVSHIM_DUMP_FILE"));
+    if settings.backtrace {
+        tracker::enable_backtraces();
+    }
 }
 
 #[ctor::ctor]
@@ -131,5 +145,9 @@ fn init() {
     ledger::init_threads();
     // SAFETY: registering a plain extern "C" handler with no prepare/parent step.
     unsafe { libc::pthread_atfork(None, None, Some(after_fork_child)) };
+    if let Some(signal) = settings.dump_signal {
+        diag::install_dump_signal(signal);
+    }
+    diag::install_exit_report();
     monitor::start();
 }

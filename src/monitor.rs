@@ -1,21 +1,39 @@
-//! The one background thread. Everything slow or lock-taking happens here: logging level
-//! changes and refusals, purging jemalloc's arenas.
+//! The one background thread. Everything slow or lock-taking happens here: reading the
+//! machine's memory, lowering the effective budget when the machine runs short, logging level
+//! changes and refusals, purging jemalloc's arenas, telling the runtime, writing the dump.
 //!
 //! The allocation path and signal handlers only [`ring`] the doorbell (an atomic add and a
 //! futex wake: async-signal-safe, no allocation, no lock). The thread runs with every signal
 //! blocked so the host's signal delivery is unchanged, and it is started again in a fork child.
+//! It never panics: a panic would abort the host (panic = "abort").
 
-use core::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use core::cell::Cell;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use crate::ledger::{self, LEVEL_CRITICAL, LEVEL_NORMAL, LEVEL_WARN, MAX_POOLS};
 use crate::log::Bytes;
-use crate::qlog;
+use crate::{diag, jemalloc, qlog, runtime, system};
 
-/// How long the monitor sleeps when nothing rings.
-pub const IDLE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the machine is read while some pool is at warn or above (at most; a shorter
+/// QVSHIM_INTERVAL wins).
+pub const PRESSED_INTERVAL_MS: u64 = 100;
+/// Anonymous memory past the ledger that is not held against the budget: thread stacks,
+/// jemalloc's metadata and the dirty pages it keeps between purges.
+pub const UNSEEN_SLACK_BYTES: u64 = 32 << 20;
+/// Purges remembered for the dump.
+pub const PURGE_HISTORY: usize = 8;
 
 static DOORBELL: AtomicU32 = AtomicU32::new(0);
+static DUMP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+static INTERVAL_MS: AtomicU64 = AtomicU64::new(crate::config::DEFAULT_INTERVAL_MS);
+static PURGE_INTERVAL_MS: AtomicU64 = AtomicU64::new(crate::config::DEFAULT_PURGE_INTERVAL_MS);
+static SYSTEM_RESERVE_BYTES: AtomicU64 =
+    AtomicU64::new(crate::config::DEFAULT_SYSTEM_RESERVE_BYTES);
+
+thread_local! {
+    static ON_MONITOR: Cell<bool> = const { Cell::new(false) };
+}
 
 /// Wakes the monitor. Async-signal-safe: one atomic add and one futex syscall.
 pub fn ring() {
@@ -31,11 +49,32 @@ pub fn ring() {
     };
 }
 
-/// Sleeps until the doorbell moves past `seen` or `timeout` passes.
-fn wait(seen: u32, timeout: Duration) {
+/// Asks the monitor to write the diagnostic dump. Async-signal-safe.
+pub fn request_dump() {
+    DUMP_REQUESTED.store(true, Ordering::Release);
+    ring();
+}
+
+pub fn configure(interval_ms: u64, purge_interval_ms: u64, system_reserve_bytes: u64) {
+    INTERVAL_MS.store(interval_ms, Ordering::Relaxed);
+    PURGE_INTERVAL_MS.store(purge_interval_ms, Ordering::Relaxed);
+    SYSTEM_RESERVE_BYTES.store(system_reserve_bytes, Ordering::Relaxed);
+}
+
+pub fn system_reserve_bytes() -> u64 {
+    SYSTEM_RESERVE_BYTES.load(Ordering::Relaxed)
+}
+
+/// True on the monitor thread.
+pub fn on_monitor_thread() -> bool {
+    ON_MONITOR.try_with(|c| c.get()).unwrap_or(false)
+}
+
+/// Sleeps until the doorbell moves past `seen` or `timeout_ms` passes.
+fn wait(seen: u32, timeout_ms: u64) {
     let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        tv_sec: (timeout_ms / 1000) as libc::time_t,
+        tv_nsec: ((timeout_ms % 1000) * 1_000_000) as libc::c_long,
     };
     // SAFETY: FUTEX_WAIT on a valid, static, aligned u32 with a valid relative timeout.
     unsafe {
@@ -49,14 +88,253 @@ fn wait(seen: u32, timeout: Duration) {
     };
 }
 
+/// Milliseconds of monotonic time.
+pub fn now_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+// ---------------------------------------------------------------------------------------------
+// The effective budget.
+
+/// Why the host's effective budget is what it is.
+pub const REASON_BUDGET: u8 = 0;
+pub const REASON_MACHINE: u8 = 1;
+pub const REASON_UNSEEN: u8 = 2;
+
+pub fn reason_name(reason: u8) -> &'static str {
+    match reason {
+        REASON_MACHINE => "machine",
+        REASON_UNSEEN => "unseen_anon",
+        _ => "budget",
+    }
+}
+
+/// What the effective budget is computed from.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Inputs {
+    pub budget: u64,
+    /// Bytes the ledger holds for the pool (live plus threads' credit).
+    pub committed: u64,
+    /// The machine's MemAvailable.
+    pub available: Option<u64>,
+    /// cgroup v2 memory.max minus memory.current.
+    pub cgroup_room: Option<u64>,
+    /// The process's RssAnon.
+    pub rss_anon: Option<u64>,
+    pub system_reserve: u64,
+}
+
+/// The effective budget and its parts.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Effective {
+    pub bytes: u64,
+    pub reason: u8,
+    /// What the process may hold before the machine (or cgroup) is left with only the reserve.
+    pub machine_cap: u64,
+    /// Anonymous resident memory past the ledger, beyond [`UNSEEN_SLACK_BYTES`].
+    pub unseen_anon: u64,
+}
+
+/// Never more than the budget; lowered to what the process holds plus what the machine can
+/// still give (less the system reserve), and by the anonymous memory the ledger cannot see.
+pub fn effective_budget(i: Inputs) -> Effective {
+    let room = match (i.available, i.cgroup_room) {
+        (Some(a), Some(c)) => Some(a.min(c)),
+        (a, c) => a.or(c),
+    };
+    let machine_cap = room.map_or(ledger::UNLIMITED, |room| {
+        i.committed
+            .saturating_add(room.saturating_sub(i.system_reserve))
+    });
+    let unseen_anon = i.rss_anon.map_or(0, |anon| {
+        anon.saturating_sub(i.committed)
+            .saturating_sub(UNSEEN_SLACK_BYTES)
+    });
+    let anon_cap = if i.budget == ledger::UNLIMITED {
+        ledger::UNLIMITED
+    } else {
+        i.budget.saturating_sub(unseen_anon)
+    };
+    let mut e = Effective {
+        bytes: i.budget,
+        reason: REASON_BUDGET,
+        machine_cap,
+        unseen_anon,
+    };
+    if machine_cap < e.bytes {
+        e.bytes = machine_cap;
+        e.reason = REASON_MACHINE;
+    }
+    if anon_cap < e.bytes {
+        e.bytes = anon_cap;
+        e.reason = REASON_UNSEEN;
+    }
+    e
+}
+
+static EFFECTIVE_REASON: AtomicU8 = AtomicU8::new(REASON_BUDGET);
+static MACHINE_CAP: AtomicU64 = AtomicU64::new(u64::MAX);
+static UNSEEN_ANON: AtomicU64 = AtomicU64::new(0);
+
+/// The host pool's last effective-budget computation, for the dump.
+pub fn host_effective() -> Effective {
+    Effective {
+        bytes: ledger::host().effective(),
+        reason: EFFECTIVE_REASON.load(Ordering::Relaxed),
+        machine_cap: MACHINE_CAP.load(Ordering::Relaxed),
+        unseen_anon: UNSEEN_ANON.load(Ordering::Relaxed),
+    }
+}
+
+/// Reads the machine and sets the host's effective budget.
+fn sample_host() {
+    let host = ledger::host();
+    let cgroup_room = match (system::cgroup_memory_max(), system::cgroup_memory_current()) {
+        (Some(max), Some(current)) => Some(max.saturating_sub(current)),
+        _ => None,
+    };
+    let e = effective_budget(Inputs {
+        budget: host.budget(),
+        committed: host.committed(),
+        available: system::meminfo().map(|m| m.available),
+        cgroup_room,
+        rss_anon: system::process_memory().map(|p| p.rss_anon),
+        system_reserve: system_reserve_bytes(),
+    });
+    let old_reason = EFFECTIVE_REASON.swap(e.reason, Ordering::Relaxed);
+    MACHINE_CAP.store(e.machine_cap, Ordering::Relaxed);
+    UNSEEN_ANON.store(e.unseen_anon, Ordering::Relaxed);
+    if host.effective() != e.bytes {
+        host.set_effective(e.bytes);
+    }
+    if old_reason != e.reason {
+        qlog!(
+            Info,
+            "host effective budget {} ({}; budget {}, machine cap {}, unseen anonymous {})",
+            Bytes(e.bytes),
+            reason_name(e.reason),
+            Bytes(host.budget()),
+            Bytes(e.machine_cap),
+            Bytes(e.unseen_anon)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Purges and their history.
+
+pub const PURGE_ON_RISE: u8 = 0;
+pub const PURGE_PERIODIC: u8 = 1;
+
+/// One purge as the dump shows it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PurgeRecord {
+    pub at_ms: u64,
+    pub pool: u8,
+    pub reason: u8,
+    pub level: u8,
+    pub resident_before: u64,
+    pub resident_after: u64,
+}
+
+struct PurgeSlot {
+    at_ms: AtomicU64,
+    what: AtomicU32,
+    resident_before: AtomicU64,
+    resident_after: AtomicU64,
+}
+
+static PURGES: [PurgeSlot; PURGE_HISTORY] = [const {
+    PurgeSlot {
+        at_ms: AtomicU64::new(0),
+        what: AtomicU32::new(0),
+        resident_before: AtomicU64::new(0),
+        resident_after: AtomicU64::new(0),
+    }
+}; PURGE_HISTORY];
+static PURGE_COUNT: AtomicU64 = AtomicU64::new(0);
+
+fn remember_purge(record: PurgeRecord) {
+    let n = PURGE_COUNT.load(Ordering::Relaxed);
+    if let Some(slot) = PURGES.get((n % PURGE_HISTORY as u64) as usize) {
+        slot.at_ms.store(record.at_ms, Ordering::Relaxed);
+        slot.what.store(
+            u32::from_le_bytes([record.pool, record.reason, record.level, 0]),
+            Ordering::Relaxed,
+        );
+        slot.resident_before
+            .store(record.resident_before, Ordering::Relaxed);
+        slot.resident_after
+            .store(record.resident_after, Ordering::Relaxed);
+    }
+    PURGE_COUNT.store(n + 1, Ordering::Release);
+}
+
+/// The last purges, newest first; returns how many were written to `out`.
+pub fn recent_purges(out: &mut [PurgeRecord; PURGE_HISTORY]) -> usize {
+    let n = PURGE_COUNT.load(Ordering::Acquire);
+    let count = n.min(PURGE_HISTORY as u64) as usize;
+    for (k, dst) in out.iter_mut().take(count).enumerate() {
+        let index = ((n - 1 - k as u64) % PURGE_HISTORY as u64) as usize;
+        if let Some(slot) = PURGES.get(index) {
+            let [pool, reason, level, _] = slot.what.load(Ordering::Relaxed).to_le_bytes();
+            *dst = PurgeRecord {
+                at_ms: slot.at_ms.load(Ordering::Relaxed),
+                pool,
+                reason,
+                level,
+                resident_before: slot.resident_before.load(Ordering::Relaxed),
+                resident_after: slot.resident_after.load(Ordering::Relaxed),
+            };
+        }
+    }
+    count
+}
+
+fn purge(index: usize, level: u8, reason: u8) {
+    let result = jemalloc::purge();
+    if let Some(pool) = ledger::pool(index) {
+        pool.purges.fetch_add(1, Ordering::Relaxed);
+    }
+    remember_purge(PurgeRecord {
+        at_ms: now_ms(),
+        pool: index as u8,
+        reason,
+        level,
+        resident_before: result.resident_before,
+        resident_after: result.resident_after,
+    });
+    qlog!(
+        Info,
+        "purged jemalloc arenas{}: resident {} -> {}",
+        if reason == PURGE_PERIODIC {
+            " (periodic)"
+        } else {
+            ""
+        },
+        Bytes(result.resident_before),
+        Bytes(result.resident_after)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Level changes.
+
 /// What the monitor last saw of each pool, to tell what changed since.
 #[derive(Clone, Copy, Default)]
 struct Seen {
     level: u8,
+    level_changes: u64,
     refusals: u64,
 }
 
-fn level_name(level: u8) -> &'static str {
+pub fn level_name(level: u8) -> &'static str {
     match level {
         LEVEL_WARN => "warn",
         LEVEL_CRITICAL => "critical",
@@ -64,11 +342,16 @@ fn level_name(level: u8) -> &'static str {
     }
 }
 
-fn pool_name(index: usize) -> (&'static str, i64) {
-    if index == ledger::HOST {
-        ("host", -1)
-    } else {
-        ("gpu", index as i64 - 1)
+/// "host", or "gpu N" for pool 1 + N.
+pub struct PoolName(pub usize);
+
+impl core::fmt::Display for PoolName {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if self.0 == ledger::HOST {
+            f.write_str("host")
+        } else {
+            write!(f, "gpu {}", self.0.saturating_sub(1))
+        }
     }
 }
 
@@ -78,49 +361,41 @@ fn check_pool(index: usize, seen: &mut Seen) {
         return;
     };
     let level = pool.level();
-    if level != seen.level {
-        let live = ledger::totals(index).live;
-        let (name, device) = pool_name(index);
-        let rose = level > seen.level;
-        if device < 0 {
-            qlog!(
-                Warn,
-                "{name} level {} -> {}: live {} of budget {} ({}%)",
-                level_name(seen.level),
-                level_name(level),
-                Bytes(live),
-                Bytes(pool.effective()),
-                percent(live, pool.effective())
-            );
-        } else {
-            qlog!(
-                Warn,
-                "{name} {device} level {} -> {}: live {} of budget {} ({}%)",
-                level_name(seen.level),
-                level_name(level),
-                Bytes(live),
-                Bytes(pool.effective()),
-                percent(live, pool.effective())
-            );
-        }
-        if rose && level > LEVEL_NORMAL {
-            let purge = crate::jemalloc::purge();
-            pool.purges.fetch_add(1, Ordering::Relaxed);
-            qlog!(
-                Info,
-                "purged jemalloc arenas: resident {} -> {}",
-                Bytes(purge.resident_before),
-                Bytes(purge.resident_after)
-            );
-        }
+    let changes = pool.level_changes.load(Ordering::Relaxed);
+    // The same level with new changes means it fell and rose again between two looks.
+    let rose = level > seen.level || (level == seen.level && changes != seen.level_changes);
+    if level != seen.level || changes != seen.level_changes {
+        let old = seen.level;
         seen.level = level;
+        seen.level_changes = changes;
+        if rose && level > LEVEL_NORMAL {
+            // Told first: the runtime's collection runs in its own thread while we purge.
+            let told = runtime::tell_rise(index, level);
+            pool.notifications
+                .fetch_add(told.count(), Ordering::Relaxed);
+        }
+        let live = ledger::totals(index).live;
+        qlog!(
+            Warn,
+            "{} level {} -> {}: live {} of budget {} ({}%)",
+            PoolName(index),
+            level_name(old),
+            level_name(level),
+            Bytes(live),
+            Bytes(pool.effective()),
+            percent(live, pool.effective())
+        );
+        runtime::callbacks::call_all(index, old, level);
+        if rose && level > LEVEL_NORMAL {
+            purge(index, level, PURGE_ON_RISE);
+        }
     }
     let refusals = pool.refusals.load(Ordering::Relaxed);
     if refusals != seen.refusals {
-        let (name, _) = pool_name(index);
         qlog!(
             Warn,
-            "{name}: refused {} allocation(s) over the budget of {} (largest request {})",
+            "{}: refused {} allocation(s) over the budget of {} (largest request {})",
+            PoolName(index),
             refusals.wrapping_sub(seen.refusals),
             Bytes(pool.effective()),
             Bytes(pool.largest_refused.load(Ordering::Relaxed))
@@ -129,7 +404,7 @@ fn check_pool(index: usize, seen: &mut Seen) {
     }
 }
 
-fn percent(part: u64, whole: u64) -> u64 {
+pub fn percent(part: u64, whole: u64) -> u64 {
     if whole == 0 || whole == ledger::UNLIMITED {
         0
     } else {
@@ -137,14 +412,60 @@ fn percent(part: u64, whole: u64) -> u64 {
     }
 }
 
+/// The highest level of any pool and the first pool at it.
+fn highest_level() -> (u8, usize) {
+    (0..ledger::pool_count())
+        .filter_map(|i| ledger::pool(i).map(|p| (p.level(), i)))
+        .fold((LEVEL_NORMAL, ledger::HOST), |best, (level, i)| {
+            if level > best.0 {
+                (level, i)
+            } else {
+                best
+            }
+        })
+}
+
 fn run() {
+    let _ = ON_MONITOR.try_with(|c| c.set(true));
     let mut seen = [Seen::default(); MAX_POOLS];
+    let mut next_sample_ms = 0u64;
+    let mut last_purge_ms = now_ms();
     loop {
         let bell = DOORBELL.load(Ordering::Acquire);
         for (index, pool_seen) in seen.iter_mut().enumerate().take(ledger::pool_count()) {
             check_pool(index, pool_seen);
         }
-        wait(bell, IDLE_INTERVAL);
+        if DUMP_REQUESTED.swap(false, Ordering::AcqRel) {
+            diag::write_requested_dump();
+        }
+        let now = now_ms();
+        let (level, pressed_pool) = highest_level();
+        let interval = if level > LEVEL_NORMAL {
+            INTERVAL_MS.load(Ordering::Relaxed).min(PRESSED_INTERVAL_MS)
+        } else {
+            INTERVAL_MS.load(Ordering::Relaxed)
+        };
+        if now >= next_sample_ms {
+            sample_host();
+            next_sample_ms = now.saturating_add(interval);
+        }
+        let purge_interval = PURGE_INTERVAL_MS.load(Ordering::Relaxed);
+        if level == LEVEL_NORMAL {
+            last_purge_ms = now;
+        } else if now.saturating_sub(last_purge_ms) >= purge_interval {
+            let told = runtime::python::request_relief(pressed_pool, level);
+            if let Some(pool) = ledger::pool(pressed_pool) {
+                pool.notifications.fetch_add(told as u64, Ordering::Relaxed);
+            }
+            purge(pressed_pool, level, PURGE_PERIODIC);
+            last_purge_ms = now;
+        }
+        let mut timeout = next_sample_ms.saturating_sub(now).max(1);
+        if level > LEVEL_NORMAL {
+            let purge_due = last_purge_ms.saturating_add(purge_interval);
+            timeout = timeout.min(purge_due.saturating_sub(now).max(1));
+        }
+        wait(bell, timeout);
     }
 }
 
@@ -174,5 +495,105 @@ pub fn start() {
 /// In a fork child the monitor thread did not survive: start a new one.
 pub fn after_fork_child() {
     DOORBELL.store(0, Ordering::Relaxed);
+    DUMP_REQUESTED.store(false, Ordering::Relaxed);
+    runtime::after_fork_child();
     start();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G: u64 = 1 << 30;
+    const M: u64 = 1 << 20;
+
+    #[test]
+    fn effective_budget_follows_the_machine_and_unseen_memory() {
+        let base = Inputs {
+            budget: 6 * G,
+            committed: G,
+            available: Some(16 * G),
+            cgroup_room: None,
+            rss_anon: Some(G),
+            system_reserve: 512 * M,
+        };
+        // (inputs, expected effective bytes, expected reason)
+        let cases: &[(Inputs, u64, u8)] = &[
+            (base, 6 * G, REASON_BUDGET),
+            (
+                Inputs {
+                    available: Some(2 * G),
+                    ..base
+                },
+                G + 2 * G - 512 * M,
+                REASON_MACHINE,
+            ),
+            (
+                Inputs {
+                    available: Some(16 * G),
+                    cgroup_room: Some(G),
+                    ..base
+                },
+                2 * G - 512 * M,
+                REASON_MACHINE,
+            ),
+            (
+                Inputs {
+                    available: Some(100 * M),
+                    ..base
+                },
+                G,
+                REASON_MACHINE,
+            ),
+            (
+                Inputs {
+                    rss_anon: Some(3 * G),
+                    ..base
+                },
+                6 * G - (2 * G - UNSEEN_SLACK_BYTES),
+                REASON_UNSEEN,
+            ),
+            (
+                Inputs {
+                    rss_anon: Some(G + UNSEEN_SLACK_BYTES),
+                    ..base
+                },
+                6 * G,
+                REASON_BUDGET,
+            ),
+            (
+                Inputs {
+                    budget: ledger::UNLIMITED,
+                    available: None,
+                    ..base
+                },
+                ledger::UNLIMITED,
+                REASON_BUDGET,
+            ),
+        ];
+        for (inputs, bytes, reason) in cases {
+            let e = effective_budget(*inputs);
+            assert_eq!(
+                (e.bytes, e.reason),
+                (*bytes, *reason),
+                "inputs {inputs:?} gave {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn purge_history_keeps_the_newest_first() {
+        for i in 0..(PURGE_HISTORY as u64 + 3) {
+            remember_purge(PurgeRecord {
+                at_ms: i,
+                resident_before: i * 10,
+                ..PurgeRecord::default()
+            });
+        }
+        let mut out = [PurgeRecord::default(); PURGE_HISTORY];
+        let n = recent_purges(&mut out);
+        assert_eq!(n, PURGE_HISTORY);
+        assert_eq!(out[0].at_ms, PURGE_HISTORY as u64 + 2);
+        assert_eq!(out[PURGE_HISTORY - 1].at_ms, 3);
+    }
 }

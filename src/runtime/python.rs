@@ -1,0 +1,447 @@
+//! CPython relief: when a pool rises to warn, the interpreter's main thread runs `gc.collect()`;
+//! at critical it also empties torch's CUDA cache (when torch is imported and CUDA initialised)
+//! and runs the app's callbacks (`sys.modules["qvshim"]._on_pressure(level, pool)`, which the
+//! Python companion provides).
+//!
+//! CPython is found at run time with `dlsym(RTLD_DEFAULT, ...)`: nothing links libpython, and a
+//! process without Python never resolves anything. The monitor thread only queues the work with
+//! `Py_AddPendingCall` (documented as callable from any thread without the GIL); the work runs
+//! in the main thread, with the GIL, between two bytecodes of the app, never inside an
+//! allocation. An exception raised there is printed through `sys.unraisablehook`, logged and
+//! cleared; it never reaches the app.
+//!
+//! At most one relief is queued at a time; a rise while one is queued raises its level.
+
+use core::ffi::{c_char, c_int, c_long, c_void, CStr};
+use core::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+use crate::ledger::{self, LEVEL_CRITICAL, LEVEL_WARN};
+use crate::log::Bytes;
+use crate::qlog;
+
+type PyObject = c_void;
+
+// The C signatures of the CPython functions used (CPython's stable ABI).
+type IsInitialized = unsafe extern "C" fn() -> c_int;
+type AddPendingCall =
+    unsafe extern "C" fn(extern "C" fn(*mut c_void) -> c_int, *mut c_void) -> c_int;
+type RunStringFlags = unsafe extern "C" fn(
+    *const c_char,
+    c_int,
+    *mut PyObject,
+    *mut PyObject,
+    *mut c_void,
+) -> *mut PyObject;
+type NewObject = unsafe extern "C" fn() -> *mut PyObject;
+type DictSetItemString = unsafe extern "C" fn(*mut PyObject, *const c_char, *mut PyObject) -> c_int;
+type DictGetItemString = unsafe extern "C" fn(*mut PyObject, *const c_char) -> *mut PyObject;
+type TupleNew = unsafe extern "C" fn(isize) -> *mut PyObject;
+type TupleSetItem = unsafe extern "C" fn(*mut PyObject, isize, *mut PyObject) -> c_int;
+type UnicodeFromString = unsafe extern "C" fn(*const c_char) -> *mut PyObject;
+type LongFromLong = unsafe extern "C" fn(c_long) -> *mut PyObject;
+type LongAsLongLong = unsafe extern "C" fn(*mut PyObject) -> i64;
+type CallObject = unsafe extern "C" fn(*mut PyObject, *mut PyObject) -> *mut PyObject;
+type ObjectFn = unsafe extern "C" fn(*mut PyObject);
+type VoidFn = unsafe extern "C" fn();
+
+/// The CPython C API functions the relief uses, resolved once Python is up.
+struct Api {
+    is_initialized: IsInitialized,
+    add_pending_call: AddPendingCall,
+    run_string_flags: RunStringFlags,
+    dict_new: NewObject,
+    dict_set_item_string: DictSetItemString,
+    dict_get_item_string: DictGetItemString,
+    eval_get_builtins: NewObject,
+    tuple_new: TupleNew,
+    tuple_set_item: TupleSetItem,
+    unicode_from_string: UnicodeFromString,
+    long_from_long: LongFromLong,
+    long_as_long_long: LongAsLongLong,
+    object_call_object: CallObject,
+    dec_ref: ObjectFn,
+    err_occurred: NewObject,
+    err_write_unraisable: ObjectFn,
+    err_clear: VoidFn,
+}
+
+/// `Py_file_input` in CPython's compile.h (stable since Python 2).
+const PY_FILE_INPUT: c_int = 257;
+
+/// The relief's Python side, compiled once into a private namespace (the app's modules and
+/// `__main__` are not touched). Each step is its own function so that one raising does not
+/// skip the others.
+const HELPERS: &CStr = c"
+import gc as _gc, sys as _sys
+
+def collect():
+    return _gc.collect()
+
+def empty_cuda_cache():
+    torch = _sys.modules.get('torch')
+    cuda = getattr(torch, 'cuda', None) if torch is not None else None
+    if cuda is None or not cuda.is_initialized():
+        return 0
+    cuda.empty_cache()
+    return 1
+
+def app_callbacks(level, pool):
+    companion = _sys.modules.get('qvshim')
+    on_pressure = getattr(companion, '_on_pressure', None) if companion is not None else None
+    if on_pressure is None:
+        return 0
+    on_pressure(level, pool)
+    return 1
+";
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+static API: OnceLock<Api> = OnceLock::new();
+/// The helpers' namespace dict (a strong reference kept for the life of the interpreter).
+static HELPERS_DICT: AtomicPtr<PyObject> = AtomicPtr::new(core::ptr::null_mut());
+
+static PENDING: AtomicBool = AtomicBool::new(false);
+static REQUEST_LEVEL: AtomicU8 = AtomicU8::new(0);
+static REQUEST_POOL: AtomicU8 = AtomicU8::new(0);
+
+/// What the relief did, for the dump.
+static QUEUED: AtomicU64 = AtomicU64::new(0);
+static RUNS: AtomicU64 = AtomicU64::new(0);
+static ERRORS: AtomicU64 = AtomicU64::new(0);
+static CUDA_CACHE_EMPTIED: AtomicU64 = AtomicU64::new(0);
+static APP_CALLBACK_RUNS: AtomicU64 = AtomicU64::new(0);
+static LAST_COLLECTED: AtomicI64 = AtomicI64::new(-1);
+static LAST_HOST_BEFORE: AtomicU64 = AtomicU64::new(0);
+static LAST_HOST_AFTER: AtomicU64 = AtomicU64::new(0);
+
+pub fn configure(enabled: bool) {
+    ENABLED.store(enabled, Ordering::Relaxed);
+}
+
+/// Looks a symbol up in the whole process.
+fn symbol(name: &CStr) -> Option<usize> {
+    // SAFETY: name is NUL-terminated; RTLD_DEFAULT searches the global scope.
+    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+    (!p.is_null()).then_some(p as usize)
+}
+
+fn resolve() -> Option<Api> {
+    macro_rules! f {
+        ($name:literal, $t:ty) => {{
+            let address = symbol($name)?;
+            // SAFETY: the symbol is the CPython C API function of that name, whose C signature
+            // is $t (CPython's stable ABI).
+            unsafe { core::mem::transmute::<usize, $t>(address) }
+        }};
+    }
+    Some(Api {
+        is_initialized: f!(c"Py_IsInitialized", IsInitialized),
+        add_pending_call: f!(c"Py_AddPendingCall", AddPendingCall),
+        run_string_flags: f!(c"PyRun_StringFlags", RunStringFlags),
+        dict_new: f!(c"PyDict_New", NewObject),
+        dict_set_item_string: f!(c"PyDict_SetItemString", DictSetItemString),
+        dict_get_item_string: f!(c"PyDict_GetItemString", DictGetItemString),
+        eval_get_builtins: f!(c"PyEval_GetBuiltins", NewObject),
+        tuple_new: f!(c"PyTuple_New", TupleNew),
+        tuple_set_item: f!(c"PyTuple_SetItem", TupleSetItem),
+        unicode_from_string: f!(c"PyUnicode_FromString", UnicodeFromString),
+        long_from_long: f!(c"PyLong_FromLong", LongFromLong),
+        long_as_long_long: f!(c"PyLong_AsLongLong", LongAsLongLong),
+        object_call_object: f!(c"PyObject_CallObject", CallObject),
+        dec_ref: f!(c"Py_DecRef", ObjectFn),
+        err_occurred: f!(c"PyErr_Occurred", NewObject),
+        err_write_unraisable: f!(c"PyErr_WriteUnraisable", ObjectFn),
+        err_clear: f!(c"PyErr_Clear", VoidFn),
+    })
+}
+
+/// The API when this process runs an initialised CPython. Monitor thread only (dlsym).
+fn api() -> Option<&'static Api> {
+    let api = match API.get() {
+        Some(api) => api,
+        None => {
+            let found = resolve()?;
+            API.get_or_init(|| found)
+        }
+    };
+    // SAFETY: Py_IsInitialized only reads a runtime flag; it needs no GIL.
+    (unsafe { (api.is_initialized)() } != 0).then_some(api)
+}
+
+/// True when this process runs CPython (as far as the monitor has looked).
+pub fn detected() -> bool {
+    API.get().is_some()
+}
+
+/// Queues a relief for `pool` at `level` in the main thread; true when one was queued now or
+/// is already queued. Monitor thread only.
+pub fn request_relief(pool: usize, level: u8) -> bool {
+    if !ENABLED.load(Ordering::Relaxed) || level < LEVEL_WARN {
+        return false;
+    }
+    let Some(api) = api() else {
+        return false;
+    };
+    REQUEST_LEVEL.fetch_max(level, Ordering::AcqRel);
+    REQUEST_POOL.store(pool as u8, Ordering::Release);
+    if PENDING.swap(true, Ordering::AcqRel) {
+        return true;
+    }
+    // SAFETY: documented as callable from any thread without the GIL; relief has the
+    // Py_AddPendingCall callback signature.
+    if unsafe { (api.add_pending_call)(relief, core::ptr::null_mut()) } != 0 {
+        PENDING.store(false, Ordering::Release);
+        qlog!(
+            Warn,
+            "python relief not queued: CPython's pending-call queue is full"
+        );
+        return false;
+    }
+    QUEUED.fetch_add(1, Ordering::Relaxed);
+    true
+}
+
+fn level_name(level: u8) -> &'static CStr {
+    if level >= LEVEL_CRITICAL {
+        c"critical"
+    } else {
+        c"warn"
+    }
+}
+
+/// Runs in CPython's main thread with the GIL. Always returns 0 with no exception set, so
+/// nothing is raised into the app.
+extern "C" fn relief(_: *mut c_void) -> c_int {
+    PENDING.store(false, Ordering::Release);
+    let level = REQUEST_LEVEL.swap(0, Ordering::AcqRel).max(LEVEL_WARN);
+    let pool = REQUEST_POOL.load(Ordering::Acquire) as usize;
+    let Some(api) = API.get() else {
+        return 0;
+    };
+    // SAFETY: we hold the GIL in a pending call; every pointer below comes from CPython and
+    // each new reference is released once.
+    unsafe { run_relief(api, pool, level) };
+    0
+}
+
+/// # Safety
+/// The caller holds the GIL of the main interpreter.
+unsafe fn run_relief(api: &Api, pool: usize, level: u8) {
+    RUNS.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: GIL held (caller's contract).
+    let Some(helpers) = (unsafe { helpers(api) }) else {
+        return;
+    };
+    let host_before = ledger::totals(ledger::HOST).live;
+    // SAFETY: GIL held.
+    let collected = unsafe { call(api, helpers, c"collect", None) };
+    let host_after = ledger::totals(ledger::HOST).live;
+    LAST_COLLECTED.store(collected.unwrap_or(-1), Ordering::Relaxed);
+    LAST_HOST_BEFORE.store(host_before, Ordering::Relaxed);
+    LAST_HOST_AFTER.store(host_after, Ordering::Relaxed);
+    // SAFETY: GIL held.
+    let emptied = level >= LEVEL_CRITICAL
+        && unsafe { call(api, helpers, c"empty_cuda_cache", None) } == Some(1);
+    if emptied {
+        CUDA_CACHE_EMPTIED.fetch_add(1, Ordering::Relaxed);
+    }
+    // SAFETY: GIL held.
+    let app = unsafe { call(api, helpers, c"app_callbacks", Some((level, pool))) } == Some(1);
+    if app {
+        APP_CALLBACK_RUNS.fetch_add(1, Ordering::Relaxed);
+    }
+    qlog!(
+        Info,
+        "gc collected {} objects; host {} -> {}{}{}",
+        collected.unwrap_or(0),
+        Bytes(host_before),
+        Bytes(host_after),
+        if emptied {
+            "; torch CUDA cache emptied"
+        } else {
+            ""
+        },
+        if app { "; app callbacks ran" } else { "" }
+    );
+}
+
+/// The helpers' namespace, compiled on first use.
+///
+/// # Safety
+/// The caller holds the GIL.
+unsafe fn helpers(api: &Api) -> Option<*mut PyObject> {
+    let dict = HELPERS_DICT.load(Ordering::Acquire);
+    if !dict.is_null() {
+        return Some(dict);
+    }
+    // SAFETY: GIL held; PyDict_New returns a new reference or NULL with an exception set.
+    let dict = unsafe { (api.dict_new)() };
+    if dict.is_null() {
+        // SAFETY: GIL held.
+        unsafe { report_exception(api, core::ptr::null_mut(), "creating its namespace") };
+        return None;
+    }
+    // SAFETY: GIL held; dict is a new dict and the builtins a borrowed reference the dict
+    // takes its own reference to. A code object run without __builtins__ in its globals
+    // would see no builtins on older CPython versions.
+    unsafe {
+        (api.dict_set_item_string)(dict, c"__builtins__".as_ptr(), (api.eval_get_builtins)())
+    };
+    // SAFETY: GIL held; HELPERS is NUL-terminated source, dict a valid globals dict.
+    let result = unsafe {
+        (api.run_string_flags)(
+            HELPERS.as_ptr(),
+            PY_FILE_INPUT,
+            dict,
+            dict,
+            core::ptr::null_mut(),
+        )
+    };
+    if result.is_null() {
+        // SAFETY: GIL held.
+        unsafe {
+            report_exception(api, core::ptr::null_mut(), "compiling its helpers");
+            (api.dec_ref)(dict);
+        }
+        return None;
+    }
+    // SAFETY: GIL held; result is a new reference.
+    unsafe { (api.dec_ref)(result) };
+    HELPERS_DICT.store(dict, Ordering::Release);
+    Some(dict)
+}
+
+/// Calls helper `name` with `(level_name, pool)` when `args` is given; returns its int result,
+/// or None when it raised (the exception is reported and cleared).
+///
+/// # Safety
+/// The caller holds the GIL; `helpers` is the helpers' namespace dict.
+unsafe fn call(
+    api: &Api,
+    helpers: *mut PyObject,
+    name: &CStr,
+    args: Option<(u8, usize)>,
+) -> Option<i64> {
+    // SAFETY: GIL held; a borrowed reference (or NULL, no exception set).
+    let func = unsafe { (api.dict_get_item_string)(helpers, name.as_ptr()) };
+    if func.is_null() {
+        return None;
+    }
+    let tuple = match args {
+        // SAFETY: GIL held.
+        Some((level, pool)) => unsafe { args_tuple(api, level, pool) }?,
+        None => core::ptr::null_mut(),
+    };
+    // SAFETY: GIL held; func is a callable, tuple a tuple or NULL (no arguments).
+    let result = unsafe { (api.object_call_object)(func, tuple) };
+    if !tuple.is_null() {
+        // SAFETY: GIL held; our own new reference.
+        unsafe { (api.dec_ref)(tuple) };
+    }
+    if result.is_null() {
+        let what = name.to_str().unwrap_or("a helper");
+        // SAFETY: GIL held; func is the callable that raised.
+        unsafe { report_exception(api, func, what) };
+        return None;
+    }
+    // SAFETY: GIL held; result is a new reference.
+    let value = unsafe { (api.long_as_long_long)(result) };
+    // SAFETY: GIL held.
+    unsafe {
+        (api.dec_ref)(result);
+        if !(api.err_occurred)().is_null() {
+            (api.err_clear)();
+        }
+    }
+    Some(value)
+}
+
+/// `(level_name, pool)` as a new tuple.
+///
+/// # Safety
+/// The caller holds the GIL.
+unsafe fn args_tuple(api: &Api, level: u8, pool: usize) -> Option<*mut PyObject> {
+    // SAFETY: GIL held; PyTuple_SetItem steals the item references, including on failure.
+    unsafe {
+        let tuple = (api.tuple_new)(2);
+        if tuple.is_null() {
+            report_exception(api, core::ptr::null_mut(), "building arguments");
+            return None;
+        }
+        let name = (api.unicode_from_string)(level_name(level).as_ptr());
+        let pool = (api.long_from_long)(pool as c_long);
+        if name.is_null() || pool.is_null() {
+            if !name.is_null() {
+                (api.dec_ref)(name);
+            }
+            if !pool.is_null() {
+                (api.dec_ref)(pool);
+            }
+            (api.dec_ref)(tuple);
+            report_exception(api, core::ptr::null_mut(), "building arguments");
+            return None;
+        }
+        (api.tuple_set_item)(tuple, 0, name);
+        (api.tuple_set_item)(tuple, 1, pool);
+        Some(tuple)
+    }
+}
+
+/// Prints the pending exception through sys.unraisablehook (which also clears it) and logs.
+///
+/// # Safety
+/// The caller holds the GIL.
+unsafe fn report_exception(api: &Api, context: *mut PyObject, what: &str) {
+    ERRORS.fetch_add(1, Ordering::Relaxed);
+    qlog!(
+        Error,
+        "python relief: {what} raised an exception (cleared, not raised into the app)"
+    );
+    // SAFETY: GIL held. WriteUnraisable prints and clears; a SystemExit there does not exit.
+    unsafe {
+        if !(api.err_occurred)().is_null() {
+            (api.err_write_unraisable)(context);
+        }
+        if !(api.err_occurred)().is_null() {
+            (api.err_clear)();
+        }
+    }
+}
+
+/// The relief's figures for the dump.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    pub enabled: bool,
+    pub detected: bool,
+    pub queued: u64,
+    pub runs: u64,
+    pub errors: u64,
+    pub cuda_cache_emptied: u64,
+    pub app_callback_runs: u64,
+    /// Objects the last gc.collect() found unreachable; -1 before the first.
+    pub last_collected: i64,
+    pub last_host_before: u64,
+    pub last_host_after: u64,
+}
+
+pub fn stats() -> Stats {
+    Stats {
+        enabled: ENABLED.load(Ordering::Relaxed),
+        detected: detected(),
+        queued: QUEUED.load(Ordering::Relaxed),
+        runs: RUNS.load(Ordering::Relaxed),
+        errors: ERRORS.load(Ordering::Relaxed),
+        cuda_cache_emptied: CUDA_CACHE_EMPTIED.load(Ordering::Relaxed),
+        app_callback_runs: APP_CALLBACK_RUNS.load(Ordering::Relaxed),
+        last_collected: LAST_COLLECTED.load(Ordering::Relaxed),
+        last_host_before: LAST_HOST_BEFORE.load(Ordering::Relaxed),
+        last_host_after: LAST_HOST_AFTER.load(Ordering::Relaxed),
+    }
+}
+
+/// In a fork child the next rise queues afresh. A relief the parent had queued may still run
+/// in the child; that is harmless.
+pub fn after_fork_child() {
+    PENDING.store(false, Ordering::Relaxed);
+    REQUEST_LEVEL.store(0, Ordering::Relaxed);
+}
