@@ -10,7 +10,7 @@
 
 use core::ffi::{c_int, CStr};
 use core::fmt::Write as _;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use crate::capi::{self, PoolStats};
@@ -865,8 +865,22 @@ pub fn exit_line() -> String {
     line
 }
 
+static EXIT_REPORTED: AtomicBool = AtomicBool::new(false);
+
+/// Writes the exit line, once per process (CPython's finalization and atexit both call this).
+pub fn report_exit_once() {
+    if !EXIT_REPORTED.swap(true, Ordering::AcqRel) {
+        qlog!(Info, "{}", exit_line());
+    }
+}
+
+/// A fork child reports its own exit.
+pub fn after_fork_child() {
+    EXIT_REPORTED.store(false, Ordering::Relaxed);
+}
+
 extern "C" fn at_exit() {
-    qlog!(Info, "{}", exit_line());
+    report_exit_once();
 }
 
 /// Registers the exit report. Called once at load.

@@ -425,10 +425,21 @@ fn highest_level() -> (u8, usize) {
         })
 }
 
+/// How long between two readings of the machine at `level`.
+fn sample_interval_ms(level: u8) -> u64 {
+    let configured = INTERVAL_MS.load(Ordering::Relaxed);
+    if level > LEVEL_NORMAL || runtime::python::awaiting_start() {
+        configured.min(PRESSED_INTERVAL_MS)
+    } else {
+        configured
+    }
+}
+
 fn run() {
     let _ = ON_MONITOR.try_with(|c| c.set(true));
     let mut seen = [Seen::default(); MAX_POOLS];
-    let mut next_sample_ms = 0u64;
+    let mut last_sample_ms = 0u64;
+    let mut never_sampled = true;
     let mut last_purge_ms = now_ms();
     loop {
         let bell = DOORBELL.load(Ordering::Acquire);
@@ -440,15 +451,14 @@ fn run() {
         }
         let now = now_ms();
         let (level, pressed_pool) = highest_level();
-        let interval = if level > LEVEL_NORMAL {
-            INTERVAL_MS.load(Ordering::Relaxed).min(PRESSED_INTERVAL_MS)
-        } else {
-            INTERVAL_MS.load(Ordering::Relaxed)
-        };
-        if now >= next_sample_ms {
+        if now >= last_sample_ms.saturating_add(sample_interval_ms(level)) || never_sampled {
             sample_host();
-            next_sample_ms = now.saturating_add(interval);
+            runtime::python::probe();
+            last_sample_ms = now;
+            never_sampled = false;
         }
+        // Computed afresh each time round: a rise to warn shortens the wait already running.
+        let next_sample_ms = last_sample_ms.saturating_add(sample_interval_ms(level));
         let purge_interval = PURGE_INTERVAL_MS.load(Ordering::Relaxed);
         if level == LEVEL_NORMAL {
             last_purge_ms = now;
@@ -497,6 +507,7 @@ pub fn after_fork_child() {
     DOORBELL.store(0, Ordering::Relaxed);
     DUMP_REQUESTED.store(false, Ordering::Relaxed);
     runtime::after_fork_child();
+    diag::after_fork_child();
     start();
 }
 

@@ -44,6 +44,7 @@ type LongAsLongLong = unsafe extern "C" fn(*mut PyObject) -> i64;
 type CallObject = unsafe extern "C" fn(*mut PyObject, *mut PyObject) -> *mut PyObject;
 type ObjectFn = unsafe extern "C" fn(*mut PyObject);
 type VoidFn = unsafe extern "C" fn();
+type AtExit = unsafe extern "C" fn(extern "C" fn()) -> c_int;
 
 /// The CPython C API functions the relief uses, resolved once Python is up.
 struct Api {
@@ -64,6 +65,7 @@ struct Api {
     err_occurred: NewObject,
     err_write_unraisable: ObjectFn,
     err_clear: VoidFn,
+    at_exit: AtExit,
 }
 
 /// `Py_file_input` in CPython's compile.h (stable since Python 2).
@@ -97,6 +99,7 @@ def app_callbacks(level, pool):
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 static API: OnceLock<Api> = OnceLock::new();
+static AT_EXIT_REGISTERED: AtomicBool = AtomicBool::new(false);
 /// The helpers' namespace dict (a strong reference kept for the life of the interpreter).
 static HELPERS_DICT: AtomicPtr<PyObject> = AtomicPtr::new(core::ptr::null_mut());
 
@@ -152,6 +155,7 @@ fn resolve() -> Option<Api> {
         err_occurred: f!(c"PyErr_Occurred", NewObject),
         err_write_unraisable: f!(c"PyErr_WriteUnraisable", ObjectFn),
         err_clear: f!(c"PyErr_Clear", VoidFn),
+        at_exit: f!(c"Py_AtExit", AtExit),
     })
 }
 
@@ -160,12 +164,51 @@ fn api() -> Option<&'static Api> {
     let api = match API.get() {
         Some(api) => api,
         None => {
+            // One lookup a tick in a process without Python; the full set once it has one.
+            symbol(c"Py_IsInitialized")?;
             let found = resolve()?;
             API.get_or_init(|| found)
         }
     };
     // SAFETY: Py_IsInitialized only reads a runtime flag; it needs no GIL.
-    (unsafe { (api.is_initialized)() } != 0).then_some(api)
+    if unsafe { (api.is_initialized)() } == 0 {
+        return None;
+    }
+    if !AT_EXIT_REGISTERED.swap(true, Ordering::AcqRel) {
+        // Py_FinalizeEx runs these, also before an unhandled KeyboardInterrupt ends the
+        // process with SIGINT (where atexit handlers never run). Registered only once the
+        // runtime is initialised, which would otherwise reset the list.
+        // SAFETY: a plain extern "C" function; CPython keeps up to 32 of them.
+        let registered = unsafe { (api.at_exit)(at_python_exit) } == 0;
+        qlog!(
+            Debug,
+            "CPython found; exit report {}",
+            if registered {
+                "registered with Py_AtExit"
+            } else {
+                "left to atexit (Py_AtExit table full)"
+            }
+        );
+    }
+    Some(api)
+}
+
+extern "C" fn at_python_exit() {
+    crate::diag::report_exit_once();
+}
+
+/// Looks for an initialised CPython, so that its exit is seen. Monitor thread, each tick until
+/// found.
+pub fn probe() {
+    if !AT_EXIT_REGISTERED.load(Ordering::Relaxed) {
+        let _ = api();
+    }
+}
+
+/// True while CPython is linked into the process but not yet initialised: the monitor looks
+/// again soon, so that an early exit is reported too.
+pub fn awaiting_start() -> bool {
+    API.get().is_some() && !AT_EXIT_REGISTERED.load(Ordering::Relaxed)
 }
 
 /// True when this process runs CPython (as far as the monitor has looked).
