@@ -13,7 +13,9 @@
 //! At most one relief is queued at a time; a rise while one is queued raises its level.
 
 use core::ffi::{c_char, c_int, c_long, c_void, CStr};
-use core::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering,
+};
 use std::sync::OnceLock;
 
 use crate::ledger::{self, LEVEL_CRITICAL, LEVEL_WARN};
@@ -45,6 +47,9 @@ type CallObject = unsafe extern "C" fn(*mut PyObject, *mut PyObject) -> *mut PyO
 type ObjectFn = unsafe extern "C" fn(*mut PyObject);
 type VoidFn = unsafe extern "C" fn();
 type AtExit = unsafe extern "C" fn(extern "C" fn()) -> c_int;
+type GilEnsure = unsafe extern "C" fn() -> c_int;
+type GilRelease = unsafe extern "C" fn(c_int);
+type IsFinalizing = unsafe extern "C" fn() -> c_int;
 
 /// The CPython C API functions the relief uses, resolved once Python is up.
 struct Api {
@@ -66,6 +71,10 @@ struct Api {
     err_write_unraisable: ObjectFn,
     err_clear: VoidFn,
     at_exit: AtExit,
+    gil_ensure: GilEnsure,
+    gil_release: GilRelease,
+    /// Py_IsFinalizing (3.13) or _Py_IsFinalizing (3.7 to 3.12), when either is exported.
+    is_finalizing: Option<IsFinalizing>,
 }
 
 /// `Py_file_input` in CPython's compile.h (stable since Python 2).
@@ -156,6 +165,12 @@ fn resolve() -> Option<Api> {
         err_write_unraisable: f!(c"PyErr_WriteUnraisable", ObjectFn),
         err_clear: f!(c"PyErr_Clear", VoidFn),
         at_exit: f!(c"Py_AtExit", AtExit),
+        gil_ensure: f!(c"PyGILState_Ensure", GilEnsure),
+        gil_release: f!(c"PyGILState_Release", GilRelease),
+        is_finalizing: symbol(c"Py_IsFinalizing")
+            .or_else(|| symbol(c"_Py_IsFinalizing"))
+            // SAFETY: either function takes nothing and returns an int.
+            .map(|address| unsafe { core::mem::transmute::<usize, IsFinalizing>(address) }),
     })
 }
 
@@ -241,7 +256,81 @@ pub fn request_relief(pool: usize, level: u8) -> bool {
         return false;
     }
     QUEUED.fetch_add(1, Ordering::Relaxed);
+    nudge();
     true
+}
+
+// ---------------------------------------------------------------------------------------------
+// The nudge: CPython 3.9 to 3.12 do not interrupt the main thread for a pending call added
+// from another thread (cpython issue 95820); the main thread runs it only the next time it
+// takes the GIL again. A busy main thread holding the GIL would never run it. Asking for the
+// GIL from another thread makes the main thread stop at the next bytecode boundary (after the
+// switch interval, 5 ms by default), where it runs pending calls first and then hands the GIL
+// over. That waiting is done by a thread of its own, so the monitor never blocks on the GIL.
+
+static NUDGE_BELL: AtomicU32 = AtomicU32::new(0);
+/// The process the nudge thread was started in (a fork child starts its own).
+static NUDGER_PID: AtomicI32 = AtomicI32::new(0);
+
+fn nudge() {
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    if NUDGER_PID.load(Ordering::Acquire) != pid {
+        // Started from the monitor thread, so every signal stays blocked in it too.
+        let spawned = std::thread::Builder::new()
+            .name("qvshim-nudge".into())
+            .stack_size(128 << 10)
+            .spawn(nudger);
+        if spawned.is_err() {
+            qlog!(Warn, "could not start the python nudge thread");
+            return;
+        }
+        NUDGER_PID.store(pid, Ordering::Release);
+    }
+    NUDGE_BELL.fetch_add(1, Ordering::Release);
+    // SAFETY: FUTEX_WAKE on a valid, static, aligned u32.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            NUDGE_BELL.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            1,
+        )
+    };
+}
+
+fn nudger() {
+    loop {
+        let seen = NUDGE_BELL.load(Ordering::Acquire);
+        if PENDING.load(Ordering::Acquire) {
+            if let Some(api) = API.get() {
+                // SAFETY: both only read runtime flags.
+                let usable = unsafe {
+                    (api.is_initialized)() != 0
+                        && api.is_finalizing.is_none_or(|finalizing| finalizing() == 0)
+                };
+                // Never during finalization: a thread taking the GIL then is ended by CPython.
+                if usable {
+                    // SAFETY: CPython is initialised and not finalizing; Ensure is balanced by
+                    // Release on this thread at once.
+                    unsafe {
+                        let state = (api.gil_ensure)();
+                        (api.gil_release)(state);
+                    }
+                }
+            }
+        }
+        // SAFETY: FUTEX_WAIT on a valid, static, aligned u32, no timeout.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                NUDGE_BELL.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                seen,
+                core::ptr::null::<libc::timespec>(),
+            )
+        };
+    }
 }
 
 fn level_name(level: u8) -> &'static CStr {

@@ -1,0 +1,157 @@
+"""The runtime is told: CPython collects, torch's cache and the companion's callbacks run at
+critical, QVSHIM_SIGNAL reaches a handler and never kills a process without one."""
+
+from conftest import run_program, run_python
+
+# Garbage cycles far past the budget: 3000 cycles holding 256 KiB each (750 MiB) under 128 MiB,
+# with Python's own collector off. Only a collection asked for by the shim frees them.
+GARBAGE_CYCLES = """
+import gc
+gc.disable()
+
+class Node:
+    pass
+
+for i in range(3000):
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    a.payload = bytearray(256 * 1024)
+print("finished", i + 1)
+"""
+
+
+def test_gc_disabled_garbage_cycles_finish_because_the_shim_asks_python_to_collect(lib):
+    r = run_python(GARBAGE_CYCLES, QVSHIM_BUDGET="128M")
+    assert r.returncode == 0, f"expected the program to finish; stderr:\n{r.stderr[-3000:]}"
+    assert "finished 3000" in r.stdout
+    assert "gc collected" in r.stderr, "expected the shim's relief log line"
+    assert "MemoryError" not in r.stderr
+
+
+def test_the_same_program_without_python_relief_runs_out_of_budget(lib):
+    r = run_python(GARBAGE_CYCLES, QVSHIM_BUDGET="128M", QVSHIM_PYTHON="off")
+    assert r.returncode != 0, "without relief the garbage must exhaust the 128 MiB budget"
+    assert "MemoryError" in r.stderr
+    assert "gc collected" not in r.stderr
+
+
+def test_relief_line_says_what_came_back(lib):
+    code = """
+import gc, time
+gc.disable()
+cycles = []
+for i in range(300):
+    a = [bytearray(256 * 1024)]
+    a.append(a)
+del a
+time.sleep(0.5)
+print("done")
+"""
+    r = run_python(code, QVSHIM_BUDGET="100M")
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stderr.splitlines() if "gc collected" in l]
+    assert lines, f"no relief line in:\n{r.stderr}"
+    # "[qvshim] INFO gc collected N objects; host A MiB -> B MiB"
+    assert " objects; host " in lines[0] and " -> " in lines[0], lines[0]
+
+
+FAKE_TORCH_AND_COMPANION = """
+import sys, types, time
+
+calls = []
+torch = types.ModuleType("torch")
+torch.cuda = types.SimpleNamespace(
+    is_initialized=lambda: True,
+    empty_cache=lambda: calls.append("empty_cache"),
+)
+sys.modules["torch"] = torch
+companion = types.ModuleType("qvshim")
+companion._on_pressure = lambda level, pool: calls.append(("on_pressure", level, pool))
+sys.modules["qvshim"] = companion
+
+held = []
+for i in range(88):            # 88 MiB blocks (+ the interpreter) of a 100 MiB budget: critical
+    held.append(bytearray((1 << 20) - 4096))
+deadline = time.time() + 3
+while "empty_cache" not in calls and time.time() < deadline:
+    pass                       # Python code running: pending calls get their turn
+print(calls)
+"""
+
+
+def test_critical_empties_torch_cache_and_calls_the_companion(lib):
+    r = run_python(FAKE_TORCH_AND_COMPANION, QVSHIM_BUDGET="100M")
+    assert r.returncode == 0, r.stderr
+    assert "'empty_cache'" in r.stdout, f"torch.cuda.empty_cache not called: {r.stdout}"
+    assert "('on_pressure', 'critical', 0)" in r.stdout or "('on_pressure', 'warn', 0)" in r.stdout
+    assert "torch CUDA cache emptied" in r.stderr
+
+
+def test_warn_calls_the_companion_with_level_and_pool(lib):
+    code = """
+import sys, types, time
+got = []
+companion = types.ModuleType("qvshim")
+companion._on_pressure = lambda level, pool: got.append((level, pool))
+sys.modules["qvshim"] = companion
+held = [bytearray((1 << 20) - 4096) for _ in range(70)]   # ~75% of 100 MiB: warn
+deadline = time.time() + 3
+while not got and time.time() < deadline:
+    pass
+print(got)
+"""
+    r = run_python(code, QVSHIM_BUDGET="100M")
+    assert r.returncode == 0, r.stderr
+    assert "[('warn', 0)]" in r.stdout, r.stdout
+
+
+def test_exception_in_relief_is_logged_and_cleared_never_raised_into_the_app(lib):
+    code = """
+import sys, types, time
+companion = types.ModuleType("qvshim")
+def boom(level, pool):
+    raise RuntimeError("callback failed on purpose")
+companion._on_pressure = boom
+sys.modules["qvshim"] = companion
+held = [bytearray((1 << 20) - 4096) for _ in range(70)]
+t = time.time()
+n = 0
+while time.time() - t < 1.0:
+    n += 1                     # any exception raised into the app would end this loop
+print("app went on", n > 0)
+"""
+    r = run_python(code, QVSHIM_BUDGET="100M")
+    assert r.returncode == 0, r.stderr
+    assert "app went on True" in r.stdout
+    assert "callback failed on purpose" in r.stderr, "the exception is printed (unraisable hook)"
+    assert "raised an exception (cleared, not raised into the app)" in r.stderr
+
+
+def test_usr1_handler_receives_the_signal_on_a_level_rise(c_programs):
+    r = run_program(c_programs["level_signal"], "handler", QVSHIM_BUDGET="64M", QVSHIM_SIGNAL="USR1")
+    assert r.returncode == 0, f"stdout {r.stdout!r} stderr {r.stderr}"
+    assert "received SIGUSR1" in r.stdout
+    assert f"raised signal {10}" in r.stderr
+
+
+def test_usr1_without_a_handler_is_not_raised_and_does_not_kill(c_programs):
+    r = run_program(c_programs["level_signal"], "none", QVSHIM_BUDGET="64M", QVSHIM_SIGNAL="USR1")
+    assert r.returncode == 0, f"killed or failed: rc {r.returncode}, stderr {r.stderr}"
+    assert "survived" in r.stdout
+    assert "not raised: the process has no handler for it" in r.stderr
+
+
+def test_python_signal_handler_receives_qvshim_signal(lib):
+    code = """
+import signal, time
+got = []
+signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+held = [bytearray((1 << 20) - 4096) for _ in range(70)]
+deadline = time.time() + 3
+while not got and time.time() < deadline:
+    time.sleep(0.01)
+print("got", len(got))
+"""
+    r = run_python(code, QVSHIM_BUDGET="100M", QVSHIM_SIGNAL="SIGUSR1")
+    assert r.returncode == 0, r.stderr
+    assert "got 1" in r.stdout
