@@ -1,0 +1,122 @@
+"""The effective budget follows the machine: it shrinks while another process holds memory, and
+while the process holds anonymous memory the ledger cannot see."""
+
+import json
+import subprocess
+import time
+
+from conftest import PYTHON, read_meminfo, shim_env
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+# Under the shim: answers each line on stdin with the host pool's figures from the JSON dump
+# (written by the C API's qvshim_dump), "mmap N" maps and touches N MiB of anonymous memory
+# outside malloc, "quit" ends.
+WATCHED = r"""
+import ctypes, json, mmap, os, sys, tempfile
+lib = ctypes.CDLL(None)
+maps = []
+for line in sys.stdin:
+    word = line.split()
+    if word[0] == "quit":
+        break
+    if word[0] == "mmap":
+        m = mmap.mmap(-1, int(word[1]) << 20, flags=mmap.MAP_PRIVATE)  # RssAnon, not shmem
+        for i in range(0, len(m), 4096):
+            m[i] = 1
+        maps.append(m)
+    with tempfile.TemporaryFile() as f:
+        assert lib.qvshim_dump(f.fileno(), 1) == 0
+        f.seek(0)
+        d = json.load(f)
+    host = d["pools"][0]
+    print(json.dumps({"effective": host["effective_budget"], "reason": host["effective_reason"],
+                      "machine_cap": d["system"]["machine_cap"],
+                      "unseen": d["system"]["unseen_anon"]}), flush=True)
+"""
+
+# Not under the shim: holds N MiB, touched, until stdin closes.
+HOG = r"""
+import sys
+held = b"\x01" * (int(sys.argv[1]) << 20)
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+class Watched:
+    def __init__(self, **variables):
+        self.p = subprocess.Popen([PYTHON, "-c", WATCHED], env=shim_env(**variables),
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+
+    def ask(self, command="look"):
+        self.p.stdin.write(command + "\n")
+        self.p.stdin.flush()
+        line = self.p.stdout.readline()
+        assert line, f"the watched process ended: {self.p.stderr.read()}"
+        return json.loads(line)
+
+    def close(self):
+        self.p.stdin.write("quit\n")
+        self.p.stdin.close()
+        self.p.wait(timeout=30)
+        return self.p.stderr.read()
+
+
+def settle():
+    time.sleep(0.6)  # six monitor intervals of 100 ms
+
+
+def test_effective_budget_shrinks_while_another_process_holds_memory(lib):
+    hog_mib = 1024
+    # A system reserve that leaves 2.5 GiB of the machine's MemAvailable to the process, so a
+    # 1 GiB neighbour makes the machine, not the 6 GiB budget, the limit.
+    reserve = read_meminfo("MemAvailable") - int(2.5 * GIB)
+    w = Watched(QVSHIM_SYSTEM_RESERVE=reserve, QVSHIM_INTERVAL="100ms")
+    hog = None
+    try:
+        settle()
+        before = w.ask()
+        assert before["reason"] == "machine", before
+        hog = subprocess.Popen([PYTHON, "-c", HOG, str(hog_mib)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+        assert hog.stdout.readline().startswith("holding")
+        settle()
+        during = w.ask()
+        hog.stdin.close()
+        hog.wait(timeout=30)
+        hog = None
+        settle()
+        after = w.ask()
+    finally:
+        if hog is not None:
+            hog.kill()
+        stderr = w.close()
+    shrink = before["effective"] - during["effective"]
+    regain = after["effective"] - during["effective"]
+    print(f"effective budget: before {before['effective'] / MIB:.0f} MiB, with a {hog_mib} MiB "
+          f"neighbour {during['effective'] / MIB:.0f} MiB, after {after['effective'] / MIB:.0f} MiB")
+    assert during["reason"] == "machine"
+    assert shrink > hog_mib * MIB // 2, f"expected the budget to shrink by ~{hog_mib} MiB: {shrink / MIB:.0f} MiB"
+    assert regain > hog_mib * MIB // 2, f"expected the budget to come back: {regain / MIB:.0f} MiB"
+    assert "host effective budget" in stderr and "(machine;" in stderr
+
+
+def test_effective_budget_shrinks_for_anonymous_memory_the_ledger_cannot_see(lib):
+    w = Watched(QVSHIM_BUDGET="1G", QVSHIM_INTERVAL="100ms")
+    try:
+        settle()
+        before = w.ask()
+        assert before["reason"] == "budget" and before["effective"] == GIB, before
+        w.ask("mmap 300")
+        settle()
+        during = w.ask()
+    finally:
+        stderr = w.close()
+    assert during["reason"] == "unseen_anon", during
+    assert during["unseen"] > 200 * MIB
+    assert during["effective"] == GIB - during["unseen"]
+    assert GIB - during["effective"] > 200 * MIB, during
+    assert "(unseen_anon;" in stderr
