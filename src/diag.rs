@@ -421,6 +421,7 @@ fn report_json(r: &Report) -> J {
                         ("detected", J::Bool(r.python.detected)),
                         ("queued", J::UInt(r.python.queued)),
                         ("runs", J::UInt(r.python.runs)),
+                        ("nudge_thread_runs", J::UInt(r.python.nudge_thread_runs)),
                         ("errors", J::UInt(r.python.errors)),
                         ("cuda_cache_emptied", J::UInt(r.python.cuda_cache_emptied)),
                         ("app_callback_runs", J::UInt(r.python.app_callback_runs)),
@@ -652,11 +653,12 @@ fn report_text(r: &Report) -> String {
     let py = &r.python;
     let _ = writeln!(
         o,
-        "runtime: python {} ({}): {} queued, {} run, {} errors, last gc collected {}, host {} -> {}, cuda cache emptied {}, app callbacks {}",
+        "runtime: python {} ({}): {} queued, {} run ({} by the nudge thread), {} errors, last gc collected {}, host {} -> {}, cuda cache emptied {}, app callbacks {}",
         if py.enabled { "on" } else { "off" },
         if py.detected { "detected" } else { "not detected" },
         py.queued,
         py.runs,
+        py.nudge_thread_runs,
         py.errors,
         py.last_collected,
         b(py.last_host_before),
@@ -869,8 +871,10 @@ static EXIT_REPORTED: AtomicBool = AtomicBool::new(false);
 
 /// Writes the exit line, once per process (CPython's finalization and atexit both call this).
 pub fn report_exit_once() {
-    if !EXIT_REPORTED.swap(true, Ordering::AcqRel) {
-        qlog!(Info, "{}", exit_line());
+    // Written past the log's rate limit: a busy last second must not swallow the summary.
+    if !EXIT_REPORTED.swap(true, Ordering::AcqRel) && crate::log::enabled(crate::log::Level::Info) {
+        let line = format!("[qvshim] INFO {}\n", exit_line());
+        crate::log::write_all(crate::log::fd(), line.as_bytes());
     }
 }
 

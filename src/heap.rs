@@ -154,9 +154,16 @@ pub unsafe fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         set_errno(libc::ENOMEM);
         return ptr::null_mut();
     }
+    // Forgotten before the old address can be handed out again; put back if realloc fails.
+    if old >= TRACK_MIN_BYTES {
+        tracker::on_free(p);
+    }
     // SAFETY: p is live and size is non-zero.
     let q = unsafe { je::realloc(p, size) };
     if q.is_null() {
+        if old >= TRACK_MIN_BYTES {
+            tracker::on_alloc(p, old);
+        }
         if grow > 0 {
             ledger::host_uncharge(grow);
         }
@@ -166,9 +173,6 @@ pub unsafe fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     // An in-place resize can keep a size other than the estimate: settle on the truth.
     // SAFETY: q is the live result of realloc.
     let new = unsafe { je::malloc_usable_size(q) } as u64;
-    if old >= TRACK_MIN_BYTES {
-        tracker::on_free(p);
-    }
     if new >= TRACK_MIN_BYTES {
         tracker::on_alloc(q, new);
     }

@@ -32,7 +32,7 @@ SYSTEM_KEYS = {
 PSI_KEYS = {"some_avg10", "some_avg60", "full_avg10", "full_avg60"}
 PURGE_KEYS = {"age_ms", "pool", "reason", "level", "resident_before", "resident_after"}
 PYTHON_KEYS = {
-    "enabled", "detected", "queued", "runs", "errors", "cuda_cache_emptied", "app_callback_runs",
+    "enabled", "detected", "queued", "runs", "nudge_thread_runs", "errors", "cuda_cache_emptied", "app_callback_runs",
     "last_collected", "last_host_before", "last_host_after",
 }
 

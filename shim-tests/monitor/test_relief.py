@@ -155,3 +155,42 @@ print("got", len(got))
     r = run_python(code, QVSHIM_BUDGET="100M", QVSHIM_SIGNAL="SIGUSR1")
     assert r.returncode == 0, r.stderr
     assert "got 1" in r.stdout
+
+
+JOIN_PROGRAM = """
+import ctypes, gc, json, os, sys, tempfile, threading
+gc.disable()
+errors = []
+
+def work():
+    try:
+        for i in range(3000):
+            a = [bytearray(256 * 1024)]
+            a.append(a)        # a garbage cycle of 256 KiB
+    except MemoryError:
+        errors.append("MemoryError")
+
+t = threading.Thread(target=work)
+t.start()
+t.join()                       # the main thread waits in C with the GIL released
+with tempfile.TemporaryFile() as f:
+    ctypes.CDLL(None).qvshim_dump(f.fileno(), 1)
+    f.seek(0)
+    python = json.load(f)["runtime"]["python"]
+print(errors or "finished", python["nudge_thread_runs"])
+"""
+
+
+def test_relief_runs_while_the_main_thread_is_blocked_in_join(lib):
+    r = run_python(JOIN_PROGRAM, QVSHIM_BUDGET="128M")
+    assert r.returncode == 0, r.stderr
+    result, nudge_thread_runs = r.stdout.rsplit(None, 1)
+    assert result == "finished", f"the worker ran out of budget: {r.stdout}\n{r.stderr[-2000:]}"
+    assert int(nudge_thread_runs) >= 1, "the nudge thread ran the relief for the blocked main thread"
+    assert "gc collected" in r.stderr
+
+
+def test_blocked_main_thread_without_relief_runs_out(lib):
+    r = run_python(JOIN_PROGRAM, QVSHIM_BUDGET="128M", QVSHIM_PYTHON="off")
+    assert r.returncode == 0, r.stderr
+    assert "MemoryError" in r.stdout

@@ -1,13 +1,15 @@
-//! CPython relief: when a pool rises to warn, the interpreter's main thread runs `gc.collect()`;
-//! at critical it also empties torch's CUDA cache (when torch is imported and CUDA initialised)
-//! and runs the app's callbacks (`sys.modules["qvshim"]._on_pressure(level, pool)`, which the
-//! Python companion provides).
+//! CPython relief: when a pool rises to warn, the interpreter's main thread runs `gc.collect()`
+//! and the app's callbacks (`sys.modules["qvshim"]._on_pressure(level, pool)`, which the Python
+//! companion provides); at critical it also empties torch's CUDA cache (when torch is imported
+//! and CUDA initialised).
 //!
 //! CPython is found at run time with `dlsym(RTLD_DEFAULT, ...)`: nothing links libpython, and a
 //! process without Python never resolves anything. The monitor thread only queues the work with
-//! `Py_AddPendingCall` (documented as callable from any thread without the GIL); the work runs
-//! in the main thread, with the GIL, between two bytecodes of the app, never inside an
-//! allocation. An exception raised there is printed through `sys.unraisablehook`, logged and
+//! `Py_AddPendingCall` (documented as callable from any thread without the GIL) and nudges the
+//! main thread (see below); the work runs in the main thread, with the GIL, between two
+//! bytecodes of the app, never inside an allocation. When the main thread is not executing
+//! Python code (blocked in C with the GIL released), the nudge thread runs it instead, holding
+//! the GIL. An exception raised there is printed through `sys.unraisablehook`, logged and
 //! cleared; it never reaches the app.
 //!
 //! At most one relief is queued at a time; a rise while one is queued raises its level.
@@ -112,7 +114,11 @@ static AT_EXIT_REGISTERED: AtomicBool = AtomicBool::new(false);
 /// The helpers' namespace dict (a strong reference kept for the life of the interpreter).
 static HELPERS_DICT: AtomicPtr<PyObject> = AtomicPtr::new(core::ptr::null_mut());
 
+/// A relief is wanted and nobody has taken it yet.
 static PENDING: AtomicBool = AtomicBool::new(false);
+/// Our entry is in CPython's pending-call queue.
+static IN_QUEUE: AtomicBool = AtomicBool::new(false);
+static NUDGE_THREAD_RUNS: AtomicU64 = AtomicU64::new(0);
 static REQUEST_LEVEL: AtomicU8 = AtomicU8::new(0);
 static REQUEST_POOL: AtomicU8 = AtomicU8::new(0);
 
@@ -232,7 +238,7 @@ pub fn detected() -> bool {
 }
 
 /// Queues a relief for `pool` at `level` in the main thread; true when one was queued now or
-/// is already queued. Monitor thread only.
+/// is already waiting. Monitor thread only.
 pub fn request_relief(pool: usize, level: u8) -> bool {
     if !ENABLED.load(Ordering::Relaxed) || level < LEVEL_WARN {
         return false;
@@ -242,20 +248,22 @@ pub fn request_relief(pool: usize, level: u8) -> bool {
     };
     REQUEST_LEVEL.fetch_max(level, Ordering::AcqRel);
     REQUEST_POOL.store(pool as u8, Ordering::Release);
-    if PENDING.swap(true, Ordering::AcqRel) {
-        return true;
+    PENDING.store(true, Ordering::Release);
+    // One entry in CPython's queue at a time: an entry already there runs this request too.
+    if !IN_QUEUE.swap(true, Ordering::AcqRel) {
+        // SAFETY: documented as callable from any thread without the GIL; relief has the
+        // Py_AddPendingCall callback signature.
+        if unsafe { (api.add_pending_call)(relief, core::ptr::null_mut()) } != 0 {
+            IN_QUEUE.store(false, Ordering::Release);
+            qlog!(
+                Warn,
+                "python relief not queued: CPython's pending-call queue is full; the nudge \
+                 thread will run it"
+            );
+        } else {
+            QUEUED.fetch_add(1, Ordering::Relaxed);
+        }
     }
-    // SAFETY: documented as callable from any thread without the GIL; relief has the
-    // Py_AddPendingCall callback signature.
-    if unsafe { (api.add_pending_call)(relief, core::ptr::null_mut()) } != 0 {
-        PENDING.store(false, Ordering::Release);
-        qlog!(
-            Warn,
-            "python relief not queued: CPython's pending-call queue is full"
-        );
-        return false;
-    }
-    QUEUED.fetch_add(1, Ordering::Relaxed);
     nudge();
     true
 }
@@ -267,6 +275,11 @@ pub fn request_relief(pool: usize, level: u8) -> bool {
 // GIL from another thread makes the main thread stop at the next bytecode boundary (after the
 // switch interval, 5 ms by default), where it runs pending calls first and then hands the GIL
 // over. That waiting is done by a thread of its own, so the monitor never blocks on the GIL.
+//
+// When the nudge thread gets the GIL and the relief is still waiting, the main thread is not
+// executing Python code (blocked in C with the GIL released: thread.join(), future.result(),
+// time.sleep(), I/O): the nudge thread then runs the relief itself, holding the GIL, so memory
+// comes back while other threads allocate. Whoever takes the PENDING flag first runs it.
 
 static NUDGE_BELL: AtomicU32 = AtomicU32::new(0);
 /// The process the nudge thread was started in (a fork child starts its own).
@@ -279,7 +292,7 @@ fn nudge() {
         // Started from the monitor thread, so every signal stays blocked in it too.
         let spawned = std::thread::Builder::new()
             .name("qvshim-nudge".into())
-            .stack_size(128 << 10)
+            .stack_size(256 << 10)
             .spawn(nudger);
         if spawned.is_err() {
             qlog!(Warn, "could not start the python nudge thread");
@@ -299,24 +312,29 @@ fn nudge() {
     };
 }
 
+/// CPython can take a thread's GIL request now: initialised and not finalizing (a thread
+/// taking the GIL during finalization is ended by CPython).
+fn gil_usable(api: &Api) -> bool {
+    // SAFETY: both only read runtime flags.
+    unsafe {
+        (api.is_initialized)() != 0 && api.is_finalizing.is_none_or(|finalizing| finalizing() == 0)
+    }
+}
+
 fn nudger() {
     loop {
         let seen = NUDGE_BELL.load(Ordering::Acquire);
-        if PENDING.load(Ordering::Acquire) {
-            if let Some(api) = API.get() {
-                // SAFETY: both only read runtime flags.
-                let usable = unsafe {
-                    (api.is_initialized)() != 0
-                        && api.is_finalizing.is_none_or(|finalizing| finalizing() == 0)
-                };
-                // Never during finalization: a thread taking the GIL then is ended by CPython.
-                if usable {
-                    // SAFETY: CPython is initialised and not finalizing; Ensure is balanced by
-                    // Release on this thread at once.
-                    unsafe {
-                        let state = (api.gil_ensure)();
-                        (api.gil_release)(state);
+        if let Some(api) = API.get().filter(|_| PENDING.load(Ordering::Acquire)) {
+            if gil_usable(api) {
+                // SAFETY: CPython is initialised and not finalizing; Ensure is balanced by
+                // Release on this thread; the relief runs with the GIL held.
+                unsafe {
+                    let state = (api.gil_ensure)();
+                    if PENDING.swap(false, Ordering::AcqRel) {
+                        NUDGE_THREAD_RUNS.fetch_add(1, Ordering::Relaxed);
+                        take_request_and_run(api);
                     }
+                    (api.gil_release)(state);
                 }
             }
         }
@@ -344,16 +362,25 @@ fn level_name(level: u8) -> &'static CStr {
 /// Runs in CPython's main thread with the GIL. Always returns 0 with no exception set, so
 /// nothing is raised into the app.
 extern "C" fn relief(_: *mut c_void) -> c_int {
-    PENDING.store(false, Ordering::Release);
+    IN_QUEUE.store(false, Ordering::Release);
+    if !PENDING.swap(false, Ordering::AcqRel) {
+        return 0;
+    }
+    if let Some(api) = API.get() {
+        // SAFETY: we hold the GIL in a pending call.
+        unsafe { take_request_and_run(api) };
+    }
+    0
+}
+
+/// # Safety
+/// The caller holds the GIL and has just taken the PENDING flag.
+unsafe fn take_request_and_run(api: &Api) {
     let level = REQUEST_LEVEL.swap(0, Ordering::AcqRel).max(LEVEL_WARN);
     let pool = REQUEST_POOL.load(Ordering::Acquire) as usize;
-    let Some(api) = API.get() else {
-        return 0;
-    };
-    // SAFETY: we hold the GIL in a pending call; every pointer below comes from CPython and
-    // each new reference is released once.
+    // SAFETY: GIL held (caller's contract); every pointer used comes from CPython and each new
+    // reference is released once.
     unsafe { run_relief(api, pool, level) };
-    0
 }
 
 /// # Safety
@@ -547,6 +574,8 @@ pub struct Stats {
     pub detected: bool,
     pub queued: u64,
     pub runs: u64,
+    /// Reliefs the nudge thread ran because the main thread was not executing Python code.
+    pub nudge_thread_runs: u64,
     pub errors: u64,
     pub cuda_cache_emptied: u64,
     pub app_callback_runs: u64,
@@ -562,6 +591,7 @@ pub fn stats() -> Stats {
         detected: detected(),
         queued: QUEUED.load(Ordering::Relaxed),
         runs: RUNS.load(Ordering::Relaxed),
+        nudge_thread_runs: NUDGE_THREAD_RUNS.load(Ordering::Relaxed),
         errors: ERRORS.load(Ordering::Relaxed),
         cuda_cache_emptied: CUDA_CACHE_EMPTIED.load(Ordering::Relaxed),
         app_callback_runs: APP_CALLBACK_RUNS.load(Ordering::Relaxed),
@@ -571,9 +601,10 @@ pub fn stats() -> Stats {
     }
 }
 
-/// In a fork child the next rise queues afresh. A relief the parent had queued may still run
-/// in the child; that is harmless.
+/// In a fork child the next rise queues afresh. An entry the parent had queued stays in the
+/// child's CPython queue and runs there as a no-op (or takes the child's next request).
 pub fn after_fork_child() {
     PENDING.store(false, Ordering::Relaxed);
+    IN_QUEUE.store(false, Ordering::Relaxed);
     REQUEST_LEVEL.store(0, Ordering::Relaxed);
 }
