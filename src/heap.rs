@@ -96,7 +96,7 @@ fn usable_size_aligned(size: usize, align: usize) -> usize {
 
 /// Allocates `size` bytes aligned to `align` (a power of two), zeroed when `zero`.
 /// Null with errno ENOMEM when the budget or jemalloc refuses.
-#[inline]
+#[inline(always)]
 pub fn alloc(size: usize, align: usize, zero: bool) -> *mut c_void {
     let estimate = usable_size_aligned(size, align);
     if estimate == 0 {
@@ -144,15 +144,15 @@ pub fn alloc(size: usize, align: usize, zero: bool) -> *mut c_void {
 ///
 /// # Safety
 /// `p` is null or a live block from this module not freed before.
-#[inline]
+#[inline(always)]
 pub unsafe fn free(p: *mut c_void) {
     if p.is_null() {
         return;
     }
-    let errno = errno_slot();
+    let thread = ledger::host_thread();
+    let errno = thread.errno();
     // SAFETY: errno points at this thread's errno.
     let saved = unsafe { *errno };
-    let thread = ledger::host_thread();
     let freed = match thread.deallocated_total() {
         Some(before) => {
             // SAFETY: p is a live jemalloc block (caller's contract).

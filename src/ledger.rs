@@ -340,9 +340,11 @@ struct ThreadCache {
     /// (`thread.allocatedp`, `thread.deallocatedp`); null when unavailable.
     allocated: Cell<*const u64>,
     deallocated: Cell<*const u64>,
+    /// This thread's errno, which free must preserve: cached so free needs no libc call.
+    errno: Cell<*mut i32>,
 }
 
-const THREAD_CACHE_BYTES: usize = 32;
+const THREAD_CACHE_BYTES: usize = 40;
 const _: () = assert!(core::mem::size_of::<ThreadCache>() == THREAD_CACHE_BYTES);
 
 // On x86-64 the thread cache is an initial-exec TLS symbol: its address is the thread pointer
@@ -355,9 +357,9 @@ core::arch::global_asm!(
     ".p2align 3",
     ".hidden qvshim_thread_cache",
     ".type qvshim_thread_cache, @object",
-    ".size qvshim_thread_cache, 32",
+    ".size qvshim_thread_cache, 40",
     "qvshim_thread_cache:",
-    ".zero 32",
+    ".zero 40",
     ".popsection",
 );
 
@@ -366,7 +368,7 @@ core::arch::global_asm!(
 #[inline(always)]
 fn thread_cache() -> Option<&'static ThreadCache> {
     let p: *const ThreadCache;
-    // SAFETY: reads the GOT's TLS offset of a 32-byte, zero-initialised .tbss object and adds
+    // SAFETY: reads the GOT's TLS offset of a 40-byte, zero-initialised .tbss object and adds
     // the thread pointer: the result is this thread's copy, which all-zero makes a valid
     // ThreadCache (state FRESH, null pointers).
     unsafe {
@@ -388,6 +390,7 @@ thread_local! {
             slot: Cell::new(ptr::null()),
             allocated: Cell::new(ptr::null()),
             deallocated: Cell::new(ptr::null()),
+            errno: Cell::new(ptr::null_mut()),
         }
     };
 }
@@ -408,6 +411,7 @@ pub struct HostThread {
     slot: Option<&'static Slot>,
     allocated: *const u64,
     deallocated: *const u64,
+    errno: *mut i32,
 }
 
 /// The calling thread's handle; claims a slot on the thread's first allocation.
@@ -417,6 +421,7 @@ pub fn host_thread() -> HostThread {
         slot: None,
         allocated: ptr::null(),
         deallocated: ptr::null(),
+        errno: ptr::null_mut(),
     };
     thread_cache()
         .map(|t| match t.state.get() {
@@ -425,6 +430,7 @@ pub fn host_thread() -> HostThread {
                 slot: unsafe { t.slot.get().as_ref() },
                 allocated: t.allocated.get(),
                 deallocated: t.deallocated.get(),
+                errno: t.errno.get(),
             },
             THREAD_FRESH => claim_slot(t).unwrap_or(direct),
             _ => direct,
@@ -435,7 +441,7 @@ pub fn host_thread() -> HostThread {
 impl HostThread {
     /// Charges `bytes` for a request of `requested` bytes. False means refused: the caller
     /// fails the allocation and charges nothing.
-    #[inline]
+    #[inline(always)]
     pub fn charge(self, bytes: u64, requested: u64) -> bool {
         let Some(slot) = self.slot else {
             return charge_pool_directly(bytes, requested);
@@ -481,7 +487,7 @@ impl HostThread {
     }
 
     /// Returns `bytes` of a freed block.
-    #[inline]
+    #[inline(always)]
     pub fn uncharge(self, bytes: u64) {
         match self.slot {
             Some(slot) => {
@@ -493,7 +499,7 @@ impl HostThread {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn add_credit(self, slot: &Slot, bytes: i64) {
         let credit = slot.credit.load(Ordering::Relaxed) + bytes;
         if credit > CREDIT_MAX_BYTES as i64 {
@@ -505,8 +511,19 @@ impl HostThread {
         }
     }
 
+    /// The address of this thread's errno.
+    #[inline(always)]
+    pub fn errno(self) -> *mut i32 {
+        if self.errno.is_null() {
+            // SAFETY: __errno_location has no preconditions.
+            unsafe { libc::__errno_location() }
+        } else {
+            self.errno
+        }
+    }
+
     /// jemalloc's running total of usable bytes this thread allocated, when known.
-    #[inline]
+    #[inline(always)]
     pub fn allocated_total(self) -> Option<u64> {
         // SAFETY: a non-null pointer is this thread's own jemalloc counter, live while the
         // thread runs.
@@ -514,7 +531,7 @@ impl HostThread {
     }
 
     /// jemalloc's running total of usable bytes this thread freed, when known.
-    #[inline]
+    #[inline(always)]
     pub fn deallocated_total(self) -> Option<u64> {
         // SAFETY: as for allocated_total.
         unsafe { self.deallocated.as_ref() }.copied()
@@ -606,12 +623,15 @@ fn claim_slot(t: &ThreadCache) -> Option<HostThread> {
     t.allocated.set(if both { allocated } else { ptr::null() });
     t.deallocated
         .set(if both { deallocated } else { ptr::null() });
+    // SAFETY: __errno_location has no preconditions and returns this thread's errno.
+    t.errno.set(unsafe { libc::__errno_location() });
     t.slot.set(slot);
     t.state.set(THREAD_SLOTTED);
     Some(HostThread {
         slot: Some(slot),
         allocated: t.allocated.get(),
         deallocated: t.deallocated.get(),
+        errno: t.errno.get(),
     })
 }
 
