@@ -111,13 +111,16 @@ impl Table {
         entry.key.store(key, Ordering::Release);
     }
 
-    /// Forgets a block; false when it was not in the table (it went untracked).
-    pub fn remove(&self, key: usize) -> bool {
+    /// Forgets the block at `key` of `size` bytes; false when it was not in the table (it went
+    /// untracked). Matching the size too keeps a block that reused the address at another size
+    /// (see [`on_free`]).
+    pub fn remove(&self, key: usize, size: u64) -> bool {
         if key <= CLAIMING {
             return false;
         }
         let found = self.probe(key).find(|e| {
             e.key.load(Ordering::Relaxed) == key
+                && e.size.load(Ordering::Relaxed) == size
                 && e.key
                     .compare_exchange(key, FREE, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
@@ -261,11 +264,17 @@ pub fn on_alloc(p: *mut c_void, usable: u64) {
 /// left out of a backtrace.
 const SKIPPED_FRAMES: usize = 2;
 
-/// A host block is being freed (the caller checked `usable >= TRACK_MIN_BYTES`).
+/// A host block of `usable` bytes was freed (the caller checked `usable >= TRACK_MIN_BYTES`).
+///
+/// free() learns a block's size from jemalloc's per-thread counters only after the block is
+/// gone, so the entry is removed just after the free. In that instant another thread may get
+/// the same address for a new block and insert it: when both have the same size, this may
+/// remove the newer entry and leave the older one, so the dump shows the right address and
+/// size with the older age and backtrace. Nothing else is affected.
 #[cold]
 #[inline(never)]
-pub fn on_free(p: *mut c_void) {
-    HOST.remove(p as usize);
+pub fn on_free(p: *mut c_void, usable: u64) {
+    HOST.remove(p as usize, usable);
 }
 
 #[cfg(test)]
@@ -278,8 +287,18 @@ mod tests {
         for (i, size) in [3u64, 9, 1, 7, 5].iter().enumerate() {
             table.insert(0x10_0000 * (i + 1), size << 20, &[0x1234, 0x5678]);
         }
-        assert!(table.remove(0x10_0000 * 2), "the 9 MiB block was tracked");
-        assert!(!table.remove(0xdead_0000), "an unknown block is not found");
+        assert!(
+            !table.remove(0x10_0000 * 2, 8 << 20),
+            "same address, other size"
+        );
+        assert!(
+            table.remove(0x10_0000 * 2, 9 << 20),
+            "the 9 MiB block was tracked"
+        );
+        assert!(
+            !table.remove(0xdead_0000, 9 << 20),
+            "an unknown block is not found"
+        );
         let mut out = [LiveBlock::default(); 3];
         let n = table.largest(&mut out);
         let sizes: Vec<u64> = out.iter().take(n).map(|b| b.size >> 20).collect();
