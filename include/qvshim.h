@@ -77,6 +77,9 @@ uint64_t qvshim_purge(void);
  * pool's level changed. The callback must not block for long. */
 typedef void (*qvshim_level_callback)(int pool, int old_level, int new_level, void *ctx);
 
+/* Callbacks registered at most at once. */
+#define QVSHIM_MAX_LEVEL_CALLBACKS 16
+
 /* Register a level callback. Returns an id >= 0, or -1 when the table is full. */
 int qvshim_on_level_change(qvshim_level_callback cb, void *ctx);
 
@@ -85,6 +88,9 @@ int qvshim_remove_level_callback(int id);
 
 /* Write the diagnostic dump to fd now, as text (json = 0) or one JSON object
  * (json = 1). Returns 0, or -1 when the write failed. */
+/* The dump is built on the calling thread: call it from a thread, never from a
+ * signal handler (the dump signal, QVSHIM_DUMP_SIGNAL, is the async-safe way).
+ * See docs/DUMP.md for the fields and docs/C_API.md for every function. */
 int qvshim_dump(int fd, int json);
 
 #ifdef __cplusplus

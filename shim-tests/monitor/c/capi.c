@@ -94,9 +94,26 @@ int main(int argc, char **argv) {
         if (ids[n] < 0)
             break;
     }
-    CHECK(n > 0 && n < 64, "the callback table fills and then refuses");
+    CHECK(n == QVSHIM_MAX_LEVEL_CALLBACKS, "the callback table fills and then refuses");
     for (int i = 0; i < n; i++)
         qvshim_remove_level_callback(ids[i]);
+
+    CHECK(qvshim_pool_count() == 1, "one pool (host) without a GPU");
+    CHECK(qvshim_level(QVSHIM_POOL_HOST) == QVSHIM_LEVEL_NORMAL, "level of the host");
+    CHECK(qvshim_level(99) == -1 && qvshim_level(-1) == -1, "level of an unknown pool");
+    struct qvshim_pool_stats none = {.struct_size = sizeof none};
+    CHECK(qvshim_pool_stats(99, &none) == -1 && qvshim_pool_stats(0, NULL) == -1,
+          "stats of an unknown pool or into NULL");
+    CHECK(qvshim_set_budget(99, 1) == -1, "budget of an unknown pool");
+    /* Blocks under jemalloc's oversize threshold (8 MiB), which stay dirty after free. */
+    static char *touched[64];
+    for (int i = 0; i < 64; i++) {
+        touched[i] = malloc(256u << 10);
+        memset(touched[i], 1, 256u << 10);
+    }
+    for (int i = 0; i < 64; i++)
+        free(touched[i]);
+    CHECK(qvshim_purge() > 0, "a purge returns freed dirty pages to the kernel");
 
     int fd = open(argv[1], O_WRONLY | O_CREAT | O_TRUNC, 0644);
     CHECK(fd >= 0 && qvshim_dump(fd, 1) == 0, "JSON dump written");
