@@ -22,6 +22,10 @@ pub const PRESSED_INTERVAL_MS: u64 = 100;
 pub const UNSEEN_SLACK_BYTES: u64 = 32 << 20;
 /// Purges remembered for the dump.
 pub const PURGE_HISTORY: usize = 8;
+/// For this long after load the monitor looks often for a CPython still starting up, so that
+/// its exit is seen even when it ends early (a process that links libpython and never starts
+/// it is not watched often for ever).
+pub const PYTHON_START_WATCH_MS: u64 = 5_000;
 
 static DOORBELL: AtomicU32 = AtomicU32::new(0);
 static DUMP_REQUESTED: AtomicBool = AtomicBool::new(false);
@@ -425,10 +429,12 @@ fn highest_level() -> (u8, usize) {
         })
 }
 
-/// How long between two readings of the machine at `level`.
-fn sample_interval_ms(level: u8) -> u64 {
+/// How long between two readings of the machine at `level`, `running_ms` after the thread
+/// started.
+fn sample_interval_ms(level: u8, running_ms: u64) -> u64 {
     let configured = INTERVAL_MS.load(Ordering::Relaxed);
-    if level > LEVEL_NORMAL || runtime::python::awaiting_start() {
+    let python_starting = running_ms < PYTHON_START_WATCH_MS && runtime::python::awaiting_start();
+    if level > LEVEL_NORMAL || python_starting {
         configured.min(PRESSED_INTERVAL_MS)
     } else {
         configured
@@ -440,6 +446,7 @@ fn run() {
     let mut seen = [Seen::default(); MAX_POOLS];
     let mut last_sample_ms = 0u64;
     let mut never_sampled = true;
+    let started_ms = now_ms();
     let mut last_purge_ms = now_ms();
     loop {
         let bell = DOORBELL.load(Ordering::Acquire);
@@ -451,14 +458,17 @@ fn run() {
         }
         let now = now_ms();
         let (level, pressed_pool) = highest_level();
-        if now >= last_sample_ms.saturating_add(sample_interval_ms(level)) || never_sampled {
+        let running_ms = now.saturating_sub(started_ms);
+        if now >= last_sample_ms.saturating_add(sample_interval_ms(level, running_ms))
+            || never_sampled
+        {
             sample_host();
             runtime::python::probe();
             last_sample_ms = now;
             never_sampled = false;
         }
         // Computed afresh each time round: a rise to warn shortens the wait already running.
-        let next_sample_ms = last_sample_ms.saturating_add(sample_interval_ms(level));
+        let next_sample_ms = last_sample_ms.saturating_add(sample_interval_ms(level, running_ms));
         let purge_interval = PURGE_INTERVAL_MS.load(Ordering::Relaxed);
         if level == LEVEL_NORMAL {
             last_purge_ms = now;

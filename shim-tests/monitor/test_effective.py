@@ -76,20 +76,24 @@ def test_effective_budget_shrinks_while_another_process_holds_memory(lib):
     reserve = read_meminfo("MemAvailable") - int(2.5 * GIB)
     w = Watched(QVSHIM_SYSTEM_RESERVE=reserve, QVSHIM_INTERVAL="100ms")
     hog = None
+
+    def look():
+        return w.ask(), read_meminfo("MemAvailable")
+
     try:
         settle()
-        before = w.ask()
+        before, avail_before = look()
         assert before["reason"] == "machine", before
         hog = subprocess.Popen([PYTHON, "-c", HOG, str(hog_mib)], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, text=True)
         assert hog.stdout.readline().startswith("holding")
         settle()
-        during = w.ask()
+        during, avail_during = look()
         hog.stdin.close()
         hog.wait(timeout=30)
         hog = None
         settle()
-        after = w.ask()
+        after, avail_after = look()
     finally:
         if hog is not None:
             hog.kill()
@@ -97,10 +101,21 @@ def test_effective_budget_shrinks_while_another_process_holds_memory(lib):
     shrink = before["effective"] - during["effective"]
     regain = after["effective"] - during["effective"]
     print(f"effective budget: before {before['effective'] / MIB:.0f} MiB, with a {hog_mib} MiB "
-          f"neighbour {during['effective'] / MIB:.0f} MiB, after {after['effective'] / MIB:.0f} MiB")
+          f"neighbour {during['effective'] / MIB:.0f} MiB, after {after['effective'] / MIB:.0f} MiB; "
+          f"MemAvailable moved by {(avail_during - avail_before) / MIB:.0f} and "
+          f"{(avail_after - avail_during) / MIB:.0f} MiB")
     assert during["reason"] == "machine"
-    assert shrink > hog_mib * MIB // 2, f"expected the budget to shrink by ~{hog_mib} MiB: {shrink / MIB:.0f} MiB"
-    assert regain > hog_mib * MIB // 2, f"expected the budget to come back: {regain / MIB:.0f} MiB"
+    # The machine must show the neighbour for the test to mean anything (on the development VM
+    # MemAvailable moves by 400 MiB to 1 GiB for a 1 GiB neighbour, and does not always come
+    # back in full when it exits).
+    assert avail_before - avail_during > 256 * MIB, "MemAvailable did not show the neighbour"
+    assert shrink > 256 * MIB, f"the effective budget shrank by only {shrink / MIB:.0f} MiB"
+    # The effective budget follows the machine's MemAvailable, within what other processes
+    # move it by in the 100 ms between the monitor's reading and the question.
+    tolerance = 256 * MIB
+    assert abs(shrink - (avail_before - avail_during)) < tolerance, (shrink, avail_before - avail_during)
+    assert abs(regain - (avail_after - avail_during)) < tolerance, (regain, avail_after - avail_during)
+    assert regain > 0, "the budget grows again when the neighbour is gone"
     assert "host effective budget" in stderr and "(machine;" in stderr
 
 
