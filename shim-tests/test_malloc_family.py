@@ -10,6 +10,7 @@ import pytest
 import shimrun
 
 MALLOC_FAMILY_CASES = [
+    "live_is_constant_from_main_while_the_program_allocates_nothing",
     "malloc_zero_returns_unique_non_null_blocks",
     "malloc_counts_usable_size_and_free_gives_it_back",
     "free_null_does_nothing_and_keeps_errno",

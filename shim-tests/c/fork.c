@@ -30,6 +30,10 @@ static int child_exit_code(pid_t pid, const char *what)
 /* In a child: allocate and free a spread of sizes, checking the child's own ledger. */
 static int child_allocates_and_frees(void)
 {
+    /* The shim restarts its monitor thread in the child; let that settle
+     * (malloc_family's start-up case reports allocation behind our back). */
+    EXPECT(wait_for_quiet_ledger(), "expected the child's host live to settle within %d ms",
+           QUIET_LEDGER_GIVE_UP_MS);
     for (size_t n = 16; n <= 16 * MIB; n *= 4) {
         uint64_t before = host_live();
         void *p = malloc(n);

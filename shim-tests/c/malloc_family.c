@@ -6,6 +6,8 @@
  */
 #include "shimcheck.h"
 
+#include <time.h>
+
 /* Read through a volatile so the compiler cannot fold the huge requests. */
 static volatile size_t size_max_v = SIZE_MAX;
 
@@ -17,6 +19,39 @@ static size_t page_size(void)
 static int is_aligned(const void *p, size_t alignment)
 {
     return ((uintptr_t)p % alignment) == 0;
+}
+
+/* How long the start-up case watches an idle program's ledger. */
+#define IDLE_WATCH_MS 300
+
+static double monotonic_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec * 1e3 + (double)t.tv_nsec / 1e6;
+}
+
+/*
+ * From the first line of main, a program that allocates nothing must see a
+ * constant host live: the shim's own start-up (its monitor thread included)
+ * must not charge the host ledger behind the program's back, or every
+ * before/after comparison a user makes is off.
+ */
+static void live_is_constant_from_main_while_the_program_allocates_nothing(void)
+{
+    double start = monotonic_ms();
+    uint64_t first = host_live();
+    uint64_t last = first;
+    while (monotonic_ms() - start < IDLE_WATCH_MS) {
+        uint64_t now = host_live();
+        if (now != last) {
+            EXPECT(0, "expected host live to stay at %llu while main allocates nothing, it moved to %llu "
+                      "%.2f ms into main (difference %lld)",
+                   (unsigned long long)last, (unsigned long long)now, monotonic_ms() - start,
+                   (long long)(now - last));
+            last = now;
+        }
+    }
 }
 
 static void malloc_zero_returns_unique_non_null_blocks(void)
@@ -592,6 +627,7 @@ static void malloc_trim_returns_and_malloc_still_works(void)
 }
 
 static const struct check_case cases[] = {
+    START_UP_CASE(live_is_constant_from_main_while_the_program_allocates_nothing),
     CASE(malloc_zero_returns_unique_non_null_blocks),
     CASE(malloc_counts_usable_size_and_free_gives_it_back),
     CASE(free_null_does_nothing_and_keeps_errno),
