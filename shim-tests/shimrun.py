@@ -147,3 +147,12 @@ def expect_pass(result: Run, program: str, case: str, why: str = "") -> None:
     assert passed, (
         f"expected {program} {case} to print 'PASS {case}' and exit 0"
         f"{' (' + why + ')' if why else ''}; got {result.exit_text()}:{result.describe()}")
+
+
+def expect_table_covers_program(binary: Path, rows: list[str], table: str) -> None:
+    """The pytest table names exactly the cases the program has (`--list`), so
+    a case added to a C file cannot be forgotten."""
+    listed = run([binary, "--list"], preload=False).stdout.split()
+    assert sorted(listed) == sorted(rows), (
+        f"expected {table} to name exactly the cases of {binary.name}; cases without a row: "
+        f"{sorted(set(listed) - set(rows))}, rows without a case: {sorted(set(rows) - set(listed))}")
