@@ -155,6 +155,11 @@ class ModelManager:
         with self._lock:
             self._unload_idle("closing")
 
+    def __del__(self):
+        wakeup = getattr(self, "_wakeup", None)
+        if wakeup is not None:
+            wakeup.set()  # the timer thread finds its manager gone and ends
+
     def __enter__(self):
         return self
 

@@ -19,8 +19,9 @@ class WavWriter:
 
     samples: bytes-like 16-bit little-endian PCM (interleaved when several channels), or a
     numpy array (or torch tensor): floats in [-1, 1] (clipped) or integers in the int16 range,
-    shape (frames,) or (frames, channels). The header is brought up to date after every write,
-    so the file on disk is a valid WAV even if the program stops before close().
+    shape (frames,) or (frames, channels). The header is brought up to date and the file
+    flushed after every write, so the file on disk is a valid WAV even if the program dies
+    before close().
     """
 
     def __init__(self, path, sample_rate=24000, channels=1):
@@ -30,7 +31,8 @@ class WavWriter:
         self.sample_rate = sample_rate
         self.channels = channels
         self.frames = 0
-        self._wave = wave.open(self.path, "wb")
+        self._file = open(self.path, "wb")
+        self._wave = wave.open(self._file, "wb")
         self._wave.setnchannels(channels)
         self._wave.setsampwidth(SAMPLE_WIDTH_BYTES)
         self._wave.setframerate(sample_rate)
@@ -53,14 +55,16 @@ class WavWriter:
                 )
             if (self.frames + written) * frame_bytes + size > WAV_DATA_LIMIT_BYTES:
                 raise ValueError(f"{self.path}: a WAV file holds at most 4 GiB of audio; start another file")
-            self._wave.writeframes(chunk)
+            self._wave.writeframes(chunk)  # also brings the header's sizes up to date
             written += size // frame_bytes
+        self._file.flush()
         self.frames += written
         return written
 
     def close(self):
         if self._wave is not None:
             self._wave.close()
+            self._file.close()
             self._wave = None
 
     def __enter__(self):
@@ -70,7 +74,8 @@ class WavWriter:
         self.close()
 
     def __del__(self):
-        self.close()
+        if getattr(self, "_wave", None) is not None:
+            self.close()
 
 
 def _pcm16_chunks(samples, channels):
