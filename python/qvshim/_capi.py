@@ -72,10 +72,11 @@ def _lookup():
             return None
         table = {}
         for name, restype, argtypes in _SIGNATURES:
-            function = getattr(process, name)
-            function.restype = restype
-            function.argtypes = argtypes
-            table[name] = function
+            function = getattr(process, name, None)
+            if function is not None:  # an older library may lack a newer function
+                function.restype = restype
+                function.argtypes = argtypes
+                table[name] = function
         _functions = table
     return _functions
 
@@ -88,7 +89,10 @@ def _call(name, *args):
     functions = _lookup()
     if functions is None:
         raise NotLoaded()
-    return functions[name](*args)
+    function = functions.get(name)
+    if function is None:
+        raise NotImplementedError(f"the loaded libqvshim.so has no {name}()")
+    return function(*args)
 
 
 def api_version():
