@@ -38,15 +38,20 @@ def generate_batches(lines, generate, out_dir, batch_size=DEFAULT_BATCH_SIZE, sa
     lines: any iterable of text, consumed lazily (a file object works).
     generate(batch): a list of audio for a list of lines, or (list, sample_rate) as qwen-tts
     returns it; audio is anything WavWriter.write takes.
-    name: file name pattern in out_dir, formatted with index (0-based over all lines).
+    name: file name pattern in out_dir, formatted with index (0-based over all lines);
+    None writes no file per line (then give combined).
     combined: a path; every result is also appended there, in order, as one WAV.
-    on_written(index, path, seconds): called after each file is closed (progress, say).
+    on_written(index, path, seconds): called after each result is written (progress, say);
+    path is None when name is None.
     When generate raises MemoryError on a batch of several lines, memory is released and the
     batch is retried in halves; a single line that still does not fit raises.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    os.makedirs(out_dir, exist_ok=True)
+    if name is None and combined is None:
+        raise ValueError("with name=None, give combined: the results have to go somewhere")
+    if name is not None:
+        os.makedirs(out_dir, exist_ok=True)
     summary = BatchSummary(out_dir, combined)
     state = {"writer": None, "rate": sample_rate}
     iterator = iter(lines)
@@ -88,13 +93,16 @@ def _generate_and_write(batch, generate, out_dir, name, summary, state, on_writt
     for position in range(len(results)):
         audio = results[position]
         results[position] = None  # each result leaves memory once it is on disk
-        path = os.path.join(out_dir, name.format(index=summary.lines))
-        with WavWriter(path, sample_rate=rate) as writer:
-            writer.write(audio)
+        path = None
+        if name is not None:
+            path = os.path.join(out_dir, name.format(index=summary.lines))
+            with WavWriter(path, sample_rate=rate) as writer:
+                frames = writer.write(audio)
         if state["writer"] is not None:
-            state["writer"].write(audio)
+            frames = state["writer"].write(audio)
         del audio
+        seconds = frames / rate
         summary.lines += 1
-        summary.seconds += writer.seconds
+        summary.seconds += seconds
         if on_written is not None:
-            on_written(summary.lines - 1, path, writer.seconds)
+            on_written(summary.lines - 1, path, seconds)

@@ -103,3 +103,18 @@ def test_wrong_number_of_results_is_an_error(tmp_path):
 def test_batch_size_must_be_positive(tmp_path):
     with pytest.raises(ValueError):
         qvshim.generate_batches(["a"], lambda batch: [tone("a")], tmp_path, batch_size=0)
+
+
+def test_combined_only_writes_no_file_per_line(tmp_path):
+    written = []
+    summary = qvshim.generate_batches(["a", "bb", "ccc"], lambda batch: [tone(line) for line in batch],
+                                      tmp_path / "unused", name=None, combined=tmp_path / "all.wav",
+                                      on_written=lambda index, path, seconds: written.append(path))
+    assert summary.lines == 3 and written == [None, None, None]
+    assert not (tmp_path / "unused").exists()
+    assert frames_in(tmp_path / "all.wav") == (240, 24000)
+
+
+def test_no_destination_at_all_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="combined"):
+        qvshim.generate_batches(["a"], lambda batch: [tone("a")], tmp_path, name=None)
