@@ -202,13 +202,17 @@ class ModelManager:
         """Unload idle models, least recently used first, until expected bytes fit; else refuse."""
         room = memory.headroom(self.pool, self.margin)
         idle = [other for other, entry in self._models.items() if not entry.uses]
+        # Evict nothing for a load that could not fit even with every idle model gone.
+        reclaimable = sum(max(self._models[other].moved, 0) for other in idle)
+        if room is not None and room.free + reclaimable < expected:
+            idle = []
         while room is not None and room.free < expected and idle:
             self._unload([idle.pop(0)], f"making room for {name!r}")
             room = memory.headroom(self.pool, self.margin)
         if room is None or room.free >= expected:
             return
-        busy = ", ".join(
-            f"{other} ({size_text(entry.expected if entry.expected is not None else entry.moved)})"
+        loaded = ", ".join(
+            f"{other} ({size_text(entry.moved)}, {'in use' if entry.uses else 'idle'})"
             for other, entry in self._models.items()
         )
         raise ModelDoesNotFit(
@@ -216,7 +220,7 @@ class ModelManager:
             f"{size_text(max(room.free, 0))} is free in {memory.pool_name(self.pool)} memory "
             f"({size_text(room.held)} held of {size_text(room.limit)}, "
             f"{self.margin:.0%} kept free)"
-            + (f"; models in use: {busy}" if busy else "; no other model is loaded")
+            + (f"; models loaded: {loaded}" if loaded else "; no other model is loaded")
         )
 
     def _unload_idle(self, reason):

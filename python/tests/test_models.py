@@ -145,12 +145,14 @@ def test_margin_is_kept_free(fake, manager):
 def test_load_that_cannot_fit_fails_naming_the_sizes_and_the_models_in_use(fake, manager):
     models_ = manager(keep_alive=None)
     calls = []
+    models_.get("idle", loader(fake, 100), size=100)
     with models_.use("a", loader(fake, 600), size=600):
         with pytest.raises(qvshim.ModelDoesNotFit) as refused:
             models_.get("b", loader(fake, 500, calls), size=500)
     message = str(refused.value)
-    assert "'b'" in message and "needs 500 B" in message and "only 400 B is free" in message
-    assert "600 B held of 1000 B" in message and "models in use: a (600 B)" in message
+    assert "'b'" in message and "needs 500 B" in message and "only 300 B is free" in message
+    assert "700 B held of 1000 B" in message and "models loaded: idle (100 B, idle), a (600 B, in use)" in message
+    assert models_.loaded() == ["idle", "a"], "a load that cannot fit even after eviction evicts nothing"
     assert calls == [], "the loader must not run when the model cannot fit"
     assert isinstance(refused.value, MemoryError)
 
