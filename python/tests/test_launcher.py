@@ -111,3 +111,14 @@ def test_headroom_without_the_library_comes_from_meminfo():
     code = "import qvshim; r = qvshim.headroom(qvshim.POOL_HOST, 0.1); print(r.free > 0, r.limit > r.free, r.held > 0, qvshim.headroom(qvshim.gpu_pool(0), 0.1))"
     result = run_python(["-c", code], plain_env())
     assert result.stdout.split() == ["True", "True", "True", "None"], result.stderr
+
+
+def test_library_that_does_not_load_is_reported_once_not_looped(tmp_path):
+    broken = tmp_path / "libqvshim.so"
+    broken.write_text("not an ELF file\n")
+    script = tmp_path / "script.py"
+    script.write_text("print('ran')\n")
+    result = run_python(["-m", "qvshim", "run", str(script)], plain_env(QVSHIM_LIBRARY=str(broken)), cwd=tmp_path)
+    assert result.returncode == 127, result.stderr
+    assert f"LD_PRELOAD={broken} was set but the library did not load" in result.stderr
+    assert "ran" not in result.stdout
