@@ -95,7 +95,7 @@ class ModelManager:
         self._closed = False
         self._pressure_callback = None
         if unload_at_critical:
-            self._pressure_callback = _pressure_callback(weakref.ref(self))
+            self._pressure_callback = _relief_for(weakref.ref(self))
             pressure.on_pressure(self._pressure_callback, "critical")
 
     # -- the app's side -------------------------------------------------------------------
@@ -123,6 +123,8 @@ class ModelManager:
             with self._lock:
                 entry.uses -= 1
                 entry.last_used = time.monotonic()
+                if self._closed and not entry.uses and self._models.get(name) is entry:
+                    self._unload([name], "closing")
             self._wakeup.set()
 
     def loaded(self):
@@ -147,7 +149,7 @@ class ModelManager:
             return self._unload_idle("asked")
 
     def close(self):
-        """Unload every idle model, stop the timer and the pressure callback."""
+        """Unload every idle model (one in a use() block when the block ends); stop the timer and relief."""
         self._closed = True
         if self._pressure_callback is not None:
             pressure.remove_pressure_callback(self._pressure_callback)
@@ -288,7 +290,7 @@ class ModelManager:
             self._wakeup.set()
 
 
-def _pressure_callback(manager_ref):
+def _relief_for(manager_ref):
     def relieve(level_name, pool):
         manager = manager_ref()
         if manager is None:

@@ -268,3 +268,12 @@ def test_loads_and_unloads_are_logged_with_the_memory_moved(fake, manager):
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         qvshim.ModelManager(**kwargs)
+
+
+def test_model_in_use_when_the_manager_closes_leaves_when_its_block_ends(fake):
+    models_ = qvshim.ModelManager(keep_alive=None)
+    with models_.use("busy", loader(fake, 100), size=100):
+        models_.get("idle", loader(fake, 10), size=10)
+        models_.close()
+        assert models_.loaded() == ["busy"]
+    assert models_.loaded() == [] and fake.held == 0
