@@ -17,7 +17,9 @@ from qvshim import launcher  # noqa: E402
 
 def plain_env(**extra):
     """The environment for a child Python without the shim, with this checkout's package importable."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "PYTHONMALLOC") and not k.startswith("QVSHIM_")}
+    # QVSHIM_LIBRARY stays: it chooses the build under test; the other settings are each test's own.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "PYTHONMALLOC") and (k == "QVSHIM_LIBRARY" or not k.startswith("QVSHIM_"))}
     env["PYTHONPATH"] = PYTHON_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update(extra)
     return env
@@ -31,7 +33,7 @@ def run_python(args, env, timeout=120, **kwargs):
 def library():
     """The built libqvshim.so; a test that needs it fails (not skips) when it is missing."""
     try:
-        return launcher.find_library(environ={}, cwd=REPO_DIR)
+        return launcher.find_library(cwd=REPO_DIR)
     except launcher.LibraryNotFound as error:
         pytest.fail(f"{error} (the live tests need the library)")
 

@@ -48,7 +48,9 @@ def test_console_command_runs_a_script_under_the_repository_build(installed, lib
 
 
 def test_console_command_outside_any_repository_says_where_to_find_the_library(installed, tmp_path):
-    result = subprocess.run([str(installed / "bin" / "qvshim"), "library"], env=installed_env(installed),
+    env = installed_env(installed)
+    env.pop("QVSHIM_LIBRARY", None)
+    result = subprocess.run([str(installed / "bin" / "qvshim"), "library"], env=env,
                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 127
     assert "cargo build --release" in result.stderr and "QVSHIM_LIBRARY" in result.stderr

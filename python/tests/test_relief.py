@@ -1,15 +1,17 @@
-"""Real relief: the library raises a level, and qvshim._on_pressure runs our callbacks in the main thread.
+"""What needs the monitor issue's side of the library: real relief (a level rise makes
+qvshim._on_pressure run our callbacks in the main thread) and the exit summary after Ctrl+C.
+Each runs in a child process; the relief tests lower its budget with qvshim_set_budget."""
 
-These need the monitor's Python relief (Py_AddPendingCall -> qvshim._on_pressure) in the library.
-Each runs in a child process whose budget it lowers with qvshim_set_budget."""
-
+import signal
+import subprocess
+import sys
 import textwrap
 
 import pytest
 
 from conftest import plain_env, run_python
 
-pytestmark = [pytest.mark.live, pytest.mark.relief]
+pytestmark = [pytest.mark.live, pytest.mark.monitor]
 
 RISE_TO_CRITICAL = """
     import threading, time
@@ -60,3 +62,19 @@ def test_critical_pressure_unloads_idle_models(tmp_path, library):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1].startswith("[] "), result.stdout + result.stderr
     assert "unloaded model 'idle' (critical pressure)" in result.stderr
+
+
+def test_ctrl_c_ends_with_the_shims_exit_summary(tmp_path, library):
+    script = tmp_path / "serve.py"
+    script.write_text("import time\nprint('serving', flush=True)\nwhile True:\n    time.sleep(0.05)\n")
+    child = subprocess.Popen([sys.executable, "-m", "qvshim", "run", str(script)], env=plain_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "serving"
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == 130, err
+    summary = [line for line in err.splitlines() if line.startswith("[qvshim] INFO exit pid")]
+    assert len(summary) == 1 and "peak" in summary[0] and "refusals" in summary[0], err
