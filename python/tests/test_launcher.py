@@ -1,6 +1,5 @@
 """`python -m qvshim run` without the library: where it looks, what it says when it finds nothing."""
 
-import os
 
 import pytest
 

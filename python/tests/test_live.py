@@ -7,12 +7,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
 import qvshim
-from conftest import PYTHON_DIR, REPO_DIR, plain_env, run_python
+from conftest import REPO_DIR, plain_env, run_python
 
 pytestmark = pytest.mark.live
 MIB = 1024 * 1024
