@@ -815,7 +815,7 @@ pub unsafe extern "C" fn dlsym_answer(handle: *mut c_void, symbol: *const c_char
 // For the dump.
 
 /// One live allocation, as the dump lists it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LiveAllocation {
     /// Device pointer, VMM handle or host pointer.
     pub key: u64,
@@ -823,17 +823,6 @@ pub struct LiveAllocation {
     pub age_ms: u64,
     /// The driver call that made it ("cuMemAlloc", "cuMemCreate", ...).
     pub call: &'static str,
-}
-
-impl Default for LiveAllocation {
-    fn default() -> Self {
-        LiveAllocation {
-            key: 0,
-            bytes: 0,
-            age_ms: 0,
-            call: "",
-        }
-    }
 }
 
 /// Fills `out` with the largest live allocations charged to ledger pool `pool` (1 + N for GPU N,
@@ -936,8 +925,9 @@ mod tests {
 
     #[test]
     fn budgeted_info_reports_the_budget_as_the_device() {
-        // (budget, held, physical free, physical total) -> (free, total)
-        let cases: &[(u64, u64, u64, u64, (u64, u64))] = &[
+        /// (budget, held, physical free, physical total, reported (free, total))
+        type Case = (u64, u64, u64, u64, (u64, u64));
+        let cases: &[Case] = &[
             (UNLIMITED, 100, 700, 1000, (700, 1000)),
             (400, 100, 700, 1000, (300, 400)),
             (400, 400, 700, 1000, (0, 400)),
