@@ -155,9 +155,9 @@ static void print_pool(const char *prefix, int pool) {
         printf("%s_shim 0\n", prefix);
         return;
     }
-    printf("%s_live %llu\n%s_budget %llu\n%s_refusals %llu\n%s_allocs %llu\n%s_frees %llu\n", prefix,
-           (u64)s.live, prefix, (u64)s.budget, prefix, (u64)s.refusals, prefix, (u64)s.allocs, prefix,
-           (u64)s.frees);
+    printf("%s_live %llu\n%s_budget %llu\n%s_refusals %llu\n%s_allocs %llu\n%s_frees %llu\n%s_level %d\n",
+           prefix, (u64)s.live, prefix, (u64)s.budget, prefix, (u64)s.refusals, prefix, (u64)s.allocs, prefix,
+           (u64)s.frees, prefix, s.level);
 }
 
 /* ---- lookup ---------------------------------------------------------------------------------- */
