@@ -275,13 +275,13 @@ unsafe fn resolve<F: Copy>(form: Wrapped) -> Result<(&'static Driver, F), CuResu
     Ok((driver, real))
 }
 
-/// Reads the key a successful allocation wrote through `out`.
+/// Reads the pointer or handle a successful allocation wrote through `out`.
 ///
 /// # Safety
 /// `out` was accepted by a driver call that returned success, so it is valid and written.
-unsafe fn written<T: Copy + Into<u64>>(out: *const T) -> u64 {
+unsafe fn written(out: *const u64) -> u64 {
     // SAFETY: caller's contract.
-    unsafe { *out }.into()
+    unsafe { *out }
 }
 
 fn pointer_key(p: *mut c_void) -> u64 {

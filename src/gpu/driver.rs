@@ -95,11 +95,6 @@ impl Wrapped {
             .find(|(_, form)| form.export.to_bytes() == name)
             .map(|(wrapped, _)| *wrapped)
     }
-
-    pub fn form(self) -> &'static Form {
-        // FORMS lists every variant in declaration order.
-        &FORMS[self as usize].1
-    }
 }
 
 type DlsymFn = unsafe extern "C" fn(*mut c_void, *const c_char) -> *mut c_void;
