@@ -916,6 +916,43 @@ mod tests {
     }
 
     #[test]
+    fn largest_allocations_lists_one_pools_live_allocations_until_freed() {
+        // Pools 14 and 15 and these keys belong to this test alone.
+        let (pool, other) = (15, 14);
+        let charge = |table: &Table<{ 1 << 17 }>, key: u64, bytes: u64, index: usize| {
+            ledger::pool(index).unwrap().force_commit(bytes);
+            remember(table, key, bytes, index, Kind::Alloc);
+        };
+        let keys = [0x5a00_0000_0000u64, 0x5a00_0020_0000, 0x5a00_0040_0000];
+        for (i, &key) in keys.iter().enumerate() {
+            charge(&DEVICE_ALLOCATIONS, key, (i as u64 + 1) << 20, pool);
+        }
+        charge(&DEVICE_ALLOCATIONS, 0x5b00_0000_0000, 64 << 20, other);
+        ledger::pool(pool).unwrap().force_commit(8 << 20);
+        remember(&PHYSICAL_HANDLES, 77, 8 << 20, pool, Kind::Physical);
+
+        let mut out = [LiveAllocation::default(); 3];
+        let listed = largest_allocations(pool, &mut out);
+        let got: Vec<(u64, &str)> = out[..listed].iter().map(|a| (a.bytes, a.call)).collect();
+        let want = vec![
+            (8 << 20, "cuMemCreate"),
+            (3 << 20, "cuMemAlloc"),
+            (2 << 20, "cuMemAlloc"),
+        ];
+        assert_eq!(got, want, "largest first, other pools left out");
+
+        for key in keys {
+            forget(&DEVICE_ALLOCATIONS, key);
+        }
+        forget(&DEVICE_ALLOCATIONS, 0x5b00_0000_0000);
+        forget(&PHYSICAL_HANDLES, 77);
+        assert_eq!(largest_allocations(pool, &mut out), 0);
+        for index in [pool, other] {
+            assert_eq!(ledger::pool(index).unwrap().committed(), 0, "pool {index}");
+        }
+    }
+
+    #[test]
     fn largest_list_with_no_room_writes_nothing() {
         let mut out: [LiveAllocation; 0] = [];
         let mut filled = 0;
