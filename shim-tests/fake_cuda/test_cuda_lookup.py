@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fakecuda import run
+from fakecuda import python, run
 
 PER_THREAD = 2
 
@@ -109,3 +109,19 @@ def test_without_the_shim_every_route_lands_in_the_driver(fake_cuda):
         assert not got["at"].startswith("shim"), f"{key}: {got}\n{result.describe()}"
     # The control shows the table above can fail: these would all be "driver" without the shim.
     assert result.lookups[("proc_v2", "cuMemAlloc", 13000, 0)]["at"] == "driver:-"
+
+
+def test_the_driver_is_loaded_only_when_a_wrapper_is_first_called(fake_cuda):
+    maps = "int('libcuda' in open('/proc/self/maps').read())"
+    code = ("import ctypes\n"
+            "shim = ctypes.CDLL(None)\n"
+            f"print('loaded_at_start', {maps})\n"
+            "free, total = ctypes.c_size_t(), ctypes.c_size_t()\n"
+            "print('info_rc', shim.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)))\n"
+            f"print('loaded_after_call', {maps})\n")
+    result = run([python(), "-c", code])
+    assert result.returncode == 0, result.describe()
+    assert result.number("loaded_at_start") == 0, f"expected no libcuda mapped at start\n{result.describe()}"
+    # The shim's export, called with no driver initialised: the driver's own answer.
+    assert result.number("info_rc") == 3, f"expected CUDA_ERROR_NOT_INITIALIZED\n{result.describe()}"
+    assert result.number("loaded_after_call") == 1, result.describe()
