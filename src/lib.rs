@@ -6,6 +6,7 @@
 pub mod capi;
 pub mod config;
 pub mod diag;
+pub mod gpu;
 pub mod heap;
 pub mod interpose;
 pub mod jemalloc;
@@ -104,6 +105,7 @@ fn apply(settings: &Settings) {
     host.set_reserve(settings.reserve_bytes);
     host.set_budget(budget);
     host.activate();
+    gpu::configure(settings.gpu_budget);
     monitor::configure(
         settings.interval_ms,
         settings.purge_interval_ms,

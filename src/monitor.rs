@@ -489,26 +489,54 @@ fn run() {
     }
 }
 
-/// Starts the monitor thread with every signal blocked. Failure is logged, never fatal.
-pub fn start() {
-    // SAFETY: plain sigset manipulation on valid, local sigset_t values; the old mask is put
-    // back right after the spawn so only the new thread keeps everything blocked.
+/// Stack of the shim's own threads.
+pub const THREAD_STACK_BYTES: usize = 256 << 10;
+
+/// Starts a detached thread running `entry` with every signal blocked, named `name`.
+///
+/// A raw pthread, not `std::thread`: Rust's thread start registers a thread-local destructor
+/// through `__cxa_thread_atexit_impl`, which callocs through the host's malloc, so the shim's
+/// thread would hold memory (and a credit slot) in the host's ledger. The only allocation left
+/// is the new thread's TLS block, made by `pthread_create` in the calling thread. Returns false
+/// when the thread could not be created.
+pub fn spawn_thread(
+    name: &core::ffi::CStr,
+    entry: extern "C" fn(*mut libc::c_void) -> *mut libc::c_void,
+) -> bool {
+    // SAFETY: plain sigset and attribute manipulation on valid, local values; the old mask is
+    // put back right after the create so only the new thread keeps everything blocked.
     unsafe {
         let mut all: libc::sigset_t = core::mem::zeroed();
         let mut old: libc::sigset_t = core::mem::zeroed();
+        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
         libc::sigfillset(&mut all);
+        libc::pthread_attr_init(&mut attr);
+        libc::pthread_attr_setstacksize(&mut attr, THREAD_STACK_BYTES);
+        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        let spawned = std::thread::Builder::new()
-            .name("qvshim-monitor".into())
-            .stack_size(256 << 10)
-            .spawn(run);
+        let mut thread: libc::pthread_t = 0;
+        let created = libc::pthread_create(&mut thread, &attr, entry, core::ptr::null_mut()) == 0;
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
-        if spawned.is_err() {
-            qlog!(
-                Error,
-                "could not start the monitor thread; levels will not purge"
-            );
+        libc::pthread_attr_destroy(&mut attr);
+        if created {
+            libc::pthread_setname_np(thread, name.as_ptr());
         }
+        created
+    }
+}
+
+extern "C" fn monitor_main(_: *mut libc::c_void) -> *mut libc::c_void {
+    run();
+    core::ptr::null_mut()
+}
+
+/// Starts the monitor thread. Failure is logged, never fatal.
+pub fn start() {
+    if !spawn_thread(c"qvshim-monitor", monitor_main) {
+        qlog!(
+            Error,
+            "could not start the monitor thread; levels will not purge"
+        );
     }
 }
 

@@ -1,86 +1,23 @@
-"""Fixtures for the monitor's tests: the library, C programs built here, and runners that preload
-the shim into one child process only (pytest itself never runs under the shim)."""
+"""Fixtures for the monitor's tests (helpers are in monitor_run.py)."""
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-LIB = REPO / "target" / "release" / "libqvshim.so"
-BUILD = REPO / "shim-tests" / "build" / "monitor"
-C_DIR = Path(__file__).resolve().parent / "c"
-# The real interpreter: a pyenv shim would exec several programs, each loading the shim.
-PYTHON = os.path.realpath(sys.executable)
-TIMEOUT_S = 60
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import monitor_run  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def lib():
-    if not LIB.exists():
-        pytest.fail(f"{LIB} is missing: run `cargo build --release` first")
-    return LIB
-
-
-def shim_env(**variables):
-    """The environment with the shim preloaded and only the given QVSHIM_* variables set."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QVSHIM_")}
-    env.pop("PYTHONMALLOC", None)
-    env["LD_PRELOAD"] = str(LIB)
-    env.update({k: str(v) for k, v in variables.items()})
-    return env
-
-
-def run_python(code, timeout=TIMEOUT_S, **variables):
-    return subprocess.run(
-        [PYTHON, "-c", code],
-        env=shim_env(**variables),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def run_program(path, *args, timeout=TIMEOUT_S, **variables):
-    return subprocess.run(
-        [str(path), *map(str, args)],
-        env=shim_env(**variables),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    if not monitor_run.LIB.exists():
+        pytest.fail(f"{monitor_run.LIB} is missing: run `cargo build --release` first")
+    return monitor_run.LIB
 
 
 @pytest.fixture(scope="session")
 def c_programs(lib):
-    """Builds every shim-tests/monitor/c/*.c against include/qvshim.h and libqvshim.so."""
-    BUILD.mkdir(parents=True, exist_ok=True)
-    built = {}
-    for source in sorted(C_DIR.glob("*.c")):
-        out = BUILD / source.stem
-        subprocess.run(
-            [
-                "cc", "-O1", "-g", "-Wall", "-Werror", "-std=c11", "-D_GNU_SOURCE",
-                f"-I{REPO / 'include'}", str(source), "-o", str(out),
-                f"-L{LIB.parent}", "-lqvshim", f"-Wl,-rpath,{LIB.parent}", "-pthread",
-            ],
-            check=True,
-        )
-        built[source.stem] = out
-    return built
-
-
-def read_meminfo(key):
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def json_dump(text):
-    """The one JSON object of a dump (a file's whole text)."""
-    return json.loads(text)
+    """The compiled shim-tests/monitor/c/*.c, by name."""
+    return monitor_run.build_c_programs()

@@ -1,6 +1,6 @@
 """The C API of include/qvshim.h, from a C program linked against the library."""
 
-from conftest import json_dump, run_program
+from monitor_run import json_dump, run_program
 
 
 def test_c_api_level_callbacks_budget_and_dump(c_programs, tmp_path):

@@ -6,7 +6,7 @@ import os
 import re
 import signal
 
-from conftest import json_dump, run_python
+from monitor_run import json_dump, run_python
 
 # Every key of the JSON dump, as documented in docs/DUMP.md. Keys are only ever added.
 TOP_KEYS = {

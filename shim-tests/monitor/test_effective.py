@@ -5,7 +5,7 @@ import json
 import subprocess
 import time
 
-from conftest import PYTHON, read_meminfo, shim_env
+from monitor_run import PYTHON, read_meminfo, shim_env
 
 GIB = 1 << 30
 MIB = 1 << 20

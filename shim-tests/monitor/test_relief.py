@@ -1,7 +1,7 @@
 """The runtime is told: CPython collects, torch's cache and the companion's callbacks run at
 critical, QVSHIM_SIGNAL reaches a handler and never kills a process without one."""
 
-from conftest import run_program, run_python
+from monitor_run import run_program, run_python
 
 # Garbage cycles far past the budget: 3000 cycles holding 256 KiB each (750 MiB) under 128 MiB,
 # with Python's own collector off. Only a collection asked for by the shim frees them.

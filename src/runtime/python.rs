@@ -140,7 +140,60 @@ pub fn configure(enabled: bool) {
 fn symbol(name: &CStr) -> Option<usize> {
     // SAFETY: name is NUL-terminated; RTLD_DEFAULT searches the global scope.
     let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
-    (!p.is_null()).then_some(p as usize)
+    if p.is_null() {
+        // A failed dlsym keeps its message in memory from the host's malloc until dlerror()
+        // has been called twice (the first call hands the message out, the second frees it).
+        // SAFETY: dlerror has no preconditions.
+        unsafe {
+            libc::dlerror();
+            libc::dlerror();
+        }
+        return None;
+    }
+    Some(p as usize)
+}
+
+/// True when a CPython runtime may be in the process: a loaded object named `libpython*`, or a
+/// main program named `python*` (a statically linked interpreter). Checked before any dlsym,
+/// because a failed dlsym allocates its error message through the host's malloc: the monitor
+/// of a process without Python must not touch the host's ledger.
+fn python_may_be_loaded() -> bool {
+    extern "C" fn visit(info: *mut libc::dl_phdr_info, _size: usize, found: *mut c_void) -> c_int {
+        // SAFETY: dl_iterate_phdr passes a valid info; its name is NULL or NUL-terminated.
+        let name = unsafe { (*info).dlpi_name };
+        if name.is_null() {
+            return 0;
+        }
+        // SAFETY: as above.
+        let path = unsafe { CStr::from_ptr(name) }.to_bytes();
+        if base_name(path).starts_with(b"libpython") {
+            // SAFETY: found points at the caller's c_int.
+            unsafe { *found.cast::<c_int>() = 1 };
+            return 1;
+        }
+        0
+    }
+    let mut found: c_int = 0;
+    // SAFETY: visit has dl_iterate_phdr's callback signature; found outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(visit), (&mut found as *mut c_int).cast()) };
+    if found != 0 {
+        return true;
+    }
+    let mut exe = [0u8; 4096];
+    // SAFETY: the path is NUL-terminated and exe is writable for its length.
+    let n = unsafe {
+        libc::readlink(
+            c"/proc/self/exe".as_ptr(),
+            exe.as_mut_ptr().cast(),
+            exe.len(),
+        )
+    };
+    exe.get(..n.max(0) as usize)
+        .is_some_and(|path| base_name(path).starts_with(b"python"))
+}
+
+fn base_name(path: &[u8]) -> &[u8] {
+    path.rsplit(|&b| b == b'/').next().unwrap_or(path)
 }
 
 fn resolve() -> Option<Api> {
@@ -185,7 +238,11 @@ fn api() -> Option<&'static Api> {
     let api = match API.get() {
         Some(api) => api,
         None => {
-            // One lookup a tick in a process without Python; the full set once it has one.
+            // One look at the loaded objects a tick in a process without Python; the symbols
+            // once it has one.
+            if !python_may_be_loaded() {
+                return None;
+            }
             symbol(c"Py_IsInitialized")?;
             let found = resolve()?;
             API.get_or_init(|| found)
@@ -289,12 +346,7 @@ fn nudge() {
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
     if NUDGER_PID.load(Ordering::Acquire) != pid {
-        // Started from the monitor thread, so every signal stays blocked in it too.
-        let spawned = std::thread::Builder::new()
-            .name("qvshim-nudge".into())
-            .stack_size(256 << 10)
-            .spawn(nudger);
-        if spawned.is_err() {
+        if !crate::monitor::spawn_thread(c"qvshim-nudge", nudger_main) {
             qlog!(Warn, "could not start the python nudge thread");
             return;
         }
@@ -321,7 +373,11 @@ fn gil_usable(api: &Api) -> bool {
     }
 }
 
-fn nudger() {
+extern "C" fn nudger_main(_: *mut c_void) -> *mut c_void {
+    nudger()
+}
+
+fn nudger() -> ! {
     loop {
         let seen = NUDGE_BELL.load(Ordering::Acquire);
         if let Some(api) = API.get().filter(|_| PENDING.load(Ordering::Acquire)) {
