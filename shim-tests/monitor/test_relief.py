@@ -167,6 +167,7 @@ def work():
         for i in range(3000):
             a = [bytearray(256 * 1024)]
             a.append(a)        # a garbage cycle of 256 KiB
+            sum(range(20000))  # and some work with it (about 0.4 ms), as a real worker does
     except MemoryError:
         errors.append("MemoryError")
 

@@ -333,10 +333,16 @@ pub fn request_relief(pool: usize, level: u8) -> bool {
 // switch interval, 5 ms by default), where it runs pending calls first and then hands the GIL
 // over. That waiting is done by a thread of its own, so the monitor never blocks on the GIL.
 //
-// When the nudge thread gets the GIL and the relief is still waiting, the main thread is not
-// executing Python code (blocked in C with the GIL released: thread.join(), future.result(),
-// time.sleep(), I/O): the nudge thread then runs the relief itself, holding the GIL, so memory
-// comes back while other threads allocate. Whoever takes the PENDING flag first runs it.
+// When the relief is still waiting after the nudge thread got and gave back the GIL, the main
+// thread is not executing Python code: it is in a call that released the GIL (time.sleep(),
+// I/O, thread.join(), future.result()). It gets [`MAIN_THREAD_GRACE_MS`] to come back and run
+// the relief itself (a main thread sleeping in short steps does); after that the nudge thread
+// runs it, holding the GIL, so memory comes back while other threads allocate. Whoever takes
+// the PENDING flag first runs it.
+
+/// How long a main thread outside Python code has to take a relief before the nudge thread
+/// runs it.
+pub const MAIN_THREAD_GRACE_MS: u64 = 20;
 
 static NUDGE_BELL: AtomicU32 = AtomicU32::new(0);
 /// The process the nudge thread was started in (a fork child starts its own).
@@ -377,13 +383,34 @@ extern "C" fn nudger_main(_: *mut c_void) -> *mut c_void {
     nudger()
 }
 
+/// Waits up to `ms` for someone to take the relief; true when it was taken.
+fn taken_within_ms(ms: u64) -> bool {
+    const STEP_MS: u64 = 1;
+    for _ in 0..ms / STEP_MS {
+        if !PENDING.load(Ordering::Acquire) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(STEP_MS));
+    }
+    !PENDING.load(Ordering::Acquire)
+}
+
 fn nudger() -> ! {
     loop {
         let seen = NUDGE_BELL.load(Ordering::Acquire);
         if let Some(api) = API.get().filter(|_| PENDING.load(Ordering::Acquire)) {
             if gil_usable(api) {
+                // A main thread executing Python code runs the relief before it hands the GIL
+                // over.
                 // SAFETY: CPython is initialised and not finalizing; Ensure is balanced by
-                // Release on this thread; the relief runs with the GIL held.
+                // Release on this thread at once.
+                unsafe {
+                    let state = (api.gil_ensure)();
+                    (api.gil_release)(state);
+                }
+            }
+            if !taken_within_ms(MAIN_THREAD_GRACE_MS) && gil_usable(api) {
+                // SAFETY: as above; the relief runs with the GIL held by this thread.
                 unsafe {
                     let state = (api.gil_ensure)();
                     if PENDING.swap(false, Ordering::AcqRel) {
