@@ -286,6 +286,14 @@ const SIGNAL_NAMES: [(&[u8], i32); 10] = [
     (b"PWR", libc::SIGPWR),
 ];
 
+/// The name of a signal a user may name (`USR1` for 10), for messages.
+pub fn signal_name(signal: i32) -> Option<&'static str> {
+    SIGNAL_NAMES
+        .iter()
+        .find(|(_, number)| *number == signal)
+        .and_then(|(name, _)| core::str::from_utf8(name).ok())
+}
+
 /// Parses a signal: a name (`USR1`, `SIGUSR1`, any case), a number 1..64 other than SIGKILL
 /// and SIGSTOP (which no handler can catch), or `off` (None).
 pub fn parse_signal(text: &[u8]) -> Result<Option<i32>, &'static str> {
@@ -747,6 +755,8 @@ mod tests {
             assert_eq!(parse_switch(text.as_bytes()), *want, "{text:?}");
         }
         assert_eq!(parse_dump_format(b"JSON"), Ok(true));
+        assert_eq!(signal_name(libc::SIGUSR2), Some("USR2"));
+        assert_eq!(signal_name(40), None);
         assert_eq!(parse_dump_format(b"xml"), Err("not text or json"));
     }
 

@@ -505,7 +505,13 @@ fn opt_bytes(v: Option<u64>) -> String {
 }
 
 fn signal_text(signal: Option<i32>) -> String {
-    signal.map_or_else(|| "off".into(), |s| s.to_string())
+    match signal {
+        None => "off".into(),
+        Some(s) => match crate::config::signal_name(s) {
+            Some(name) => format!("SIG{name} ({s})"),
+            None => s.to_string(),
+        },
+    }
 }
 
 fn report_text(r: &Report) -> String {

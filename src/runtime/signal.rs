@@ -41,7 +41,8 @@ pub fn raise_if_handled() -> bool {
         SKIPPED_NO_HANDLER.fetch_add(1, Ordering::Relaxed);
         crate::qlog!(
             Info,
-            "signal {signal} not raised: the process has no handler for it"
+            "signal {signal} ({}) not raised: the process has no handler for it",
+            crate::config::signal_name(signal).unwrap_or("?")
         );
         return false;
     }
@@ -51,7 +52,11 @@ pub fn raise_if_handled() -> bool {
     let sent = unsafe { libc::kill(libc::getpid(), signal) } == 0;
     if sent {
         RAISED.fetch_add(1, Ordering::Relaxed);
-        crate::qlog!(Info, "raised signal {signal} to the process");
+        crate::qlog!(
+            Info,
+            "raised signal {signal} ({}) to the process",
+            crate::config::signal_name(signal).unwrap_or("?")
+        );
     }
     sent
 }
