@@ -489,10 +489,12 @@ fn run() {
     }
 }
 
-/// Stack of the shim's own threads.
-pub const THREAD_STACK_BYTES: usize = 256 << 10;
+/// The monitor thread's stack: the shim's own code needs little, the C API's level callbacks
+/// run on it too.
+pub const MONITOR_STACK_BYTES: usize = 1 << 20;
 
-/// Starts a detached thread running `entry` with every signal blocked, named `name`.
+/// Starts a detached thread running `entry` with every signal blocked, named `name`, with a
+/// stack of `stack_bytes`.
 ///
 /// A raw pthread, not `std::thread`: Rust's thread start registers a thread-local destructor
 /// through `__cxa_thread_atexit_impl`, which callocs through the host's malloc, so the shim's
@@ -501,6 +503,7 @@ pub const THREAD_STACK_BYTES: usize = 256 << 10;
 /// when the thread could not be created.
 pub fn spawn_thread(
     name: &core::ffi::CStr,
+    stack_bytes: usize,
     entry: extern "C" fn(*mut libc::c_void) -> *mut libc::c_void,
 ) -> bool {
     // SAFETY: plain sigset and attribute manipulation on valid, local values; the old mask is
@@ -511,7 +514,7 @@ pub fn spawn_thread(
         let mut attr: libc::pthread_attr_t = core::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::pthread_attr_init(&mut attr);
-        libc::pthread_attr_setstacksize(&mut attr, THREAD_STACK_BYTES);
+        libc::pthread_attr_setstacksize(&mut attr, stack_bytes);
         libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
         let mut thread: libc::pthread_t = 0;
@@ -532,7 +535,7 @@ extern "C" fn monitor_main(_: *mut libc::c_void) -> *mut libc::c_void {
 
 /// Starts the monitor thread. Failure is logged, never fatal.
 pub fn start() {
-    if !spawn_thread(c"qvshim-monitor", monitor_main) {
+    if !spawn_thread(c"qvshim-monitor", MONITOR_STACK_BYTES, monitor_main) {
         qlog!(
             Error,
             "could not start the monitor thread; levels will not purge"

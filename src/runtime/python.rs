@@ -344,6 +344,10 @@ pub fn request_relief(pool: usize, level: u8) -> bool {
 /// runs it.
 pub const MAIN_THREAD_GRACE_MS: u64 = 20;
 
+/// The nudge thread's stack: the relief may run Python code on it (gc finalizers, the app's
+/// callbacks), so it gets what a Python thread gets by default on Linux.
+pub const NUDGE_STACK_BYTES: usize = 8 << 20;
+
 static NUDGE_BELL: AtomicU32 = AtomicU32::new(0);
 /// The process the nudge thread was started in (a fork child starts its own).
 static NUDGER_PID: AtomicI32 = AtomicI32::new(0);
@@ -352,7 +356,7 @@ fn nudge() {
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
     if NUDGER_PID.load(Ordering::Acquire) != pid {
-        if !crate::monitor::spawn_thread(c"qvshim-nudge", nudger_main) {
+        if !crate::monitor::spawn_thread(c"qvshim-nudge", NUDGE_STACK_BYTES, nudger_main) {
             qlog!(Warn, "could not start the python nudge thread");
             return;
         }
