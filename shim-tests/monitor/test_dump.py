@@ -217,3 +217,14 @@ print("child", pid, status)
     assert host["level"] != "normal" and host["level_changes"] >= 1
     assert d["runtime"]["python"]["runs"] >= 1, "the child's relief ran gc"
     assert not (tmp_path / f"dump-{os.getpid()}.json").exists()
+
+
+def test_bad_monitor_variables_print_one_line_each_and_the_program_runs(lib):
+    r = run_python("print('ran')", QVSHIM_DUMP_FORMAT="xml", QVSHIM_SIGNAL="KILL",
+                   QVSHIM_INTERVAL="1ms", QVSHIM_LOG="off")
+    assert r.returncode == 0 and r.stdout.strip() == "ran", r.stderr
+    assert r.stderr.splitlines() == [
+        '[qvshim] ERROR QVSHIM_INTERVAL="1ms": shorter than 10ms; using default 1s',
+        '[qvshim] ERROR QVSHIM_SIGNAL="KILL": not a signal (e.g. USR1, SIGUSR2, 10, off); using default off',
+        '[qvshim] ERROR QVSHIM_DUMP_FORMAT="xml": not text or json; using default text',
+    ], r.stderr
