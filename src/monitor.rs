@@ -26,6 +26,8 @@ pub const PURGE_HISTORY: usize = 8;
 /// its exit is seen even when it ends early (a process that links libpython and never starts
 /// it is not watched often for ever).
 pub const PYTHON_START_WATCH_MS: u64 = 5_000;
+/// How often the monitor looks while a CPython is starting up.
+pub const PYTHON_START_POLL_MS: u64 = 20;
 
 static DOORBELL: AtomicU32 = AtomicU32::new(0);
 static DUMP_REQUESTED: AtomicBool = AtomicBool::new(false);
@@ -434,7 +436,9 @@ fn highest_level() -> (u8, usize) {
 fn sample_interval_ms(level: u8, running_ms: u64) -> u64 {
     let configured = INTERVAL_MS.load(Ordering::Relaxed);
     let python_starting = running_ms < PYTHON_START_WATCH_MS && runtime::python::awaiting_start();
-    if level > LEVEL_NORMAL || python_starting {
+    if python_starting {
+        configured.min(PYTHON_START_POLL_MS)
+    } else if level > LEVEL_NORMAL {
         configured.min(PRESSED_INTERVAL_MS)
     } else {
         configured

@@ -110,7 +110,11 @@ def app_callbacks(level, pool):
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 static API: OnceLock<Api> = OnceLock::new();
-static AT_EXIT_REGISTERED: AtomicBool = AtomicBool::new(false);
+/// Py_AtExit registration of the exit report: not asked yet, queued to the main thread, done.
+static AT_EXIT: AtomicU8 = AtomicU8::new(AT_EXIT_NOT_ASKED);
+const AT_EXIT_NOT_ASKED: u8 = 0;
+const AT_EXIT_QUEUED: u8 = 1;
+const AT_EXIT_DONE: u8 = 2;
 /// The helpers' namespace dict (a strong reference kept for the life of the interpreter).
 static HELPERS_DICT: AtomicPtr<PyObject> = AtomicPtr::new(core::ptr::null_mut());
 
@@ -252,23 +256,46 @@ fn api() -> Option<&'static Api> {
     if unsafe { (api.is_initialized)() } == 0 {
         return None;
     }
-    if !AT_EXIT_REGISTERED.swap(true, Ordering::AcqRel) {
-        // Py_FinalizeEx runs these, also before an unhandled KeyboardInterrupt ends the
-        // process with SIGINT (where atexit handlers never run). Registered only once the
-        // runtime is initialised, which would otherwise reset the list.
-        // SAFETY: a plain extern "C" function; CPython keeps up to 32 of them.
-        let registered = unsafe { (api.at_exit)(at_python_exit) } == 0;
-        qlog!(
-            Debug,
-            "CPython found; exit report {}",
-            if registered {
-                "registered with Py_AtExit"
-            } else {
-                "left to atexit (Py_AtExit table full)"
-            }
-        );
+    if AT_EXIT
+        .compare_exchange(
+            AT_EXIT_NOT_ASKED,
+            AT_EXIT_QUEUED,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        )
+        .is_ok()
+    {
+        // Py_AtExit writes CPython's table without a lock, as extension modules do with the
+        // GIL held: so it is called from a pending call, in the main thread, with the GIL.
+        // SAFETY: documented as callable from any thread without the GIL.
+        if unsafe { (api.add_pending_call)(register_exit_report, core::ptr::null_mut()) } != 0 {
+            AT_EXIT.store(AT_EXIT_NOT_ASKED, Ordering::Release);
+        }
     }
     Some(api)
+}
+
+/// Registers the exit report with Py_AtExit, whose functions Py_FinalizeEx runs, also before
+/// an unhandled KeyboardInterrupt ends the process with SIGINT (where atexit handlers never
+/// run). Runs in CPython's main thread with the GIL; only once the runtime is initialised,
+/// which would otherwise reset the table.
+extern "C" fn register_exit_report(_: *mut c_void) -> c_int {
+    let Some(api) = API.get() else {
+        return 0;
+    };
+    // SAFETY: the GIL is held in a pending call; at_python_exit takes nothing.
+    let registered = unsafe { (api.at_exit)(at_python_exit) } == 0;
+    AT_EXIT.store(AT_EXIT_DONE, Ordering::Release);
+    qlog!(
+        Debug,
+        "CPython found; exit report {}",
+        if registered {
+            "registered with Py_AtExit"
+        } else {
+            "left to atexit (Py_AtExit table full)"
+        }
+    );
+    0
 }
 
 extern "C" fn at_python_exit() {
@@ -278,7 +305,7 @@ extern "C" fn at_python_exit() {
 /// Looks for an initialised CPython, so that its exit is seen. Monitor thread, each tick until
 /// found.
 pub fn probe() {
-    if !AT_EXIT_REGISTERED.load(Ordering::Relaxed) {
+    if AT_EXIT.load(Ordering::Relaxed) == AT_EXIT_NOT_ASKED {
         let _ = api();
     }
 }
@@ -286,7 +313,7 @@ pub fn probe() {
 /// True while CPython is linked into the process but not yet initialised: the monitor looks
 /// again soon, so that an early exit is reported too.
 pub fn awaiting_start() -> bool {
-    API.get().is_some() && !AT_EXIT_REGISTERED.load(Ordering::Relaxed)
+    API.get().is_some() && AT_EXIT.load(Ordering::Relaxed) != AT_EXIT_DONE
 }
 
 /// True when this process runs CPython (as far as the monitor has looked).
