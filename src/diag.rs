@@ -10,12 +10,11 @@
 
 use core::ffi::{c_int, CStr};
 use core::fmt::Write as _;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use crate::capi::{self, PoolStats};
 use crate::config::Settings;
-use crate::jemalloc;
 use crate::ledger::{self, LEVEL_NORMAL, UNLIMITED};
 use crate::log::Bytes;
 use crate::monitor::{self, PoolName, PurgeRecord, PURGE_HISTORY};
@@ -23,6 +22,7 @@ use crate::qlog;
 use crate::runtime::{self, python};
 use crate::system::{self, MemInfo, Pressure, ProcessMemory};
 use crate::tracker::{self, LiveBlock, LARGEST_SHOWN};
+use crate::{gpu, jemalloc};
 
 /// Version of the dump's layout ("dump_version" in JSON); raised only when a key changes
 /// meaning, which the stable contract forbids for version 1.
@@ -49,34 +49,49 @@ pub fn configure(settings: &Settings, host_budget: u64, dump_path: Option<&[u8]>
 }
 
 // ---------------------------------------------------------------------------------------------
-// The hook for GPU pools' largest allocations.
+// The largest live allocations: the heap's large blocks (tracker.rs) and the CUDA driver's
+// allocations (gpu.rs: device memory for GPU pools, pinned host memory for the host pool).
 
-/// Fills `out` with the largest live allocations of GPU pool `pool` (1 + device), largest
-/// first, and returns how many it wrote. Called on the thread that writes the dump; must not
-/// block for long.
-pub type LargestFn = fn(pool: usize, out: &mut [LiveBlock]) -> usize;
-
-static GPU_LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-/// Registers the source of GPU pools' largest allocations (the CUDA interposer). A
-/// [`tracker::Table`] per device gives one in a few lines.
-pub fn set_gpu_largest(source: LargestFn) {
-    GPU_LARGEST.store(source as usize, Ordering::Release);
+/// One live allocation as the dump lists it.
+struct Block {
+    size: u64,
+    age_ms: u64,
+    /// What made it: "malloc" for the heap (the whole malloc family), else the driver call.
+    call: &'static str,
+    /// Return addresses, innermost first (heap blocks with QVSHIM_BACKTRACE=1 only).
+    frames: Vec<usize>,
 }
 
-/// The largest live allocations of one pool; returns how many and the untracked count.
-fn largest(pool: usize, out: &mut [LiveBlock]) -> (usize, u64) {
+/// The largest live allocations of one pool, largest first, and how many large allocations
+/// went untracked because a table was full.
+fn largest(pool: usize) -> (Vec<Block>, u64) {
+    let mut blocks = Vec::new();
+    let mut untracked = 0;
     if pool == ledger::HOST {
         let table = tracker::host();
-        return (table.largest(out), table.untracked());
+        let mut heap = [LiveBlock::default(); LARGEST_SHOWN];
+        let n = table.largest(&mut heap);
+        blocks.extend(heap.iter().take(n).map(|b| Block {
+            size: b.size,
+            age_ms: b.age_ms,
+            call: "malloc",
+            frames: b.frames().to_vec(),
+        }));
+        untracked += table.untracked();
+    } else {
+        untracked += gpu::untracked_allocations();
     }
-    let source = GPU_LARGEST.load(Ordering::Acquire);
-    if source == 0 {
-        return (0, 0);
-    }
-    // SAFETY: the only non-zero value stored is a LargestFn (set_gpu_largest).
-    let source: LargestFn = unsafe { core::mem::transmute::<usize, LargestFn>(source) };
-    (source(pool, out).min(out.len()), 0)
+    let mut driver = [gpu::LiveAllocation::default(); LARGEST_SHOWN];
+    let n = gpu::largest_allocations(pool, &mut driver);
+    blocks.extend(driver.iter().take(n).map(|a| Block {
+        size: a.bytes,
+        age_ms: a.age_ms,
+        call: a.call,
+        frames: Vec::new(),
+    }));
+    blocks.sort_by(|a, b| b.size.cmp(&a.size));
+    blocks.truncate(LARGEST_SHOWN);
+    (blocks, untracked)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -85,7 +100,7 @@ fn largest(pool: usize, out: &mut [LiveBlock]) -> (usize, u64) {
 struct PoolReport {
     stats: PoolStats,
     effective: Option<monitor::Effective>,
-    largest: Vec<LiveBlock>,
+    largest: Vec<Block>,
     untracked: u64,
 }
 
@@ -120,12 +135,11 @@ fn gather() -> Report {
         if !active && index != ledger::HOST {
             continue;
         }
-        let mut blocks = [LiveBlock::default(); LARGEST_SHOWN];
-        let (n, untracked) = largest(index, &mut blocks);
+        let (largest, untracked) = largest(index);
         pools.push(PoolReport {
             stats,
             effective: (index == ledger::HOST).then(monitor::host_effective),
-            largest: blocks.iter().take(n).copied().collect(),
+            largest,
             untracked,
         });
     }
@@ -280,19 +294,14 @@ fn config_json() -> J {
     ])
 }
 
-fn block_json(block: &LiveBlock) -> J {
+fn block_json(block: &Block) -> J {
     J::Obj(vec![
         ("size", J::UInt(block.size)),
         ("age_ms", J::UInt(block.age_ms)),
+        ("call", J::Str(block.call.into())),
         (
             "backtrace",
-            J::Arr(
-                block
-                    .frames()
-                    .iter()
-                    .map(|&f| J::Str(symbolize(f)))
-                    .collect(),
-            ),
+            J::Arr(block.frames.iter().map(|&f| J::Str(symbolize(f))).collect()),
         ),
     ])
 }
@@ -303,6 +312,10 @@ fn pool_json(p: &PoolReport) -> J {
         ("pool", J::Int(s.pool as i64)),
         ("name", J::Str(PoolName(s.pool as usize).to_string())),
         ("device", J::Int(s.device as i64)),
+        (
+            "device_memory",
+            opt(usize::try_from(s.device).ok().and_then(gpu::device_memory)),
+        ),
         ("level", J::Str(monitor::level_name(s.level as u8).into())),
         ("budget", bytes_or_null(s.budget)),
         ("effective_budget", bytes_or_null(s.effective_budget)),
@@ -690,10 +703,10 @@ fn report_text(r: &Report) -> String {
         }
         let _ = writeln!(
             o,
-            "largest live allocations ({name}, blocks of {} and more{}):",
+            "largest live allocations ({name}; heap blocks of {} and more, driver allocations{}):",
             b(tracker::TRACK_MIN_BYTES),
             if p.untracked > 0 {
-                format!("; {} went untracked, the table was full", p.untracked)
+                format!("; {} went untracked, a table was full", p.untracked)
             } else {
                 String::new()
             }
@@ -701,12 +714,13 @@ fn report_text(r: &Report) -> String {
         for block in &p.largest {
             let _ = writeln!(
                 o,
-                "  {:>11}  age {}.{:03} s",
+                "  {:>11}  age {}.{:03} s  {}",
                 b(block.size).to_string(),
                 block.age_ms / 1000,
-                block.age_ms % 1000
+                block.age_ms % 1000,
+                block.call
             );
-            for &frame in block.frames() {
+            for &frame in &block.frames {
                 let _ = writeln!(o, "      {}", symbolize(frame));
             }
         }

@@ -19,11 +19,11 @@ CONFIG_KEYS = {
     "log_level",
 }
 POOL_KEYS = {
-    "pool", "name", "device", "level", "budget", "effective_budget", "effective_reason", "live",
+    "pool", "name", "device", "device_memory", "level", "budget", "effective_budget", "effective_reason", "live",
     "peak", "reserve", "reserve_in_use", "allocs", "frees", "refusals", "largest_refused",
     "purges", "level_changes", "notifications", "largest", "untracked_large",
 }
-BLOCK_KEYS = {"size", "age_ms", "backtrace"}
+BLOCK_KEYS = {"size", "age_ms", "call", "backtrace"}
 JEMALLOC_KEYS = {"allocated", "active", "resident", "mapped", "retained"}
 PROCESS_KEYS = {"rss", "rss_anon", "rss_peak"}
 SYSTEM_KEYS = {
