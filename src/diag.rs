@@ -89,7 +89,7 @@ fn largest(pool: usize) -> (Vec<Block>, u64) {
         call: a.call,
         frames: Vec::new(),
     }));
-    blocks.sort_by(|a, b| b.size.cmp(&a.size));
+    blocks.sort_by_key(|b| core::cmp::Reverse(b.size));
     blocks.truncate(LARGEST_SHOWN);
     (blocks, untracked)
 }
