@@ -6,8 +6,8 @@
 //! array: never allocates, never locks, never logs. When the table is full a block goes
 //! untracked and is counted in [`Table::untracked`]; the dump says so.
 //!
-//! [`Table`] is generic over what a "pointer" is (any non-zero usize key), so GPU pools can keep
-//! their own tables of device allocations and hand their largest blocks to `diag`.
+//! The dump (diag.rs) lists these together with the CUDA driver's allocations, which gpu.rs
+//! tracks in tables of its own.
 
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
