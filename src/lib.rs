@@ -1,2 +1,135 @@
-#[no_mangle]
-pub extern "C" fn qvshim_api_version() -> i32 { 1 }
+//! libqvshim.so: a memory governor preloaded into a process. It serves the malloc family from
+//! jemalloc, counts every byte against a budget and refuses what would cross it.
+//!
+//! This file is the crate root and the load-time constructor, nothing else.
+
+pub mod capi;
+pub mod config;
+pub mod heap;
+pub mod interpose;
+pub mod jemalloc;
+pub mod ledger;
+pub mod log;
+pub mod monitor;
+pub mod system;
+
+use core::ffi::CStr;
+
+use config::{BadValue, Settings};
+use log::Bytes;
+
+/// The shim's own Rust allocations go straight to jemalloc, never through the exported malloc
+/// (which would count them against the host's budget and could recurse).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// The environment value of `name` as bytes, read without allocating.
+fn env_bytes(name: &str) -> Option<&'static [u8]> {
+    let mut buf = [0u8; 64];
+    let n = name.len();
+    buf.get_mut(..n)?.copy_from_slice(name.as_bytes());
+    let cname = CStr::from_bytes_until_nul(&buf).ok()?;
+    // SAFETY: cname is NUL-terminated; getenv's result lives as long as the environment entry,
+    // which nothing changes while the constructor runs.
+    let value = unsafe { libc::getenv(cname.as_ptr()) };
+    if value.is_null() {
+        return None;
+    }
+    // SAFETY: getenv returned a NUL-terminated string.
+    Some(unsafe { CStr::from_ptr(value) }.to_bytes())
+}
+
+/// Opens QVSHIM_LOG_FILE for appending and makes it the log's destination.
+fn open_log_file() {
+    let Some(path) = env_bytes("QVSHIM_LOG_FILE") else {
+        return;
+    };
+    let mut buf = [0u8; 4096];
+    let opened = match buf.get_mut(..path.len()) {
+        Some(dst) => {
+            dst.copy_from_slice(path);
+            open_append(&buf)
+        }
+        None => None,
+    };
+    match opened {
+        Some(fd) => log::set_fd(fd),
+        None => log::write_error_always(format_args!(
+            "{}",
+            BadValue {
+                variable: "QVSHIM_LOG_FILE",
+                value: path,
+                reason: "cannot be opened for appending",
+                default: "stderr",
+            }
+        )),
+    }
+}
+
+/// Opens the NUL-terminated path in `buf` for appending; the fd stays open for the process.
+fn open_append(buf: &[u8]) -> Option<i32> {
+    let cpath = CStr::from_bytes_until_nul(buf).ok()?;
+    // SAFETY: cpath is NUL-terminated.
+    let fd = unsafe {
+        libc::open(
+            cpath.as_ptr(),
+            libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_CLOEXEC,
+            0o644,
+        )
+    };
+    (fd >= 0).then_some(fd)
+}
+
+/// CPython's small-object allocator takes its arenas with mmap, which the ledger does not see:
+/// route Python through malloc unless the user chose otherwise (see docs/CONFIGURATION.md).
+fn route_python_through_malloc() {
+    if env_bytes("PYTHONMALLOC").is_none() {
+        // SAFETY: both strings are NUL-terminated; overwrite is 0 so a user's value stays.
+        unsafe { libc::setenv(c"PYTHONMALLOC".as_ptr(), c"malloc".as_ptr(), 0) };
+    }
+}
+
+extern "C" fn after_fork_child() {
+    ledger::after_fork_child();
+    monitor::after_fork_child();
+}
+
+fn apply(settings: &Settings) {
+    let budget = config::resolve_budget(settings.budget, system::usable_memory_bytes());
+    let host = ledger::host();
+    ledger::set_thresholds(settings.warn_percent, settings.critical_percent);
+    host.set_reserve(settings.reserve_bytes);
+    host.set_budget(budget);
+    host.activate();
+}
+
+#[ctor::ctor]
+fn init() {
+    // jemalloc registers its fork handlers when it first initialises; doing that now puts them
+    // before ours, so the child's jemalloc is usable when our handler runs.
+    // SAFETY: a plain allocation and its free.
+    unsafe { tikv_jemalloc_sys::free(tikv_jemalloc_sys::malloc(1)) };
+
+    open_log_file();
+    let settings = Settings::load(env_bytes, |bad| {
+        log::write_error_always(format_args!("{bad}"))
+    });
+    log::set_level(settings.log_level);
+    apply(&settings);
+    let host = ledger::host();
+    qlog!(
+        Info,
+        "qvshim {} pid {}: host budget {}, warn {}%, critical {}%, reserve {}",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        Bytes(host.budget()),
+        settings.warn_percent,
+        settings.critical_percent,
+        Bytes(host.reserve())
+    );
+    route_python_through_malloc();
+    ledger::init_threads();
+    // SAFETY: registering a plain extern "C" handler with no prepare/parent step.
+    unsafe { libc::pthread_atfork(None, None, Some(after_fork_child)) };
+    monitor::start();
+}

@@ -1,0 +1,118 @@
+//! The stable C API (include/qvshim.h) for runtimes and the Python companion. Every function is
+//! safe from any thread and allocates nothing through the host's malloc.
+
+use core::sync::atomic::Ordering;
+
+use crate::ledger::{self, HOST};
+
+pub const API_VERSION: i32 = 1;
+
+/// Mirrors `struct qvshim_pool_stats` in include/qvshim.h; fields are only ever appended.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PoolStats {
+    pub struct_size: u32,
+    pub pool: i32,
+    pub level: i32,
+    pub device: i32,
+    pub budget: u64,
+    pub effective_budget: u64,
+    pub reserve: u64,
+    pub reserve_in_use: u64,
+    pub live: u64,
+    pub peak: u64,
+    pub allocs: u64,
+    pub frees: u64,
+    pub refusals: u64,
+    pub largest_refused: u64,
+    pub purges: u64,
+    pub level_changes: u64,
+    pub notifications: u64,
+}
+
+/// Gathers one pool's figures; None for a pool index out of range.
+pub fn pool_stats(index: usize) -> Option<PoolStats> {
+    let pool = ledger::pool(index)?;
+    let totals = ledger::totals(index);
+    Some(PoolStats {
+        struct_size: core::mem::size_of::<PoolStats>() as u32,
+        pool: index as i32,
+        level: pool.level() as i32,
+        device: if index == HOST { -1 } else { index as i32 - 1 },
+        budget: pool.budget(),
+        effective_budget: pool.effective(),
+        reserve: pool.reserve(),
+        reserve_in_use: totals.live.saturating_sub(pool.effective()),
+        live: totals.live,
+        peak: pool.peak(),
+        allocs: totals.allocs,
+        frees: totals.frees,
+        refusals: pool.refusals.load(Ordering::Relaxed),
+        largest_refused: pool.largest_refused.load(Ordering::Relaxed),
+        purges: pool.purges.load(Ordering::Relaxed),
+        level_changes: pool.level_changes.load(Ordering::Relaxed),
+        notifications: pool.notifications.load(Ordering::Relaxed),
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn qvshim_api_version() -> i32 {
+    API_VERSION
+}
+
+#[no_mangle]
+pub extern "C" fn qvshim_pool_count() -> i32 {
+    ledger::pool_count() as i32
+}
+
+/// # Safety
+/// `out` is null or valid for writing `(*out).struct_size` bytes, which the caller set.
+#[no_mangle]
+pub unsafe extern "C" fn qvshim_pool_stats(pool: i32, out: *mut PoolStats) -> i32 {
+    if out.is_null() || pool < 0 {
+        return -1;
+    }
+    let Some(stats) = pool_stats(pool as usize) else {
+        return -1;
+    };
+    // SAFETY: out is valid for at least the caller's struct_size (contract above).
+    let room = unsafe { (*out).struct_size } as usize;
+    // An older caller's shorter struct gets the fields it knows; fields are only appended.
+    let n = room.min(core::mem::size_of::<PoolStats>());
+    if n < core::mem::size_of::<u32>() {
+        return -1;
+    }
+    // SAFETY: out is valid for n bytes and the source is a local PoolStats of at least n bytes.
+    unsafe {
+        core::ptr::copy_nonoverlapping(
+            (&stats as *const PoolStats).cast::<u8>(),
+            out.cast::<u8>(),
+            n,
+        )
+    };
+    0
+}
+
+#[no_mangle]
+pub extern "C" fn qvshim_level(pool: i32) -> i32 {
+    usize::try_from(pool)
+        .ok()
+        .and_then(ledger::pool)
+        .map_or(-1, |p| p.level() as i32)
+}
+
+#[no_mangle]
+pub extern "C" fn qvshim_set_budget(pool: i32, bytes: u64) -> i32 {
+    match usize::try_from(pool).ok().and_then(ledger::pool) {
+        Some(p) => {
+            p.set_budget(bytes);
+            0
+        }
+        None => -1,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn qvshim_purge() -> u64 {
+    crate::jemalloc::purge().returned()
+}

@@ -1,0 +1,511 @@
+//! The environment, read once at load: parsing of every `QVSHIM_*` variable, and one clear line
+//! for each bad value.
+//!
+//! Parsing is pure (no environment, no I/O) so that it is tested in a table; [`Settings::load`]
+//! is the one place that reads the environment. Nothing here ever fails the host program: a bad
+//! value is reported as `[qvshim] ERROR QVSHIM_X="value": why; using default D` and the default
+//! is used.
+
+use core::fmt;
+
+use crate::log::Level;
+
+pub const DEFAULT_BUDGET_BYTES: u64 = 6 << 30;
+pub const DEFAULT_RESERVE_BYTES: u64 = 64 << 20;
+pub const DEFAULT_WARN_PERCENT: u8 = 70;
+pub const DEFAULT_CRITICAL_PERCENT: u8 = 90;
+/// A budget below this is surely a typo (`QVSHIM_BUDGET=6` meaning 6 GiB): it would refuse the
+/// interpreter's own start-up.
+pub const MIN_BUDGET_BYTES: u64 = 1 << 20;
+/// Sizes stay below 2^63 so sums of a few of them never overflow a u64.
+pub const MAX_SIZE_BYTES: u64 = 1 << 63;
+
+/// What `QVSHIM_BUDGET` asked for, before the machine's memory is known.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum BudgetSpec {
+    Bytes(u64),
+    /// Percent of physical memory, or of the cgroup's memory.max when that is lower.
+    PercentOfMemory(f64),
+    Off,
+}
+
+/// Every setting, parsed; defaults where the environment said nothing or something bad.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Settings {
+    pub budget: BudgetSpec,
+    pub reserve_bytes: u64,
+    pub warn_percent: u8,
+    pub critical_percent: u8,
+    pub log_level: Level,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            budget: BudgetSpec::Bytes(DEFAULT_BUDGET_BYTES),
+            reserve_bytes: DEFAULT_RESERVE_BYTES,
+            warn_percent: DEFAULT_WARN_PERCENT,
+            critical_percent: DEFAULT_CRITICAL_PERCENT,
+            log_level: Level::Info,
+        }
+    }
+}
+
+/// One bad value, ready to be printed as a line.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BadValue<'a> {
+    pub variable: &'static str,
+    pub value: &'a [u8],
+    pub reason: &'static str,
+    pub default: &'static str,
+}
+
+impl fmt::Display for BadValue<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}=\"{}\": {}; using default {}",
+            self.variable,
+            Printable(self.value),
+            self.reason,
+            self.default
+        )
+    }
+}
+
+/// Shows raw environment bytes, with anything not printable ASCII as `?`.
+pub struct Printable<'a>(pub &'a [u8]);
+
+impl fmt::Display for Printable<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for &b in self.0 {
+            let c = if (0x20..0x7f).contains(&b) {
+                b as char
+            } else {
+                '?'
+            };
+            fmt::Write::write_char(f, c)?;
+        }
+        Ok(())
+    }
+}
+
+const SIZE_EXAMPLES: &str = "not a size (e.g. 6G, 512MiB, 1.5G, 50%, off)";
+
+/// Parses a size: a number with an optional fraction and an optional binary unit
+/// (`K`, `M`, `G`, `T`, each optionally followed by `iB` or `B`; case-insensitive).
+pub fn parse_size(text: &[u8]) -> Result<u64, &'static str> {
+    let text = trim(text);
+    if text.is_empty() {
+        return Err("empty");
+    }
+    if text.first() == Some(&b'-') {
+        return Err("negative");
+    }
+    let (number, unit) = split_number(text);
+    let value = parse_decimal(number).ok_or(SIZE_EXAMPLES)?;
+    let multiplier = unit_multiplier(trim(unit))?;
+    let bytes = value * multiplier as f64;
+    if bytes >= MAX_SIZE_BYTES as f64 {
+        return Err("too large (at most 2^63 bytes)");
+    }
+    Ok(bytes as u64)
+}
+
+/// Parses `QVSHIM_BUDGET`: a size, a percentage of memory or `off`.
+pub fn parse_budget(text: &[u8]) -> Result<BudgetSpec, &'static str> {
+    let trimmed = trim(text);
+    if trimmed.eq_ignore_ascii_case(b"off") {
+        return Ok(BudgetSpec::Off);
+    }
+    if let Some(number) = trimmed.strip_suffix(b"%") {
+        let percent = parse_percent(number)?;
+        return Ok(BudgetSpec::PercentOfMemory(percent));
+    }
+    let bytes = parse_size(text)?;
+    if bytes < MIN_BUDGET_BYTES {
+        return Err("below the 1 MiB minimum");
+    }
+    Ok(BudgetSpec::Bytes(bytes))
+}
+
+fn parse_percent(number: &[u8]) -> Result<f64, &'static str> {
+    let number = trim(number);
+    if number.is_empty() {
+        return Err("empty percentage");
+    }
+    if number.first() == Some(&b'-') {
+        return Err("negative");
+    }
+    let percent = parse_decimal(number).ok_or("not a percentage")?;
+    if percent > 100.0 {
+        return Err("a percentage over 100");
+    }
+    if percent <= 0.0 {
+        return Err("a percentage of zero");
+    }
+    Ok(percent)
+}
+
+/// Parses a level threshold: a whole percentage 1..100, with or without `%`.
+pub fn parse_level_percent(text: &[u8]) -> Result<u8, &'static str> {
+    let trimmed = trim(text);
+    if trimmed.is_empty() {
+        return Err("empty");
+    }
+    let number = trimmed.strip_suffix(b"%").unwrap_or(trimmed);
+    if trim(number).first() == Some(&b'-') {
+        return Err("negative");
+    }
+    let value = parse_decimal(trim(number)).ok_or("not a whole percentage 1..100")?;
+    if value.fract() != 0.0 {
+        return Err("not a whole percentage 1..100");
+    }
+    if value > 100.0 {
+        return Err("a percentage over 100");
+    }
+    if value < 1.0 {
+        return Err("a percentage of zero");
+    }
+    Ok(value as u8)
+}
+
+pub fn parse_log_level(text: &[u8]) -> Result<Level, &'static str> {
+    let trimmed = trim(text);
+    const NAMES: [(&[u8], Level); 5] = [
+        (b"off", Level::Off),
+        (b"error", Level::Error),
+        (b"warn", Level::Warn),
+        (b"info", Level::Info),
+        (b"debug", Level::Debug),
+    ];
+    if trimmed.is_empty() {
+        return Err("empty");
+    }
+    NAMES
+        .iter()
+        .find(|(name, _)| trimmed.eq_ignore_ascii_case(name))
+        .map(|(_, level)| *level)
+        .ok_or("not one of off, error, warn, info, debug")
+}
+
+fn trim(mut s: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = s {
+        if !first.is_ascii_whitespace() {
+            break;
+        }
+        s = rest;
+    }
+    while let [rest @ .., last] = s {
+        if !last.is_ascii_whitespace() {
+            break;
+        }
+        s = rest;
+    }
+    s
+}
+
+fn split_number(text: &[u8]) -> (&[u8], &[u8]) {
+    let end = text
+        .iter()
+        .position(|b| !(b.is_ascii_digit() || *b == b'.'))
+        .unwrap_or(text.len());
+    text.split_at(end)
+}
+
+/// Digits with at most one '.', at least one digit; no signs, no exponents.
+fn parse_decimal(text: &[u8]) -> Option<f64> {
+    let mut whole: f64 = 0.0;
+    let mut fraction_scale: f64 = 0.0;
+    let mut digits = 0;
+    for &b in text {
+        match b {
+            b'0'..=b'9' => {
+                let d = (b - b'0') as f64;
+                if fraction_scale == 0.0 {
+                    whole = whole * 10.0 + d;
+                } else {
+                    whole += d * fraction_scale;
+                    fraction_scale /= 10.0;
+                }
+                digits += 1;
+            }
+            b'.' if fraction_scale == 0.0 => fraction_scale = 0.1,
+            _ => return None,
+        }
+    }
+    (digits > 0).then_some(whole)
+}
+
+fn unit_multiplier(unit: &[u8]) -> Result<u64, &'static str> {
+    const UNKNOWN: &str = "unknown unit (use K, M, G or T, optionally with iB)";
+    let Some((&letter, suffix)) = unit.split_first() else {
+        return Ok(1);
+    };
+    let shift = match letter.to_ascii_uppercase() {
+        b'B' if suffix.is_empty() => 0,
+        b'K' => 10,
+        b'M' => 20,
+        b'G' => 30,
+        b'T' => 40,
+        _ => return Err(UNKNOWN),
+    };
+    let suffix_ok = suffix.is_empty()
+        || suffix.eq_ignore_ascii_case(b"ib")
+        || (shift > 0 && suffix.eq_ignore_ascii_case(b"b"));
+    if suffix_ok {
+        Ok(1 << shift)
+    } else {
+        Err(UNKNOWN)
+    }
+}
+
+impl Settings {
+    /// Parses every variable through `lookup` (name -> raw value), passing each bad value to
+    /// `report` and using the default for it.
+    pub fn load<'a>(
+        lookup: impl Fn(&str) -> Option<&'a [u8]>,
+        mut report: impl FnMut(BadValue<'a>),
+    ) -> Settings {
+        let mut s = Settings::default();
+        let read = |variable: &'static str, default: &'static str| {
+            lookup(variable).map(|value| {
+                let bad = move |reason| BadValue {
+                    variable,
+                    value,
+                    reason,
+                    default,
+                };
+                (value, bad)
+            })
+        };
+
+        if let Some((value, bad)) = read("QVSHIM_LOG", "info") {
+            match parse_log_level(value) {
+                Ok(level) => s.log_level = level,
+                Err(reason) => report(bad(reason)),
+            }
+        }
+        if let Some((value, bad)) = read("QVSHIM_BUDGET", "6G") {
+            match parse_budget(value) {
+                Ok(budget) => s.budget = budget,
+                Err(reason) => report(bad(reason)),
+            }
+        }
+        if let Some((value, bad)) = read("QVSHIM_RESERVE", "64M") {
+            match parse_size(value) {
+                Ok(bytes) => s.reserve_bytes = bytes,
+                Err(reason) => report(bad(reason)),
+            }
+        }
+        let warn = read("QVSHIM_WARN", "70");
+        let critical = read("QVSHIM_CRITICAL", "90");
+        let mut warn_set = false;
+        let mut critical_set = false;
+        if let Some((value, bad)) = warn {
+            match parse_level_percent(value) {
+                Ok(p) => (s.warn_percent, warn_set) = (p, true),
+                Err(reason) => report(bad(reason)),
+            }
+        }
+        if let Some((value, bad)) = critical {
+            match parse_level_percent(value) {
+                Ok(p) => (s.critical_percent, critical_set) = (p, true),
+                Err(reason) => report(bad(reason)),
+            }
+        }
+        if s.warn_percent >= s.critical_percent {
+            match (warn, critical) {
+                (Some((_, bad)), _) if warn_set => report(bad("not below QVSHIM_CRITICAL")),
+                (_, Some((_, bad))) if critical_set => report(bad("not above QVSHIM_WARN")),
+                _ => {}
+            }
+            s.warn_percent = DEFAULT_WARN_PERCENT;
+            s.critical_percent = DEFAULT_CRITICAL_PERCENT;
+        }
+        s
+    }
+}
+
+/// Resolves a budget spec to bytes (`u64::MAX` for off) against the memory the process may use.
+pub fn resolve_budget(spec: BudgetSpec, memory_bytes: u64) -> u64 {
+    match spec {
+        BudgetSpec::Bytes(b) => b,
+        BudgetSpec::PercentOfMemory(p) => ((memory_bytes as f64) * p / 100.0) as u64,
+        BudgetSpec::Off => u64::MAX,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        let cases: &[(&str, u64)] = &[
+            ("6G", 6 << 30),
+            ("512MiB", 512 << 20),
+            ("512mb", 512 << 20),
+            ("1.5g", 3 << 29),
+            ("64 M", 64 << 20),
+            (" 1073741824 ", 1 << 30),
+            ("0", 0),
+            ("10B", 10),
+            ("2T", 2 << 40),
+            ("4kib", 4096),
+        ];
+        for (text, want) in cases {
+            assert_eq!(
+                parse_size(text.as_bytes()),
+                Ok(*want),
+                "parse_size({text:?})"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_sizes_are_refused_with_a_reason() {
+        let cases: &[(&str, &str)] = &[
+            ("", "empty"),
+            ("  ", "empty"),
+            ("-5G", "negative"),
+            ("lots", SIZE_EXAMPLES),
+            ("5X", "unknown unit (use K, M, G or T, optionally with iB)"),
+            ("5GX", "unknown unit (use K, M, G or T, optionally with iB)"),
+            ("5BB", "unknown unit (use K, M, G or T, optionally with iB)"),
+            ("1.2.3G", SIZE_EXAMPLES),
+            ("99999999999T", "too large (at most 2^63 bytes)"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(
+                parse_size(text.as_bytes()),
+                Err(*want),
+                "parse_size({text:?})"
+            );
+        }
+    }
+
+    #[test]
+    fn budgets_accept_percent_and_off() {
+        let cases: &[(&str, Result<BudgetSpec, &str>)] = &[
+            ("off", Ok(BudgetSpec::Off)),
+            ("OFF", Ok(BudgetSpec::Off)),
+            ("50%", Ok(BudgetSpec::PercentOfMemory(50.0))),
+            ("12.5%", Ok(BudgetSpec::PercentOfMemory(12.5))),
+            ("101%", Err("a percentage over 100")),
+            ("0%", Err("a percentage of zero")),
+            ("-5%", Err("negative")),
+            ("%", Err("empty percentage")),
+            ("512K", Err("below the 1 MiB minimum")),
+            ("1M", Ok(BudgetSpec::Bytes(1 << 20))),
+        ];
+        for (text, want) in cases {
+            assert_eq!(
+                parse_budget(text.as_bytes()),
+                *want,
+                "parse_budget({text:?})"
+            );
+        }
+    }
+
+    #[test]
+    fn level_percent_is_whole_and_in_range() {
+        let cases: &[(&str, Result<u8, &str>)] = &[
+            ("70", Ok(70)),
+            ("70%", Ok(70)),
+            ("100", Ok(100)),
+            ("0", Err("a percentage of zero")),
+            ("101", Err("a percentage over 100")),
+            ("7.5", Err("not a whole percentage 1..100")),
+            ("-3", Err("negative")),
+            ("", Err("empty")),
+            ("high", Err("not a whole percentage 1..100")),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_level_percent(text.as_bytes()), *want, "{text:?}");
+        }
+    }
+
+    fn load_with(env: &[(&str, &str)]) -> (Settings, Vec<String>) {
+        let mut lines = Vec::new();
+        let s = Settings::load(
+            |name| {
+                env.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.as_bytes())
+            },
+            |bad| lines.push(bad.to_string()),
+        );
+        (s, lines)
+    }
+
+    /// One row: the environment, and the lines it must print.
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+
+    #[test]
+    fn bad_values_print_one_line_each_and_keep_defaults() {
+        let cases: &[Case] = &[
+            (&[], &[]),
+            (
+                &[("QVSHIM_BUDGET", "lots")],
+                &["QVSHIM_BUDGET=\"lots\": not a size (e.g. 6G, 512MiB, 1.5G, 50%, off); using default 6G"],
+            ),
+            (
+                &[("QVSHIM_LOG", "loud")],
+                &["QVSHIM_LOG=\"loud\": not one of off, error, warn, info, debug; using default info"],
+            ),
+            (
+                &[("QVSHIM_WARN", "95")],
+                &["QVSHIM_WARN=\"95\": not below QVSHIM_CRITICAL; using default 70"],
+            ),
+            (
+                &[("QVSHIM_CRITICAL", "60")],
+                &["QVSHIM_CRITICAL=\"60\": not above QVSHIM_WARN; using default 90"],
+            ),
+            (
+                &[("QVSHIM_WARN", "80"), ("QVSHIM_CRITICAL", "60")],
+                &["QVSHIM_WARN=\"80\": not below QVSHIM_CRITICAL; using default 70"],
+            ),
+            (
+                &[("QVSHIM_RESERVE", "-1M"), ("QVSHIM_BUDGET", "")],
+                &[
+                    "QVSHIM_BUDGET=\"\": empty; using default 6G",
+                    "QVSHIM_RESERVE=\"-1M\": negative; using default 64M",
+                ],
+            ),
+        ];
+        for (env, want) in cases {
+            let (s, lines) = load_with(env);
+            assert_eq!(&lines, want, "env {env:?}");
+            assert!(
+                s.warn_percent < s.critical_percent,
+                "env {env:?} gave {s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn good_values_are_taken_silently() {
+        let (s, lines) = load_with(&[
+            ("QVSHIM_BUDGET", "512MiB"),
+            ("QVSHIM_RESERVE", "0"),
+            ("QVSHIM_WARN", "50"),
+            ("QVSHIM_CRITICAL", "80%"),
+            ("QVSHIM_LOG", "debug"),
+        ]);
+        assert!(lines.is_empty(), "unexpected lines {lines:?}");
+        assert_eq!(s.budget, BudgetSpec::Bytes(512 << 20));
+        assert_eq!(s.reserve_bytes, 0);
+        assert_eq!((s.warn_percent, s.critical_percent), (50, 80));
+        assert_eq!(s.log_level, Level::Debug);
+    }
+
+    #[test]
+    fn percent_budget_resolves_against_memory() {
+        assert_eq!(
+            resolve_budget(BudgetSpec::PercentOfMemory(50.0), 16 << 30),
+            8 << 30
+        );
+        assert_eq!(resolve_budget(BudgetSpec::Off, 16 << 30), u64::MAX);
+    }
+}
