@@ -202,6 +202,9 @@ static const char *allocator_name(void)
 {
     if (dlsym(RTLD_DEFAULT, "qvshim_pool_stats") != NULL)
         return "qvshim";
+    /* scripts/bench.d/forward_jemalloc.c exports the prefixed build's own symbols */
+    if (dlsym(RTLD_DEFAULT, "_rjem_malloc") != NULL)
+        return "forward";
     if (dlsym(RTLD_DEFAULT, "mallctl") != NULL)
         return "jemalloc";
     return "glibc";
