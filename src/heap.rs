@@ -2,8 +2,9 @@
 //! glibc where programs depend on it (errno, return codes, `realloc(p, 0)`, alignment rules).
 //!
 //! Runs inside the host's malloc: never allocates through the exported surface, never takes a
-//! lock, never logs, never panics. Every block is accounted by its usable size, which jemalloc's
-//! `nallocx` gives before the allocation and `malloc_usable_size` after it.
+//! lock, never logs, never panics. Every block is accounted by its usable size: estimated from
+//! its size class before the allocation (so the budget is checked first), then settled with the
+//! exact figure jemalloc's per-thread byte counters moved by.
 
 use core::ffi::c_void;
 use core::ptr;
@@ -53,38 +54,87 @@ fn align_flags(align: usize) -> i32 {
     }
 }
 
+/// Largest request whose size class [`usable_size_for`] computes itself; past it, nallocx.
+const INLINE_SIZE_CLASS_MAX_BYTES: usize = 1 << 40;
+
+/// The usable size jemalloc gives a request of `size` bytes at malloc's own alignment: its size
+/// class, computed as jemalloc does (`sz_s2u_compute`, 16-byte quantum, four classes per
+/// doubling) without calling into it. A unit test holds it to `nallocx` for every size class.
+#[inline]
+pub fn usable_size_for(size: usize) -> usize {
+    const LG_QUANTUM: u32 = 4;
+    const LG_GROUP_CLASSES: u32 = 2;
+    const TINY_CLASS_BYTES: usize = 8;
+    if size <= TINY_CLASS_BYTES {
+        return TINY_CLASS_BYTES;
+    }
+    if size > INLINE_SIZE_CLASS_MAX_BYTES {
+        // SAFETY: nallocx only computes a size class; 0 means none fits.
+        return unsafe { je::nallocx(size, 0) };
+    }
+    let lg_floor = usize::BITS - 1 - ((size << 1) - 1).leading_zeros();
+    let lg_delta = if lg_floor < LG_GROUP_CLASSES + LG_QUANTUM + 1 {
+        LG_QUANTUM
+    } else {
+        lg_floor - LG_GROUP_CLASSES - 1
+    };
+    let mask = (1usize << lg_delta) - 1;
+    (size + mask) & !mask
+}
+
+/// The usable size of a request of `size` bytes aligned to `align`; 0 when none fits.
+#[inline]
+fn usable_size_aligned(size: usize, align: usize) -> usize {
+    let flags = align_flags(align);
+    if flags == 0 {
+        usable_size_for(size)
+    } else {
+        // SAFETY: nallocx only computes a size class; size is non-zero.
+        unsafe { je::nallocx(size.max(1), flags) }
+    }
+}
+
 /// Allocates `size` bytes aligned to `align` (a power of two), zeroed when `zero`.
 /// Null with errno ENOMEM when the budget or jemalloc refuses.
-#[inline]
+#[inline(always)]
 pub fn alloc(size: usize, align: usize, zero: bool) -> *mut c_void {
-    let mut flags = align_flags(align);
-    // jemalloc treats a zero-byte request as one byte; nallocx needs that said explicitly.
-    let request = size.max(1);
-    // SAFETY: nallocx only computes a size class; it returns 0 when none fits.
-    let usable = unsafe { je::nallocx(request, flags) };
-    if usable == 0 {
+    let estimate = usable_size_aligned(size, align);
+    if estimate == 0 {
         ledger::host().record_refusal(size as u64);
         set_errno(libc::ENOMEM);
         return ptr::null_mut();
     }
-    if !ledger::host_charge(usable as u64, size as u64) {
+    let thread = ledger::host_thread();
+    if !thread.charge(estimate as u64, size as u64) {
         set_errno(libc::ENOMEM);
         return ptr::null_mut();
     }
+    let mut flags = align_flags(align);
     if zero {
         flags |= je::MALLOCX_ZERO;
     }
-    // SAFETY: request is non-zero and flags name a valid power-of-two alignment.
+    let before = thread.allocated_total();
+    // jemalloc treats a zero-byte request as one byte; mallocx needs that said explicitly.
+    // SAFETY: the size is non-zero and flags name a valid power-of-two alignment.
     let p = unsafe {
         if flags == 0 {
-            je::malloc(request)
+            je::malloc(size)
         } else {
-            je::mallocx(request, flags)
+            je::mallocx(size.max(1), flags)
         }
     };
     if p.is_null() {
-        ledger::host_uncharge(usable as u64);
+        thread.cancel(estimate as u64);
         set_errno(libc::ENOMEM);
+        return p;
+    }
+    let actual = match (before, thread.allocated_total()) {
+        (Some(b), Some(a)) => a.wrapping_sub(b),
+        // SAFETY: p is the live block just allocated.
+        _ => (unsafe { je::malloc_usable_size(p) }) as u64,
+    };
+    if actual != estimate as u64 {
+        thread.settle(estimate as u64, actual);
     }
     p
 }
@@ -94,18 +144,35 @@ pub fn alloc(size: usize, align: usize, zero: bool) -> *mut c_void {
 ///
 /// # Safety
 /// `p` is null or a live block from this module not freed before.
-#[inline]
+#[inline(always)]
 pub unsafe fn free(p: *mut c_void) {
     if p.is_null() {
         return;
     }
-    let saved = errno();
-    // SAFETY: p is a live jemalloc block (caller's contract).
-    let usable = unsafe { je::malloc_usable_size(p) };
-    // SAFETY: usable is p's own usable size, valid for sized deallocation.
-    unsafe { je::sdallocx(p, usable, 0) };
-    ledger::host_uncharge(usable as u64);
-    set_errno(saved);
+    let thread = ledger::host_thread();
+    let errno = thread.errno();
+    // SAFETY: errno points at this thread's errno.
+    let saved = unsafe { *errno };
+    let freed = match thread.deallocated_total() {
+        Some(before) => {
+            // SAFETY: p is a live jemalloc block (caller's contract).
+            unsafe { je::free(p) };
+            thread
+                .deallocated_total()
+                .unwrap_or(before)
+                .wrapping_sub(before)
+        }
+        None => {
+            // SAFETY: p is a live jemalloc block (caller's contract).
+            let usable = unsafe { je::malloc_usable_size(p) };
+            // SAFETY: usable is p's own usable size, valid for sized deallocation.
+            unsafe { je::sdallocx(p, usable, 0) };
+            usable as u64
+        }
+    };
+    thread.uncharge(freed);
+    // SAFETY: as above.
+    unsafe { *errno = saved };
 }
 
 /// glibc's calloc: zeroed, with `count * size` overflow refused as ENOMEM.
@@ -133,17 +200,17 @@ pub unsafe fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         unsafe { free(p) };
         return ptr::null_mut();
     }
-    // SAFETY: p is live.
-    let old = unsafe { je::malloc_usable_size(p) } as u64;
-    // SAFETY: nallocx only computes a size class.
-    let estimate = unsafe { je::nallocx(size, 0) } as u64;
+    let estimate = usable_size_for(size) as u64;
     if estimate == 0 {
         ledger::host().record_refusal(size as u64);
         set_errno(libc::ENOMEM);
         return ptr::null_mut();
     }
+    // SAFETY: p is live.
+    let old = unsafe { je::malloc_usable_size(p) } as u64;
+    let thread = ledger::host_thread();
     let grow = estimate.saturating_sub(old);
-    if grow > 0 && !ledger::host_charge(grow, size as u64) {
+    if grow > 0 && !thread.charge(grow, size as u64) {
         set_errno(libc::ENOMEM);
         return ptr::null_mut();
     }
@@ -151,7 +218,7 @@ pub unsafe fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     let q = unsafe { je::realloc(p, size) };
     if q.is_null() {
         if grow > 0 {
-            ledger::host_uncharge(grow);
+            thread.cancel(grow);
         }
         set_errno(libc::ENOMEM);
         return ptr::null_mut();
@@ -159,12 +226,7 @@ pub unsafe fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     // An in-place resize can keep a size other than the estimate: settle on the truth.
     // SAFETY: q is the live result of realloc.
     let new = unsafe { je::malloc_usable_size(q) } as u64;
-    let charged = old + grow;
-    if new > charged {
-        ledger::host_force_charge(new - charged);
-    } else if new < charged {
-        ledger::host_uncharge(charged - new);
-    }
+    thread.settle(old + grow, new);
     q
 }
 
@@ -249,5 +311,28 @@ pub unsafe fn usable_size(p: *const c_void) -> usize {
     } else {
         // SAFETY: p is live (caller's contract).
         unsafe { je::malloc_usable_size(p) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inline_size_classes_match_jemalloc() {
+        let mut size = 0usize;
+        while size < (64 << 20) {
+            // SAFETY: nallocx only computes a size class.
+            let want = unsafe { je::nallocx(size.max(1), 0) };
+            assert_eq!(usable_size_for(size), want, "usable size of {size} bytes");
+            size += if size < 70_000 { 1 } else { 4093 };
+        }
+        for shift in 26..40 {
+            for size in [(1usize << shift) - 1, 1 << shift, (1 << shift) + 1] {
+                // SAFETY: as above.
+                let want = unsafe { je::nallocx(size, 0) };
+                assert_eq!(usable_size_for(size), want, "usable size of {size} bytes");
+            }
+        }
     }
 }

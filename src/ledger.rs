@@ -18,13 +18,15 @@
 //!
 //! A thread's credit lives in a [`Slot`] (one cache line each) so the monitor can sum them; a
 //! pthread key destructor returns the credit when the thread exits, and after `fork` the child
-//! takes back the credits of the threads that did not survive.
+//! takes back the credits of the threads that did not survive. The thread's own state (its slot
+//! and the addresses of jemalloc's per-thread byte counters, which give each call's exact usable
+//! size) sits in one initial-exec TLS block: two instructions to reach, never an allocation.
 //!
 //! GPU pools see few, large allocations: they charge `committed` directly, exactly.
 
 use core::cell::Cell;
 use core::ptr;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use crossbeam_utils::CachePadded;
 
@@ -297,10 +299,11 @@ pub fn host() -> &'static Pool {
 // Host pool: per-thread credit.
 
 /// One thread's share of the host pool. Written only by its owner (plain loads and stores, no
-/// read-modify-write); read by whoever sums the ledger.
+/// read-modify-write); read by whoever sums the ledger. The credit may dip below zero for a
+/// moment when an allocation turned out larger than its estimate; the next charge refills it.
 pub struct Slot {
     in_use: AtomicBool,
-    credit: AtomicU64,
+    credit: AtomicI64,
     allocs: AtomicU64,
     frees: AtomicU64,
 }
@@ -308,7 +311,7 @@ pub struct Slot {
 static SLOTS: [CachePadded<Slot>; SLOT_COUNT] = [const {
     CachePadded::new(Slot {
         in_use: AtomicBool::new(false),
-        credit: AtomicU64::new(0),
+        credit: AtomicI64::new(0),
         allocs: AtomicU64::new(0),
         frees: AtomicU64::new(0),
     })
@@ -326,25 +329,216 @@ const THREAD_SLOTTED: u8 = 2;
 /// Exited, or no slot free: charges go straight to the pool.
 const THREAD_DIRECT: u8 = 3;
 
-thread_local! {
-    static THREAD_STATE: Cell<u8> = const { Cell::new(THREAD_FRESH) };
-    static THREAD_SLOT: Cell<*const Slot> = const { Cell::new(ptr::null()) };
+/// Everything the allocation path needs of its thread, in one thread-local so one TLS lookup
+/// serves a whole call. All-zero is its initial state; it has no destructor, so first access
+/// never allocates.
+#[repr(C)]
+struct ThreadCache {
+    state: Cell<u8>,
+    slot: Cell<*const Slot>,
+    /// jemalloc's own running totals of this thread's allocated and deallocated usable bytes
+    /// (`thread.allocatedp`, `thread.deallocatedp`); null when unavailable.
+    allocated: Cell<*const u64>,
+    deallocated: Cell<*const u64>,
+    /// This thread's errno, which free must preserve: cached so free needs no libc call.
+    errno: Cell<*mut i32>,
 }
 
-/// Charges `bytes` of a host allocation whose request was `requested` bytes. False means
-/// refused: the caller fails the allocation and charges nothing.
+const THREAD_CACHE_BYTES: usize = 40;
+const _: () = assert!(core::mem::size_of::<ThreadCache>() == THREAD_CACHE_BYTES);
+
+// On x86-64 the thread cache is an initial-exec TLS symbol: its address is the thread pointer
+// plus a constant from the GOT, two instructions, where Rust's thread_local! in a shared library
+// calls __tls_get_addr on every access. The library's jemalloc already uses initial-exec TLS,
+// so this adds no new requirement on how the library is loaded.
+#[cfg(target_arch = "x86_64")]
+core::arch::global_asm!(
+    ".pushsection .tbss,\"awT\",@nobits",
+    ".p2align 3",
+    ".hidden qvshim_thread_cache",
+    ".type qvshim_thread_cache, @object",
+    ".size qvshim_thread_cache, 40",
+    "qvshim_thread_cache:",
+    ".zero 40",
+    ".popsection",
+);
+
+/// The calling thread's cache: valid until the thread has fully exited (after its destructors).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn thread_cache() -> Option<&'static ThreadCache> {
+    let p: *const ThreadCache;
+    // SAFETY: reads the GOT's TLS offset of a 40-byte, zero-initialised .tbss object and adds
+    // the thread pointer: the result is this thread's copy, which all-zero makes a valid
+    // ThreadCache (state FRESH, null pointers).
+    unsafe {
+        core::arch::asm!(
+            "mov {p}, qword ptr [rip + qvshim_thread_cache@GOTTPOFF]",
+            "add {p}, qword ptr fs:[0]",
+            p = out(reg) p,
+            options(pure, readonly, nostack)
+        );
+        p.as_ref()
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+thread_local! {
+    static THREAD: ThreadCache = const {
+        ThreadCache {
+            state: Cell::new(THREAD_FRESH),
+            slot: Cell::new(ptr::null()),
+            allocated: Cell::new(ptr::null()),
+            deallocated: Cell::new(ptr::null()),
+            errno: Cell::new(ptr::null_mut()),
+        }
+    };
+}
+
+/// The calling thread's cache; None in the thread's final teardown, when TLS may be gone.
+#[cfg(not(target_arch = "x86_64"))]
+#[inline(always)]
+fn thread_cache() -> Option<&'static ThreadCache> {
+    // SAFETY: the reference does not outlive the calling thread: callers use it within one call.
+    THREAD
+        .try_with(|t| unsafe { &*(t as *const ThreadCache) })
+        .ok()
+}
+
+/// The calling thread's handle on the host pool for the length of one allocation call.
+#[derive(Clone, Copy)]
+pub struct HostThread {
+    slot: Option<&'static Slot>,
+    allocated: *const u64,
+    deallocated: *const u64,
+    errno: *mut i32,
+}
+
+/// The calling thread's handle; claims a slot on the thread's first allocation.
 #[inline]
-pub fn host_charge(bytes: u64, requested: u64) -> bool {
-    if let Some(slot) = current_slot() {
+pub fn host_thread() -> HostThread {
+    let direct = HostThread {
+        slot: None,
+        allocated: ptr::null(),
+        deallocated: ptr::null(),
+        errno: ptr::null_mut(),
+    };
+    thread_cache()
+        .map(|t| match t.state.get() {
+            THREAD_SLOTTED => HostThread {
+                // SAFETY: a slotted thread's pointer points into the static SLOTS table.
+                slot: unsafe { t.slot.get().as_ref() },
+                allocated: t.allocated.get(),
+                deallocated: t.deallocated.get(),
+                errno: t.errno.get(),
+            },
+            THREAD_FRESH => claim_slot(t).unwrap_or(direct),
+            _ => direct,
+        })
+        .unwrap_or(direct)
+}
+
+impl HostThread {
+    /// Charges `bytes` for a request of `requested` bytes. False means refused: the caller
+    /// fails the allocation and charges nothing.
+    #[inline(always)]
+    pub fn charge(self, bytes: u64, requested: u64) -> bool {
+        let Some(slot) = self.slot else {
+            return charge_pool_directly(bytes, requested);
+        };
         let credit = slot.credit.load(Ordering::Relaxed);
-        if credit >= bytes {
-            slot.credit.store(credit - bytes, Ordering::Relaxed);
-            slot.allocs
-                .store(slot.allocs.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        slot.allocs
+            .store(slot.allocs.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        if credit >= bytes as i64 {
+            slot.credit.store(credit - bytes as i64, Ordering::Relaxed);
             return true;
         }
-        return host_charge_from_pool(slot, credit, bytes, requested);
+        charge_slot_from_pool(slot, credit, bytes, requested)
     }
+
+    /// Takes back a charge whose allocation failed.
+    #[inline]
+    pub fn cancel(self, bytes: u64) {
+        match self.slot {
+            Some(slot) => {
+                slot.allocs
+                    .store(slot.allocs.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
+                self.add_credit(slot, bytes as i64);
+            }
+            None => {
+                let pool = host();
+                pool.direct_allocs.fetch_sub(1, Ordering::Relaxed);
+                pool.release(bytes);
+            }
+        }
+    }
+
+    /// Corrects a charge of `charged` bytes to the `actual` usable size jemalloc gave.
+    #[inline]
+    pub fn settle(self, charged: u64, actual: u64) {
+        if charged == actual {
+            return;
+        }
+        match self.slot {
+            Some(slot) => self.add_credit(slot, charged as i64 - actual as i64),
+            None if actual > charged => host().force_commit(actual - charged),
+            None => host().release(charged - actual),
+        }
+    }
+
+    /// Returns `bytes` of a freed block.
+    #[inline(always)]
+    pub fn uncharge(self, bytes: u64) {
+        match self.slot {
+            Some(slot) => {
+                slot.frees
+                    .store(slot.frees.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+                self.add_credit(slot, bytes as i64);
+            }
+            None => host().uncharge_direct(bytes),
+        }
+    }
+
+    #[inline(always)]
+    fn add_credit(self, slot: &Slot, bytes: i64) {
+        let credit = slot.credit.load(Ordering::Relaxed) + bytes;
+        if credit > CREDIT_MAX_BYTES as i64 {
+            slot.credit
+                .store(GRANT_CHUNK_BYTES as i64, Ordering::Relaxed);
+            host().release((credit - GRANT_CHUNK_BYTES as i64) as u64);
+        } else {
+            slot.credit.store(credit, Ordering::Relaxed);
+        }
+    }
+
+    /// The address of this thread's errno.
+    #[inline(always)]
+    pub fn errno(self) -> *mut i32 {
+        if self.errno.is_null() {
+            // SAFETY: __errno_location has no preconditions.
+            unsafe { libc::__errno_location() }
+        } else {
+            self.errno
+        }
+    }
+
+    /// jemalloc's running total of usable bytes this thread allocated, when known.
+    #[inline(always)]
+    pub fn allocated_total(self) -> Option<u64> {
+        // SAFETY: a non-null pointer is this thread's own jemalloc counter, live while the
+        // thread runs.
+        unsafe { self.allocated.as_ref() }.copied()
+    }
+
+    /// jemalloc's running total of usable bytes this thread freed, when known.
+    #[inline(always)]
+    pub fn deallocated_total(self) -> Option<u64> {
+        // SAFETY: as for allocated_total.
+        unsafe { self.deallocated.as_ref() }.copied()
+    }
+}
+
+fn charge_pool_directly(bytes: u64, requested: u64) -> bool {
     let pool = host();
     if pool.try_commit(bytes, requested <= RESERVE_SMALL_MAX_BYTES) {
         pool.direct_allocs.fetch_add(1, Ordering::Relaxed);
@@ -359,64 +553,48 @@ pub fn host_charge(bytes: u64, requested: u64) -> bool {
 /// the budget will not give a chunk, exactly what is missing; small requests may then dip into
 /// the reserve, and only for exactly what they need.
 #[cold]
-fn host_charge_from_pool(slot: &Slot, credit: u64, bytes: u64, requested: u64) -> bool {
+fn charge_slot_from_pool(slot: &Slot, credit: i64, bytes: u64, requested: u64) -> bool {
     let pool = host();
-    let missing = bytes - credit;
+    let missing = (bytes as i64 - credit) as u64;
     let granted = if pool.try_commit(missing + GRANT_CHUNK_BYTES, false) {
         missing + GRANT_CHUNK_BYTES
     } else if pool.try_commit(missing, requested <= RESERVE_SMALL_MAX_BYTES) {
         missing
     } else {
+        slot.allocs
+            .store(slot.allocs.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
         pool.record_refusal(requested);
         return false;
     };
     slot.credit
-        .store(credit + granted - bytes, Ordering::Relaxed);
-    slot.allocs
-        .store(slot.allocs.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        .store(credit + granted as i64 - bytes as i64, Ordering::Relaxed);
     true
 }
 
-/// Returns `bytes` of a freed host allocation.
-#[inline]
-pub fn host_uncharge(bytes: u64) {
-    if let Some(slot) = current_slot() {
-        let credit = slot.credit.load(Ordering::Relaxed) + bytes;
-        slot.frees
-            .store(slot.frees.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-        if credit > CREDIT_MAX_BYTES {
-            slot.credit.store(GRANT_CHUNK_BYTES, Ordering::Relaxed);
-            host().release(credit - GRANT_CHUNK_BYTES);
-        } else {
-            slot.credit.store(credit, Ordering::Relaxed);
-        }
-        return;
+/// Reads the address of one of jemalloc's per-thread counters ("thread.allocatedp" or
+/// "thread.deallocatedp", NUL-terminated).
+fn jemalloc_thread_counter(name: &[u8]) -> *const u64 {
+    let mut value: *mut u64 = ptr::null_mut();
+    let mut len = core::mem::size_of::<*mut u64>();
+    // SAFETY: both names are read-only controls returning a uint64_t* into this thread's data.
+    let rc = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            name.as_ptr().cast(),
+            (&mut value as *mut *mut u64).cast(),
+            &mut len,
+            ptr::null_mut(),
+            0,
+        )
+    };
+    if rc == 0 {
+        value
+    } else {
+        ptr::null()
     }
-    host().uncharge_direct(bytes);
-}
-
-/// Charges host memory that exists already (a realloc's in-place growth past its estimate).
-pub fn host_force_charge(bytes: u64) {
-    host().force_commit(bytes);
-}
-
-#[inline]
-fn current_slot() -> Option<&'static Slot> {
-    // try_with: during the thread's final teardown the TLS may be gone; charge directly then.
-    let state = THREAD_STATE.try_with(|s| s.get()).unwrap_or(THREAD_DIRECT);
-    if state == THREAD_SLOTTED {
-        let slot = THREAD_SLOT.try_with(|s| s.get()).unwrap_or(ptr::null());
-        // SAFETY: a slotted thread's pointer points into the static SLOTS table.
-        return unsafe { slot.as_ref() };
-    }
-    if state == THREAD_FRESH {
-        return claim_slot();
-    }
-    None
 }
 
 #[cold]
-fn claim_slot() -> Option<&'static Slot> {
+fn claim_slot(t: &ThreadCache) -> Option<HostThread> {
     let key = THREAD_KEY.load(Ordering::Acquire);
     if key == usize::MAX {
         // Before init: no destructor to give the credit back yet; stay fresh and charge directly.
@@ -424,7 +602,7 @@ fn claim_slot() -> Option<&'static Slot> {
     }
     // Setting the key may allocate (glibc keeps keys past 32 in a calloc'ed block); that
     // allocation sees THREAD_SETTING_UP and charges the pool directly.
-    let _ = THREAD_STATE.try_with(|s| s.set(THREAD_SETTING_UP));
+    t.state.set(THREAD_SETTING_UP);
     let start = SLOT_HINT.fetch_add(1, Ordering::Relaxed);
     let found = (0..SLOT_COUNT)
         .map(|i| &*SLOTS[(start + i) % SLOT_COUNT])
@@ -434,14 +612,27 @@ fn claim_slot() -> Option<&'static Slot> {
                 .is_ok()
         });
     let Some(slot) = found else {
-        let _ = THREAD_STATE.try_with(|s| s.set(THREAD_DIRECT));
+        t.state.set(THREAD_DIRECT);
         return None;
     };
     // SAFETY: the key was created by init_threads; a non-null value makes the destructor run.
     unsafe { libc::pthread_setspecific(key as libc::pthread_key_t, (slot as *const Slot).cast()) };
-    let _ = THREAD_SLOT.try_with(|s| s.set(slot));
-    let _ = THREAD_STATE.try_with(|s| s.set(THREAD_SLOTTED));
-    Some(slot)
+    let allocated = jemalloc_thread_counter(b"thread.allocatedp\0");
+    let deallocated = jemalloc_thread_counter(b"thread.deallocatedp\0");
+    let both = !allocated.is_null() && !deallocated.is_null();
+    t.allocated.set(if both { allocated } else { ptr::null() });
+    t.deallocated
+        .set(if both { deallocated } else { ptr::null() });
+    // SAFETY: __errno_location has no preconditions and returns this thread's errno.
+    t.errno.set(unsafe { libc::__errno_location() });
+    t.slot.set(slot);
+    t.state.set(THREAD_SLOTTED);
+    Some(HostThread {
+        slot: Some(slot),
+        allocated: t.allocated.get(),
+        deallocated: t.deallocated.get(),
+        errno: t.errno.get(),
+    })
 }
 
 /// Moves a slot's credit and counts back to the pool and frees the slot.
@@ -453,13 +644,19 @@ fn retire_slot(slot: &Slot) {
         .fetch_add(slot.frees.swap(0, Ordering::Relaxed), Ordering::Relaxed);
     let credit = slot.credit.swap(0, Ordering::Relaxed);
     if credit > 0 {
-        pool.release(credit);
+        pool.release(credit as u64);
+    } else if credit < 0 {
+        pool.force_commit(credit.unsigned_abs());
     }
     slot.in_use.store(false, Ordering::Release);
 }
 
 extern "C" fn thread_exit(value: *mut libc::c_void) {
-    let _ = THREAD_STATE.try_with(|s| s.set(THREAD_DIRECT));
+    // From here on this thread's frees look up sizes themselves: jemalloc's own thread data may
+    // be torn down by its destructor.
+    if let Some(t) = thread_cache() {
+        t.state.set(THREAD_DIRECT);
+    }
     // SAFETY: the only values ever stored under the key are pointers into SLOTS.
     if let Some(slot) = unsafe { value.cast::<Slot>().cast_const().as_ref() } {
         retire_slot(slot);
@@ -477,7 +674,7 @@ pub fn init_threads() {
 
 /// In a fork child only the forking thread lives on: the other threads' credits come back.
 pub fn after_fork_child() {
-    let mine = THREAD_SLOT.try_with(|s| s.get()).unwrap_or(ptr::null());
+    let mine = thread_cache().map_or(ptr::null(), |t| t.slot.get());
     for slot in SLOTS.iter() {
         let slot: &Slot = slot;
         if slot.in_use.load(Ordering::Acquire) && !ptr::eq(slot, mine) {
@@ -498,7 +695,7 @@ pub fn totals(index: usize) -> PoolTotals {
     let Some(pool) = pool(index) else {
         return PoolTotals::default();
     };
-    let mut credit = 0u64;
+    let mut credit = 0i64;
     let mut allocs = pool.direct_allocs.load(Ordering::Relaxed);
     let mut frees = pool.direct_frees.load(Ordering::Relaxed);
     if index == HOST {
@@ -509,7 +706,7 @@ pub fn totals(index: usize) -> PoolTotals {
         }
     }
     PoolTotals {
-        live: pool.committed().saturating_sub(credit),
+        live: (pool.committed() as i64 - credit).max(0) as u64,
         allocs,
         frees,
     }
