@@ -14,6 +14,8 @@ pub const DEFAULT_BUDGET_BYTES: u64 = 6 << 30;
 pub const DEFAULT_RESERVE_BYTES: u64 = 64 << 20;
 pub const DEFAULT_WARN_PERCENT: u8 = 70;
 pub const DEFAULT_CRITICAL_PERCENT: u8 = 90;
+/// `QVSHIM_GPU_BUDGET`'s default: this share of each device's memory.
+pub const DEFAULT_GPU_BUDGET_PERCENT: f64 = 90.0;
 /// A budget below this is surely a typo (`QVSHIM_BUDGET=6` meaning 6 GiB): it would refuse the
 /// interpreter's own start-up.
 pub const MIN_BUDGET_BYTES: u64 = 1 << 20;
@@ -33,6 +35,8 @@ pub enum BudgetSpec {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Settings {
     pub budget: BudgetSpec,
+    /// Per CUDA device; a percentage is of that device's memory.
+    pub gpu_budget: BudgetSpec,
     pub reserve_bytes: u64,
     pub warn_percent: u8,
     pub critical_percent: u8,
@@ -43,6 +47,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             budget: BudgetSpec::Bytes(DEFAULT_BUDGET_BYTES),
+            gpu_budget: BudgetSpec::PercentOfMemory(DEFAULT_GPU_BUDGET_PERCENT),
             reserve_bytes: DEFAULT_RESERVE_BYTES,
             warn_percent: DEFAULT_WARN_PERCENT,
             critical_percent: DEFAULT_CRITICAL_PERCENT,
@@ -292,6 +297,12 @@ impl Settings {
                 Err(reason) => report(bad(reason)),
             }
         }
+        if let Some((value, bad)) = read("QVSHIM_GPU_BUDGET", "90%") {
+            match parse_budget(value) {
+                Ok(budget) => s.gpu_budget = budget,
+                Err(reason) => report(bad(reason)),
+            }
+        }
         if let Some((value, bad)) = read("QVSHIM_RESERVE", "64M") {
             match parse_size(value) {
                 Ok(bytes) => s.reserve_bytes = bytes,
@@ -467,6 +478,14 @@ mod tests {
                 &["QVSHIM_WARN=\"80\": not below QVSHIM_CRITICAL; using default 70"],
             ),
             (
+                &[("QVSHIM_GPU_BUDGET", "lots")],
+                &["QVSHIM_GPU_BUDGET=\"lots\": not a size (e.g. 6G, 512MiB, 1.5G, 50%, off); using default 90%"],
+            ),
+            (
+                &[("QVSHIM_GPU_BUDGET", "150%")],
+                &["QVSHIM_GPU_BUDGET=\"150%\": a percentage over 100; using default 90%"],
+            ),
+            (
                 &[("QVSHIM_RESERVE", "-1M"), ("QVSHIM_BUDGET", "")],
                 &[
                     "QVSHIM_BUDGET=\"\": empty; using default 6G",
@@ -488,6 +507,7 @@ mod tests {
     fn good_values_are_taken_silently() {
         let (s, lines) = load_with(&[
             ("QVSHIM_BUDGET", "512MiB"),
+            ("QVSHIM_GPU_BUDGET", "3G"),
             ("QVSHIM_RESERVE", "0"),
             ("QVSHIM_WARN", "50"),
             ("QVSHIM_CRITICAL", "80%"),
@@ -495,6 +515,7 @@ mod tests {
         ]);
         assert!(lines.is_empty(), "unexpected lines {lines:?}");
         assert_eq!(s.budget, BudgetSpec::Bytes(512 << 20));
+        assert_eq!(s.gpu_budget, BudgetSpec::Bytes(3 << 30));
         assert_eq!(s.reserve_bytes, 0);
         assert_eq!((s.warn_percent, s.critical_percent), (50, 80));
         assert_eq!(s.log_level, Level::Debug);
@@ -507,5 +528,21 @@ mod tests {
             8 << 30
         );
         assert_eq!(resolve_budget(BudgetSpec::Off, 16 << 30), u64::MAX);
+    }
+
+    #[test]
+    fn gpu_budget_defaults_to_ninety_percent_and_takes_off() {
+        assert_eq!(
+            load_with(&[]).0.gpu_budget,
+            BudgetSpec::PercentOfMemory(90.0)
+        );
+        assert_eq!(
+            load_with(&[("QVSHIM_GPU_BUDGET", "off")]).0.gpu_budget,
+            BudgetSpec::Off
+        );
+        assert_eq!(
+            resolve_budget(BudgetSpec::PercentOfMemory(90.0), 10 << 30),
+            9 << 30
+        );
     }
 }

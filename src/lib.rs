@@ -5,6 +5,7 @@
 
 pub mod capi;
 pub mod config;
+pub mod gpu;
 pub mod heap;
 pub mod interpose;
 pub mod jemalloc;
@@ -101,6 +102,7 @@ fn apply(settings: &Settings) {
     host.set_reserve(settings.reserve_bytes);
     host.set_budget(budget);
     host.activate();
+    gpu::configure(settings.gpu_budget);
 }
 
 #[ctor::ctor]

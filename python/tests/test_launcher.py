@@ -1,0 +1,123 @@
+"""`python -m qvshim run` without the library: where it looks, what it says when it finds nothing."""
+
+
+import pytest
+
+from conftest import plain_env, run_python
+from qvshim import launcher
+
+
+def make_file(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def test_qvshim_library_variable_wins(tmp_path):
+    explicit = make_file(tmp_path / "custom" / "libqvshim.so")
+    make_file(tmp_path / "pkg" / "libqvshim.so")
+    found = launcher.find_library({"QVSHIM_LIBRARY": str(explicit)}, package_dir=str(tmp_path / "pkg"), cwd=str(tmp_path))
+    assert found == str(explicit)
+
+
+def test_qvshim_library_pointing_nowhere_is_an_error_not_a_fallback(tmp_path):
+    make_file(tmp_path / "pkg" / "libqvshim.so")
+    with pytest.raises(launcher.LibraryNotFound, match="QVSHIM_LIBRARY=.*is not a file"):
+        launcher.find_library({"QVSHIM_LIBRARY": str(tmp_path / "nope.so")}, package_dir=str(tmp_path / "pkg"))
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "repo/python/qvshim/libqvshim.so",  # copied into the package
+        "repo/python/libqvshim.so",  # next to the package
+        "repo/target/release/libqvshim.so",  # the repository's build
+    ],
+)
+def test_library_is_found_next_to_the_package_or_in_the_repository_build(tmp_path, where):
+    library = make_file(tmp_path / where)
+    found = launcher.find_library({}, package_dir=str(tmp_path / "repo/python/qvshim"), cwd="/")
+    assert found == str(library)
+
+
+def test_package_copy_comes_before_the_repository_build(tmp_path):
+    copy = make_file(tmp_path / "repo/python/qvshim/libqvshim.so")
+    make_file(tmp_path / "repo/target/release/libqvshim.so")
+    assert launcher.find_library({}, package_dir=str(tmp_path / "repo/python/qvshim"), cwd="/") == str(copy)
+
+
+def test_installed_package_finds_the_build_of_the_repository_it_runs_in(tmp_path):
+    library = make_file(tmp_path / "checkout/target/release/libqvshim.so")
+    (tmp_path / "checkout/examples").mkdir()
+    found = launcher.find_library({}, package_dir=str(tmp_path / "site-packages/qvshim"), cwd=str(tmp_path / "checkout/examples"))
+    assert found == str(library)
+
+
+def test_nowhere_says_where_it_looked_and_how_to_build(tmp_path):
+    with pytest.raises(launcher.LibraryNotFound) as missing:
+        launcher.find_library({}, package_dir=str(tmp_path / "repo/python/qvshim"), cwd=str(tmp_path))
+    message = str(missing.value)
+    assert str(tmp_path / "repo/target/release/libqvshim.so") in message
+    assert "cargo build --release" in message and "QVSHIM_LIBRARY" in message
+
+
+def test_preload_goes_first_and_keeps_what_was_there():
+    env = launcher.preload_environment("/lib/libqvshim.so", {"LD_PRELOAD": "/lib/other.so", "HOME": "/root"})
+    assert env["LD_PRELOAD"] == "/lib/libqvshim.so:/lib/other.so" and env["HOME"] == "/root"
+    assert launcher.preload_environment("/lib/libqvshim.so", {})["LD_PRELOAD"] == "/lib/libqvshim.so"
+
+
+@pytest.mark.parametrize("path", ["/my libs/libqvshim.so", "/a:b/libqvshim.so"])
+def test_path_that_ld_preload_cannot_carry_is_refused(path):
+    with pytest.raises(launcher.LibraryNotFound, match="space or colon"):
+        launcher.preload_environment(path, {})
+
+
+@pytest.mark.parametrize(
+    "args, env_extra, code, stderr_has",
+    [
+        (["run", "SCRIPT"], {"QVSHIM_LIBRARY": "/nonexistent/libqvshim.so"}, 127, "QVSHIM_LIBRARY=/nonexistent/libqvshim.so is not a file"),
+        (["run", "missing.py"], {}, 2, "can't open file 'missing.py'"),
+        (["run", "-m"], {}, 2, "needs a module name"),
+        (["run"], {}, 2, "usage: python -m qvshim run"),
+        (["frobnicate"], {}, 2, "unknown command 'frobnicate'"),
+        (["library"], {"QVSHIM_LIBRARY": "/nonexistent/libqvshim.so"}, 127, "is not a file"),
+    ],
+)
+def test_command_line_errors(tmp_path, args, env_extra, code, stderr_has):
+    script = tmp_path / "script.py"
+    script.write_text("print('ran')\n")
+    args = [str(script) if arg == "SCRIPT" else arg for arg in args]
+    result = run_python(["-m", "qvshim", *args], plain_env(**env_extra), cwd=tmp_path)
+    assert result.returncode == code, result.stderr
+    assert stderr_has in result.stderr
+    assert "ran" not in result.stdout
+
+
+def test_help_exits_zero():
+    result = run_python(["-m", "qvshim", "--help"], plain_env())
+    assert result.returncode == 0 and "python -m qvshim run SCRIPT" in result.stdout
+
+
+def test_stats_without_the_library_says_how_to_run_under_it():
+    result = run_python(["-c", "import qvshim; print(qvshim.is_loaded()); qvshim.stats()"], plain_env())
+    assert result.stdout.strip() == "False"
+    assert "NotLoaded: libqvshim.so is not preloaded" in result.stderr
+    assert "python -m qvshim run script.py" in result.stderr
+
+
+def test_headroom_without_the_library_comes_from_meminfo():
+    code = "import qvshim; r = qvshim.headroom(qvshim.POOL_HOST, 0.1); print(r.free > 0, r.limit > r.free, r.held > 0, qvshim.headroom(qvshim.gpu_pool(0), 0.1))"
+    result = run_python(["-c", code], plain_env())
+    assert result.stdout.split() == ["True", "True", "True", "None"], result.stderr
+
+
+def test_library_that_does_not_load_is_reported_once_not_looped(tmp_path):
+    broken = tmp_path / "libqvshim.so"
+    broken.write_text("not an ELF file\n")
+    script = tmp_path / "script.py"
+    script.write_text("print('ran')\n")
+    result = run_python(["-m", "qvshim", "run", str(script)], plain_env(QVSHIM_LIBRARY=str(broken)), cwd=tmp_path)
+    assert result.returncode == 127, result.stderr
+    assert f"LD_PRELOAD={broken} was set but the library did not load" in result.stderr
+    assert "ran" not in result.stdout

@@ -1,0 +1,154 @@
+"""The companion against the real libqvshim.so: the C API, ModelManager on the shim's own numbers,
+the launcher's re-exec and Ctrl+C, and the cooperative demo. Run under the shim:
+`python -m qvshim run -m pytest python/tests` (tests that change budgets use child processes)."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import qvshim
+from conftest import REPO_DIR, plain_env, run_python
+
+pytestmark = pytest.mark.live
+MIB = 1024 * 1024
+
+
+def run_script(tmp_path, source, env, *args, timeout=120):
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(source))
+    return run_python(["-m", "qvshim", "run", str(script), *args], env, timeout=timeout, cwd=tmp_path)
+
+
+def test_stats_are_the_pools_of_the_dump(shim):
+    pools = shim.stats()
+    host = pools[0]
+    assert host["name"] == "host" and host["pool"] == 0 and host["device"] == -1
+    assert host["level_name"] in ("normal", "warn", "critical")
+    assert 0 < host["live"] <= host["peak"] and host["allocs"] >= host["frees"] > 0
+    assert set(qvshim._capi.STATS_FIELDS) <= set(host)
+
+
+def test_level_of_a_pool_and_of_all_pools(shim):
+    assert shim.level(0) == shim.stats()[0]["level_name"]
+    assert shim.level() in ("normal", "warn", "critical")
+    with pytest.raises(ValueError, match="unknown pool"):
+        shim.level(99)
+
+
+def test_live_bytes_follow_a_python_allocation(shim):
+    before = shim.stats()[0]["live"]
+    block = bytearray(64 * MIB)
+    during = shim.stats()[0]["live"]
+    del block
+    after = shim.stats()[0]["live"]
+    assert during - before >= 64 * MIB, "a 64 MiB bytearray must show in the host pool"
+    assert during - after >= 64 * MIB, "and leave it when freed"
+
+
+def test_purge_returns_a_byte_count(shim):
+    assert isinstance(shim.purge(), int)
+
+
+def test_budget_from_the_environment_and_set_at_run_time(tmp_path, library):
+    result = run_script(tmp_path, """
+        import qvshim
+        print(qvshim.stats()[0]["budget"])
+        qvshim.set_budget(0, 300 * 1024 * 1024)
+        print(qvshim.stats()[0]["budget"])
+        try:
+            qvshim.set_budget(42, 1)
+        except ValueError as error:
+            print(error)
+    """, plain_env(QVSHIM_BUDGET="256M"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:3] == [str(256 * MIB), str(300 * MIB), "unknown pool 42"]
+
+
+def test_model_manager_evicts_on_the_shims_own_headroom(tmp_path, library):
+    result = run_script(tmp_path, """
+        import qvshim
+        MIB = 1024 * 1024
+        models = qvshim.ModelManager(keep_alive=None)
+        load = lambda: bytearray(60 * MIB)
+        for name in ("a", "b", "c", "a"):
+            models.get(name, load, size=60 * MIB)
+        print(",".join(models.loaded()))
+        host = qvshim.stats()[0]
+        print(host["refusals"], host["peak"] < host["budget"])
+        with models.use("a", load, size=60 * MIB):
+            try:
+                models.get("huge", load, size=400 * MIB)
+            except qvshim.ModelDoesNotFit as error:
+                print(error)
+            print(",".join(models.loaded()))
+    """, plain_env(QVSHIM_BUDGET="200M"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    # 0.9 * 200 MiB leaves room for two 60 MiB models next to the interpreter, not three.
+    assert lines[0] == "c,a", result.stderr
+    assert lines[1] == "0 True"
+    assert "cannot load model 'huge': it needs 400.0 MiB" in lines[2] and "of 200.0 MiB" in lines[2]
+    assert lines[3] == "c,a", "a load that cannot fit must not evict anything"
+    assert "unloaded model 'a' (making room for 'c'): host -6" in result.stderr
+
+
+def test_run_reexecs_under_the_library_with_argv_and_exit_code(tmp_path, library):
+    result = run_script(tmp_path, """
+        import os, sys
+        import qvshim
+        print(__name__, sys.argv[1:], qvshim.is_loaded(), os.environ["LD_PRELOAD"].split(":")[0])
+        print("QVSHIM_RUN_REEXEC" in os.environ)
+        sys.exit(7)
+    """, plain_env(), "one", "two words")
+    assert result.returncode == 7, result.stderr
+    first, second = result.stdout.splitlines()
+    assert first == f"__main__ ['one', 'two words'] True {library}"
+    assert second == "False", "the re-exec mark must not leak into the program"
+
+
+def test_run_module_and_console_style_invocation(tmp_path, library):
+    (tmp_path / "mymod.py").write_text("import sys, qvshim\nprint(__name__, sys.argv[1:], qvshim.is_loaded())\n")
+    result = run_python(["-m", "qvshim", "run", "-m", "mymod", "x"], plain_env(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "__main__ ['x'] True"
+
+
+def test_run_inside_an_already_preloaded_process_does_not_reexec(tmp_path, library):
+    result = run_script(tmp_path, "import os; print(os.getpid())\n", plain_env(LD_PRELOAD=library))
+    assert result.returncode == 0, result.stderr
+    assert "QVSHIM" not in result.stdout
+
+
+def test_ctrl_c_ends_the_program_cleanly(tmp_path, library):
+    script = tmp_path / "serve.py"
+    script.write_text(textwrap.dedent("""
+        import atexit, time
+        atexit.register(lambda: print("atexit ran", flush=True))
+        print("serving", flush=True)
+        while True:
+            time.sleep(0.05)
+    """))
+    child = subprocess.Popen([sys.executable, "-m", "qvshim", "run", str(script)], env=plain_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "serving"
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == 130, err
+    assert "atexit ran" in out and "qvshim: interrupted" in err
+    assert "Traceback" not in err
+
+
+def test_cooperative_demo_stays_under_the_budget_without_a_refusal(library):
+    env = plain_env(QVSHIM_BUDGET="512M")
+    demo = os.path.join(REPO_DIR, "examples", "cooperative_webui.py")
+    result = run_python(["-m", "qvshim", "run", demo, "--lines", "150"], env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "refusals 0" in result.stdout and "stayed under the budget" in result.stdout
+    assert "making room for" in result.stderr, "the demo's budget is meant to force an eviction"

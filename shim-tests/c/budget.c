@@ -1,0 +1,266 @@
+/*
+ * budget.c - the budget refuses what would cross it, lets small requests run
+ * on into the reserve, and the program goes on after every refusal.
+ *
+ * Run with QVSHIM_BUDGET=64M and the default reserve; every case checks
+ * first that the shim really read that budget.
+ */
+#include "shimcheck.h"
+
+#define EXPECTED_BUDGET_BYTES (64 * MIB)
+#define OVER_BUDGET_BYTES (100 * MIB)
+#define LARGE_BLOCK_BYTES MIB
+#define MAX_BLOCKS 8192
+
+static void *large_blocks[MAX_BLOCKS];
+static size_t n_large;
+static void *small_blocks[MAX_BLOCKS];
+static size_t n_small;
+
+static struct qvshim_pool_stats budget_stats(void)
+{
+    struct qvshim_pool_stats s = host_stats();
+    REQUIRE(s.budget == EXPECTED_BUDGET_BYTES,
+            "expected the host budget to be QVSHIM_BUDGET=64M (%zu bytes), got %llu", EXPECTED_BUDGET_BYTES,
+            (unsigned long long)s.budget);
+    return s;
+}
+
+/* Allocate 1 MiB blocks until the budget refuses one. */
+static void fill_to_budget_with_large_blocks(void)
+{
+    n_large = 0;
+    while (n_large < MAX_BLOCKS) {
+        errno = 0;
+        void *p = malloc(LARGE_BLOCK_BYTES);
+        if (p == NULL) {
+            EXPECT(errno == ENOMEM, "expected a refused 1 MiB malloc to set errno ENOMEM (%d), got %d", ENOMEM,
+                   errno);
+            return;
+        }
+        memset(p, 1, LARGE_BLOCK_BYTES);
+        large_blocks[n_large++] = p;
+    }
+    REQUIRE(0, "expected 1 MiB allocations to be refused before %d of them under a 64M budget", MAX_BLOCKS);
+}
+
+/* Allocate blocks of `size` until one is refused; returns live at the refusal. */
+static uint64_t fill_with_small_blocks(size_t size)
+{
+    while (n_small < MAX_BLOCKS) {
+        errno = 0;
+        void *p = malloc(size);
+        if (p == NULL) {
+            EXPECT(errno == ENOMEM, "expected a refused %zu-byte malloc to set errno ENOMEM (%d), got %d", size,
+                   ENOMEM, errno);
+            return host_live();
+        }
+        memset(p, 2, size);
+        small_blocks[n_small++] = p;
+    }
+    REQUIRE(0, "expected %zu-byte allocations to be refused once budget + reserve is used up", size);
+    return 0;
+}
+
+static void free_all(void)
+{
+    while (n_small > 0)
+        free(small_blocks[--n_small]);
+    while (n_large > 0)
+        free(large_blocks[--n_large]);
+}
+
+static void malloc_over_budget_fails_with_enomem_and_program_goes_on(void)
+{
+    struct qvshim_pool_stats s0 = budget_stats();
+    errno = 0;
+    void *p = malloc(OVER_BUDGET_BYTES);
+    EXPECT(p == NULL, "expected malloc(100 MiB) under a 64M budget to return NULL, got %p", p);
+    EXPECT(errno == ENOMEM, "expected malloc(100 MiB) over budget to set errno ENOMEM (%d), got %d", ENOMEM, errno);
+    struct qvshim_pool_stats s1 = host_stats();
+    EXPECT(s1.live == s0.live, "expected a refused malloc to leave live at %llu, got %llu",
+           (unsigned long long)s0.live, (unsigned long long)s1.live);
+    EXPECT(s1.refusals == s0.refusals + 1, "expected refusals to grow by 1 (from %llu), got %llu",
+           (unsigned long long)s0.refusals, (unsigned long long)s1.refusals);
+    EXPECT(s1.largest_refused >= OVER_BUDGET_BYTES, "expected largest_refused >= %zu, got %llu", OVER_BUDGET_BYTES,
+           (unsigned long long)s1.largest_refused);
+
+    void *q = malloc(32 * MIB);
+    REQUIRE(q != NULL, "expected malloc(32 MiB) to succeed after the refusal, got NULL");
+    memset(q, 1, 32 * MIB);
+    free(q);
+}
+
+static void calloc_over_budget_fails_with_enomem(void)
+{
+    budget_stats();
+    errno = 0;
+    void *p = calloc(OVER_BUDGET_BYTES / 16, 16);
+    EXPECT(p == NULL, "expected calloc of 100 MiB under a 64M budget to return NULL, got %p", p);
+    EXPECT(errno == ENOMEM, "expected calloc over budget to set errno ENOMEM (%d), got %d", ENOMEM, errno);
+}
+
+static void realloc_over_budget_fails_and_keeps_the_old_block(void)
+{
+    budget_stats();
+    void *p = malloc(MIB);
+    REQUIRE(p != NULL, "expected malloc(1 MiB) to succeed");
+    fill_pattern(p, MIB, 3);
+    uint64_t before = host_live();
+    errno = 0;
+    void *q = realloc(p, OVER_BUDGET_BYTES);
+    EXPECT(q == NULL, "expected realloc to 100 MiB under a 64M budget to return NULL, got %p", q);
+    EXPECT(errno == ENOMEM, "expected realloc over budget to set errno ENOMEM (%d), got %d", ENOMEM, errno);
+    if (q == NULL) {
+        EXPECT(first_pattern_mismatch(p, MIB, 3) == MIB, "expected the old block's contents intact");
+        EXPECT_LIVE_BACK("a refused realloc", before);
+        free(p);
+    } else {
+        free(q);
+    }
+}
+
+static void posix_memalign_over_budget_returns_enomem_code(void)
+{
+    budget_stats();
+    void *sentinel = (void *)&n_large;
+    void *p = sentinel;
+    errno = 0;
+    int rc = posix_memalign(&p, 64, OVER_BUDGET_BYTES);
+    EXPECT(rc == ENOMEM, "expected posix_memalign(64, 100 MiB) under a 64M budget to return ENOMEM (%d), got %d",
+           ENOMEM, rc);
+    EXPECT(p == sentinel, "expected *memptr unchanged after a refused posix_memalign, got %p", p);
+    if (rc == 0)
+        free(p);
+}
+
+static void aligned_allocators_over_budget_fail_with_enomem(void)
+{
+    budget_stats();
+    const char *names[] = {"aligned_alloc", "memalign", "valloc", "pvalloc"};
+    for (int i = 0; i < 4; i++) {
+        errno = 0;
+        void *p = NULL;
+        switch (i) {
+        case 0: p = aligned_alloc(4096, OVER_BUDGET_BYTES); break;
+        case 1: p = memalign(4096, OVER_BUDGET_BYTES); break;
+        case 2: p = valloc(OVER_BUDGET_BYTES); break;
+        case 3: p = pvalloc(OVER_BUDGET_BYTES); break;
+        }
+        EXPECT(p == NULL, "expected %s of 100 MiB under a 64M budget to return NULL, got %p", names[i], p);
+        EXPECT(errno == ENOMEM, "expected %s over budget to set errno ENOMEM (%d), got %d", names[i], ENOMEM,
+               errno);
+        if (p != NULL)
+            free(p);
+    }
+}
+
+static void large_allocations_reach_the_budget_but_never_cross_it(void)
+{
+    struct qvshim_pool_stats s0 = budget_stats();
+    fill_to_budget_with_large_blocks();
+    struct qvshim_pool_stats s1 = host_stats();
+    EXPECT(s1.live <= s1.effective_budget, "expected live %llu <= effective budget %llu with only 1 MiB blocks",
+           (unsigned long long)s1.live, (unsigned long long)s1.effective_budget);
+    EXPECT(s1.live + LARGE_BLOCK_BYTES > s1.effective_budget,
+           "expected 1 MiB blocks to be served up to the budget (%llu), refused at live %llu",
+           (unsigned long long)s1.effective_budget, (unsigned long long)s1.live);
+    EXPECT(s1.reserve_in_use == 0, "expected no reserve in use for large blocks, got %llu",
+           (unsigned long long)s1.reserve_in_use);
+    free_all();
+    EXPECT_LIVE_BACK("freeing every large block", s0.live);
+}
+
+static void small_allocations_run_into_the_reserve_until_budget_plus_reserve(void)
+{
+    struct qvshim_pool_stats s0 = budget_stats();
+    fill_to_budget_with_large_blocks();
+    uint64_t at_budget = host_live();
+    uint64_t refused_at = fill_with_small_blocks(RESERVE_ELIGIBLE_MAX_BYTES);
+    struct qvshim_pool_stats s = host_stats();
+    uint64_t limit = s.effective_budget + s.reserve;
+    EXPECT(s.reserve == 64 * MIB, "expected the default reserve 64M (%zu), got %llu", 64 * MIB,
+           (unsigned long long)s.reserve);
+    EXPECT(refused_at > s.effective_budget,
+           "expected 64 KiB allocations to pass the budget %llu into the reserve, refused at live %llu "
+           "(%zu small blocks after the large ones stopped at %llu)",
+           (unsigned long long)s.effective_budget, (unsigned long long)refused_at, n_small,
+           (unsigned long long)at_budget);
+    EXPECT(refused_at <= limit, "expected live never above budget + reserve %llu, got %llu",
+           (unsigned long long)limit, (unsigned long long)refused_at);
+    EXPECT(refused_at + RESERVE_ELIGIBLE_MAX_BYTES > limit,
+           "expected the reserve usable up to budget + reserve %llu, 64 KiB refused at live %llu",
+           (unsigned long long)limit, (unsigned long long)refused_at);
+    EXPECT(s.reserve_in_use == s.live - s.effective_budget,
+           "expected reserve_in_use to be live - effective budget = %llu, got %llu",
+           (unsigned long long)(s.live - s.effective_budget), (unsigned long long)s.reserve_in_use);
+
+    errno = 0;
+    void *again = malloc(RESERVE_ELIGIBLE_MAX_BYTES);
+    EXPECT(again == NULL, "expected 64 KiB still refused with the reserve used up, got %p", again);
+    if (again != NULL)
+        free(again);
+
+    free_all();
+    struct qvshim_pool_stats s2 = host_stats();
+    EXPECT(s2.live == s0.live, "expected live back at %llu after freeing everything, got %llu",
+           (unsigned long long)s0.live, (unsigned long long)s2.live);
+    EXPECT(s2.reserve_in_use == 0, "expected reserve_in_use 0 after freeing everything, got %llu",
+           (unsigned long long)s2.reserve_in_use);
+
+    void *p = malloc(32 * MIB);
+    EXPECT(p != NULL, "expected malloc(32 MiB) to work again after freeing, got NULL (errno %d)", errno);
+    if (p != NULL) {
+        memset(p, 1, 32 * MIB);
+        free(p);
+    }
+    fill_to_budget_with_large_blocks();
+    EXPECT(n_large >= 32, "expected at least 32 MiB of 1 MiB blocks after freeing, got %zu blocks", n_large);
+    free_all();
+}
+
+static void allocations_over_64kib_never_use_the_reserve(void)
+{
+    budget_stats();
+    fill_to_budget_with_large_blocks();
+    /* Step into the reserve with one small block at a time. */
+    while (host_live() <= host_stats().effective_budget) {
+        void *p = malloc(RESERVE_ELIGIBLE_MAX_BYTES);
+        REQUIRE(p != NULL, "expected 64 KiB to be served until live passes the budget, got NULL at live %llu",
+                (unsigned long long)host_live());
+        REQUIRE(n_small < MAX_BLOCKS, "expected live to pass the budget within %d small blocks", MAX_BLOCKS);
+        small_blocks[n_small++] = p;
+    }
+    const size_t too_big[] = {RESERVE_ELIGIBLE_MAX_BYTES + 1, 128 * KIB, MIB};
+    for (size_t i = 0; i < sizeof too_big / sizeof too_big[0]; i++) {
+        errno = 0;
+        void *p = malloc(too_big[i]);
+        EXPECT(p == NULL, "expected malloc(%zu) past the budget to be refused (only <= 64 KiB may use the "
+                          "reserve), got %p", too_big[i], p);
+        EXPECT(errno == ENOMEM, "expected errno ENOMEM (%d) for malloc(%zu) past the budget, got %d", ENOMEM,
+               too_big[i], errno);
+        if (p != NULL)
+            free(p);
+    }
+    void *small = malloc(RESERVE_ELIGIBLE_MAX_BYTES);
+    EXPECT(small != NULL, "expected malloc(64 KiB) past the budget to be served from the reserve, got NULL");
+    if (small != NULL)
+        free(small);
+    free_all();
+}
+
+static const struct check_case cases[] = {
+    CASE(malloc_over_budget_fails_with_enomem_and_program_goes_on),
+    CASE(calloc_over_budget_fails_with_enomem),
+    CASE(realloc_over_budget_fails_and_keeps_the_old_block),
+    CASE(posix_memalign_over_budget_returns_enomem_code),
+    CASE(aligned_allocators_over_budget_fail_with_enomem),
+    CASE(large_allocations_reach_the_budget_but_never_cross_it),
+    CASE(small_allocations_run_into_the_reserve_until_budget_plus_reserve),
+    CASE(allocations_over_64kib_never_use_the_reserve),
+};
+
+int main(int argc, char **argv)
+{
+    return RUN_CASES(cases, argc, argv);
+}

@@ -1,0 +1,553 @@
+/*
+ * fake_cuda.c - a CUDA driver with no GPU behind it, built as libcuda.so.1 and put first on
+ * LD_LIBRARY_PATH so the shim's whole CUDA path runs in CI.
+ *
+ * It implements the calls the shim wraps (and the few a client needs to get a context) on fake
+ * addresses: device memory is a counter, never touched. Like the real driver it:
+ *   - exports the versioned names (cuMemAlloc_v2, cuMemAllocAsync_ptsz, ...) and the legacy
+ *     unversioned ones with their old ABI (cuMemAlloc with 32-bit sizes);
+ *   - answers cuGetProcAddress(_v2) from a table of (name, version, per-thread) forms, handing
+ *     out internal entry points that are NOT the exported symbols, writes symbolStatus, and has
+ *     one form newer than any the shim knows (cuMemGetInfo at 14.0);
+ *   - calls its own functions directly, never through the dynamic linker.
+ * Environment: FAKE_CUDA_MEMORY_MIB="8192,4096" sets the devices' sizes (at most 4 devices).
+ * fake_cuda_calls(name) tells a test how often an entry point was reached.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+typedef int CUresult;
+typedef unsigned long long CUdeviceptr;
+typedef int CUdevice;
+typedef void *CUcontext;
+typedef void *CUstream;
+typedef void *CUmemoryPool;
+typedef unsigned long long CUmemGenericAllocationHandle;
+
+#define CUDA_SUCCESS 0
+#define CUDA_ERROR_INVALID_VALUE 1
+#define CUDA_ERROR_OUT_OF_MEMORY 2
+#define CUDA_ERROR_NOT_INITIALIZED 3
+#define CUDA_ERROR_INVALID_DEVICE 101
+#define CUDA_ERROR_INVALID_CONTEXT 201
+#define CUDA_ERROR_NOT_FOUND 500
+#define CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED 713
+#define CUDA_ERROR_NOT_SUPPORTED 801
+
+#define PER_THREAD_FLAG 2
+#define STATUS_SUCCESS 0
+#define STATUS_SYMBOL_NOT_FOUND 1
+#define STATUS_VERSION_NOT_SUFFICIENT 2
+
+#define MAX_DEVICES 4
+#define MAX_LIVE 65536
+#define ALIGN_BYTES 512ULL
+#define MIB (1024ULL * 1024ULL)
+
+/* ---- state ------------------------------------------------------------------------------- */
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static int device_count;
+static unsigned long long device_total[MAX_DEVICES];
+static unsigned long long device_used[MAX_DEVICES];
+static unsigned long long device_next[MAX_DEVICES];
+static unsigned long long next_handle = 1;
+static int initialized;
+static __thread int current_device = -1;
+
+enum live_kind { LIVE_DEVICE, LIVE_HANDLE, LIVE_HOST, LIVE_REGISTERED };
+struct live {
+    unsigned long long key;
+    unsigned long long bytes;
+    int device;
+    int kind;
+    int in_use;
+};
+static struct live live[MAX_LIVE];
+
+static void set_up_devices(void) {
+    const char *sizes = getenv("FAKE_CUDA_MEMORY_MIB");
+    if (!sizes || !*sizes) sizes = "8192,4096";
+    device_count = 0;
+    for (const char *p = sizes; *p && device_count < MAX_DEVICES;) {
+        char *end;
+        unsigned long long mib = strtoull(p, &end, 10);
+        if (end == p) break;
+        device_total[device_count] = mib * MIB;
+        device_next[device_count] = (0x100ULL + device_count) << 36; /* distinct, aligned */
+        device_count++;
+        p = *end == ',' ? end + 1 : end;
+    }
+}
+
+/* ---- call counters ----------------------------------------------------------------------- */
+
+#define MAX_COUNTERS 64
+static struct { const char *name; unsigned long long calls; } counters[MAX_COUNTERS];
+
+static void count(const char *name) {
+    pthread_mutex_lock(&lock);
+    for (int i = 0; i < MAX_COUNTERS; i++) {
+        if (!counters[i].name) counters[i].name = name;
+        if (strcmp(counters[i].name, name) == 0) {
+            counters[i].calls++;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+}
+
+__attribute__((visibility("default"))) unsigned long long fake_cuda_calls(const char *name) {
+    unsigned long long n = 0;
+    pthread_mutex_lock(&lock);
+    for (int i = 0; i < MAX_COUNTERS && counters[i].name; i++)
+        if (strcmp(counters[i].name, name) == 0) n = counters[i].calls;
+    pthread_mutex_unlock(&lock);
+    return n;
+}
+
+/* ---- bookkeeping of live allocations (under lock) ---------------------------------------- */
+
+static int remember(unsigned long long key, unsigned long long bytes, int device, int kind) {
+    for (int i = 0; i < MAX_LIVE; i++) {
+        if (!live[i].in_use) {
+            live[i] = (struct live){key, bytes, device, kind, 1};
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static struct live *find(unsigned long long key, int kind) {
+    for (int i = 0; i < MAX_LIVE; i++)
+        if (live[i].in_use && live[i].key == key && live[i].kind == kind) return &live[i];
+    return NULL;
+}
+
+/* Takes `bytes` of fake device memory on `device`; the address through *out. */
+static CUresult device_take(int device, unsigned long long bytes, int kind, unsigned long long *out) {
+    if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = CUDA_SUCCESS;
+    pthread_mutex_lock(&lock);
+    if (device < 0 || device >= device_count) {
+        rc = CUDA_ERROR_INVALID_DEVICE;
+    } else if (device_used[device] + bytes > device_total[device]) {
+        rc = CUDA_ERROR_OUT_OF_MEMORY;
+    } else {
+        unsigned long long key;
+        if (kind == LIVE_HANDLE) {
+            key = next_handle++;
+        } else {
+            key = device_next[device];
+            device_next[device] += (bytes + ALIGN_BYTES - 1) / ALIGN_BYTES * ALIGN_BYTES;
+        }
+        if (remember(key, bytes, device, kind)) {
+            device_used[device] += bytes;
+            *out = key;
+        } else {
+            rc = CUDA_ERROR_OUT_OF_MEMORY;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
+static CUresult device_give(unsigned long long key, int kind) {
+    CUresult rc = CUDA_ERROR_INVALID_VALUE;
+    pthread_mutex_lock(&lock);
+    struct live *l = find(key, kind);
+    if (l) {
+        device_used[l->device] -= l->bytes;
+        l->in_use = 0;
+        rc = CUDA_SUCCESS;
+    }
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
+static CUresult need_context(void) {
+    if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    return current_device < 0 ? CUDA_ERROR_INVALID_CONTEXT : CUDA_SUCCESS;
+}
+
+/* ---- the implementations (static: reached only through the exports and the proc table) --- */
+
+static CUresult impl_init(unsigned int flags) {
+    (void)flags;
+    count("cuInit");
+    pthread_mutex_lock(&lock);
+    if (!initialized) set_up_devices();
+    initialized = 1;
+    pthread_mutex_unlock(&lock);
+    return CUDA_SUCCESS;
+}
+
+static CUresult impl_driver_get_version(int *version) {
+    if (!version) return CUDA_ERROR_INVALID_VALUE;
+    *version = 13000;
+    return CUDA_SUCCESS;
+}
+
+static CUresult impl_device_get_count(int *n) {
+    if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    *n = device_count;
+    return CUDA_SUCCESS;
+}
+
+static CUresult impl_device_get(CUdevice *device, int ordinal) {
+    if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (ordinal < 0 || ordinal >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    *device = ordinal;
+    return CUDA_SUCCESS;
+}
+
+static CUresult impl_primary_ctx_retain(CUcontext *ctx, CUdevice device) {
+    if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (device < 0 || device >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    *ctx = (CUcontext)(uintptr_t)(device + 1);
+    return CUDA_SUCCESS;
+}
+
+static CUresult impl_ctx_set_current(CUcontext ctx) {
+    current_device = (int)(uintptr_t)ctx - 1;
+    return CUDA_SUCCESS;
+}
+
+static CUresult impl_ctx_get_device(CUdevice *device) {
+    CUresult rc = need_context();
+    if (rc != CUDA_SUCCESS) return rc;
+    *device = current_device;
+    return CUDA_SUCCESS;
+}
+
+static CUresult impl_device_total_mem_v2(size_t *bytes, CUdevice device) {
+    count("cuDeviceTotalMem_v2");
+    if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (device < 0 || device >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    *bytes = device_total[device];
+    return CUDA_SUCCESS;
+}
+
+static CUresult impl_mem_get_info_v2(size_t *free_bytes, size_t *total_bytes) {
+    count("cuMemGetInfo_v2");
+    CUresult rc = need_context();
+    if (rc != CUDA_SUCCESS) return rc;
+    pthread_mutex_lock(&lock);
+    *free_bytes = device_total[current_device] - device_used[current_device];
+    *total_bytes = device_total[current_device];
+    pthread_mutex_unlock(&lock);
+    return CUDA_SUCCESS;
+}
+
+/* A form newer than the shim knows: same figures, one more argument. */
+static CUresult impl_mem_get_info_v3(size_t *free_bytes, size_t *total_bytes, unsigned flags) {
+    (void)flags;
+    count("cuMemGetInfo_v3");
+    return impl_mem_get_info_v2(free_bytes, total_bytes);
+}
+
+static CUresult device_alloc(const char *name, CUdeviceptr *dptr, size_t bytes) {
+    count(name);
+    CUresult rc = need_context();
+    if (rc != CUDA_SUCCESS) return rc;
+    if (!dptr) return CUDA_ERROR_INVALID_VALUE;
+    return device_take(current_device, bytes, LIVE_DEVICE, dptr);
+}
+
+static CUresult impl_mem_alloc_v1(unsigned int *dptr, unsigned int bytes) {
+    (void)dptr; (void)bytes;
+    count("cuMemAlloc");
+    return CUDA_ERROR_NOT_SUPPORTED; /* the 32-bit ABI has no place in a 64-bit process */
+}
+
+static CUresult impl_mem_alloc_v2(CUdeviceptr *dptr, size_t bytes) {
+    return device_alloc("cuMemAlloc_v2", dptr, bytes);
+}
+
+static CUresult impl_mem_alloc_pitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t width, size_t height,
+                                        unsigned int element) {
+    (void)element;
+    if (!pitch) return CUDA_ERROR_INVALID_VALUE;
+    size_t rounded = (width + ALIGN_BYTES - 1) / ALIGN_BYTES * ALIGN_BYTES;
+    CUresult rc = device_alloc("cuMemAllocPitch_v2", dptr, rounded * height);
+    if (rc == CUDA_SUCCESS) *pitch = rounded;
+    return rc;
+}
+
+static CUresult impl_mem_alloc_managed(CUdeviceptr *dptr, size_t bytes, unsigned int flags) {
+    (void)flags;
+    return device_alloc("cuMemAllocManaged", dptr, bytes);
+}
+
+static CUresult impl_mem_alloc_async(CUdeviceptr *dptr, size_t bytes, CUstream s) {
+    (void)s;
+    return device_alloc("cuMemAllocAsync", dptr, bytes);
+}
+
+static CUresult impl_mem_alloc_async_ptsz(CUdeviceptr *dptr, size_t bytes, CUstream s) {
+    (void)s;
+    return device_alloc("cuMemAllocAsync_ptsz", dptr, bytes);
+}
+
+static CUresult impl_mem_alloc_from_pool_async(CUdeviceptr *dptr, size_t bytes, CUmemoryPool p, CUstream s) {
+    (void)p; (void)s;
+    return device_alloc("cuMemAllocFromPoolAsync", dptr, bytes);
+}
+
+static CUresult impl_mem_alloc_from_pool_async_ptsz(CUdeviceptr *dptr, size_t bytes, CUmemoryPool p,
+                                                    CUstream s) {
+    (void)p; (void)s;
+    return device_alloc("cuMemAllocFromPoolAsync_ptsz", dptr, bytes);
+}
+
+static CUresult impl_mem_free_v1(unsigned int dptr) {
+    (void)dptr;
+    count("cuMemFree");
+    return CUDA_ERROR_NOT_SUPPORTED;
+}
+
+static CUresult impl_mem_free_v2(CUdeviceptr dptr) {
+    count("cuMemFree_v2");
+    return device_give(dptr, LIVE_DEVICE);
+}
+
+static CUresult impl_mem_free_async(CUdeviceptr dptr, CUstream s) {
+    (void)s;
+    count("cuMemFreeAsync");
+    return device_give(dptr, LIVE_DEVICE);
+}
+
+static CUresult impl_mem_free_async_ptsz(CUdeviceptr dptr, CUstream s) {
+    (void)s;
+    count("cuMemFreeAsync_ptsz");
+    return device_give(dptr, LIVE_DEVICE);
+}
+
+/* CUmemAllocationProp: type, requestedHandleTypes, location { type, id }, ... */
+struct fake_prop {
+    int type;
+    int handle_types;
+    int location_type;
+    int location_id;
+};
+
+static CUresult impl_mem_create(CUmemGenericAllocationHandle *handle, size_t bytes, const void *prop,
+                                unsigned long long flags) {
+    (void)flags;
+    count("cuMemCreate");
+    if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (!handle || !prop) return CUDA_ERROR_INVALID_VALUE;
+    const struct fake_prop *p = prop;
+    if (p->location_type != 1) return CUDA_ERROR_NOT_SUPPORTED;
+    return device_take(p->location_id, bytes, LIVE_HANDLE, handle);
+}
+
+static CUresult impl_mem_release(CUmemGenericAllocationHandle handle) {
+    count("cuMemRelease");
+    return device_give(handle, LIVE_HANDLE);
+}
+
+static CUresult host_take(const char *name, void **pp, size_t bytes) {
+    count(name);
+    if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (!pp || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    pthread_mutex_lock(&lock);
+    int ok = remember((uintptr_t)p, bytes, -1, LIVE_HOST);
+    pthread_mutex_unlock(&lock);
+    if (!ok) {
+        munmap(p, bytes);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    *pp = p;
+    return CUDA_SUCCESS;
+}
+
+static CUresult impl_mem_host_alloc(void **pp, size_t bytes, unsigned int flags) {
+    (void)flags;
+    return host_take("cuMemHostAlloc", pp, bytes);
+}
+
+static CUresult impl_mem_alloc_host_v2(void **pp, size_t bytes) {
+    return host_take("cuMemAllocHost_v2", pp, bytes);
+}
+
+static CUresult impl_mem_free_host(void *p) {
+    count("cuMemFreeHost");
+    pthread_mutex_lock(&lock);
+    struct live *l = find((uintptr_t)p, LIVE_HOST);
+    unsigned long long bytes = l ? l->bytes : 0;
+    if (l) l->in_use = 0;
+    pthread_mutex_unlock(&lock);
+    if (!l) return CUDA_ERROR_INVALID_VALUE;
+    munmap(p, bytes);
+    return CUDA_SUCCESS;
+}
+
+static CUresult impl_mem_host_register_v2(void *p, size_t bytes, unsigned int flags) {
+    (void)flags;
+    count("cuMemHostRegister_v2");
+    if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (!p || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
+    pthread_mutex_lock(&lock);
+    int ok = remember((uintptr_t)p, bytes, -1, LIVE_REGISTERED);
+    pthread_mutex_unlock(&lock);
+    return ok ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
+}
+
+static CUresult impl_mem_host_unregister(void *p) {
+    count("cuMemHostUnregister");
+    pthread_mutex_lock(&lock);
+    struct live *l = find((uintptr_t)p, LIVE_REGISTERED);
+    if (l) l->in_use = 0;
+    pthread_mutex_unlock(&lock);
+    return l ? CUDA_SUCCESS : CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED;
+}
+
+/* ---- cuGetProcAddress ---------------------------------------------------------------------- */
+
+static CUresult impl_get_proc_address_v2(const char *symbol, void **pfn, int version, unsigned long long flags,
+                                         int *status);
+static CUresult impl_get_proc_address(const char *symbol, void **pfn, int version, unsigned long long flags);
+
+struct form {
+    const char *name;
+    int since;      /* CUDA version that introduced this form */
+    int per_thread; /* the _ptsz/_ptds form */
+    void *entry;
+};
+
+#define FORM(name, since, ptsz, fn) {name, since, ptsz, (void *)(fn)}
+static const struct form forms[] = {
+    FORM("cuGetProcAddress", 11030, 0, impl_get_proc_address),
+    FORM("cuGetProcAddress", 12000, 0, impl_get_proc_address_v2),
+    FORM("cuInit", 2000, 0, impl_init),
+    FORM("cuDriverGetVersion", 2020, 0, impl_driver_get_version),
+    FORM("cuDeviceGetCount", 2000, 0, impl_device_get_count),
+    FORM("cuDeviceGet", 2000, 0, impl_device_get),
+    FORM("cuDevicePrimaryCtxRetain", 7000, 0, impl_primary_ctx_retain),
+    FORM("cuCtxSetCurrent", 4000, 0, impl_ctx_set_current),
+    FORM("cuCtxGetDevice", 2000, 0, impl_ctx_get_device),
+    FORM("cuDeviceTotalMem", 3020, 0, impl_device_total_mem_v2),
+    FORM("cuMemGetInfo", 3020, 0, impl_mem_get_info_v2),
+    FORM("cuMemGetInfo", 14000, 0, impl_mem_get_info_v3),
+    FORM("cuMemAlloc", 2000, 0, impl_mem_alloc_v1),
+    FORM("cuMemAlloc", 3020, 0, impl_mem_alloc_v2),
+    FORM("cuMemAllocPitch", 3020, 0, impl_mem_alloc_pitch_v2),
+    FORM("cuMemAllocManaged", 6000, 0, impl_mem_alloc_managed),
+    FORM("cuMemAllocAsync", 11020, 0, impl_mem_alloc_async),
+    FORM("cuMemAllocAsync", 11020, 1, impl_mem_alloc_async_ptsz),
+    FORM("cuMemAllocFromPoolAsync", 11020, 0, impl_mem_alloc_from_pool_async),
+    FORM("cuMemAllocFromPoolAsync", 11020, 1, impl_mem_alloc_from_pool_async_ptsz),
+    FORM("cuMemFree", 2000, 0, impl_mem_free_v1),
+    FORM("cuMemFree", 3020, 0, impl_mem_free_v2),
+    FORM("cuMemFreeAsync", 11020, 0, impl_mem_free_async),
+    FORM("cuMemFreeAsync", 11020, 1, impl_mem_free_async_ptsz),
+    FORM("cuMemCreate", 10020, 0, impl_mem_create),
+    FORM("cuMemRelease", 10020, 0, impl_mem_release),
+    FORM("cuMemHostAlloc", 2020, 0, impl_mem_host_alloc),
+    FORM("cuMemAllocHost", 3020, 0, impl_mem_alloc_host_v2),
+    FORM("cuMemFreeHost", 2000, 0, impl_mem_free_host),
+    FORM("cuMemHostRegister", 6050, 0, impl_mem_host_register_v2),
+    FORM("cuMemHostUnregister", 4000, 0, impl_mem_host_unregister),
+};
+
+/* The newest form of `symbol` not newer than `version`; a per-thread form when asked for and
+ * one exists, the default form otherwise. */
+static CUresult lookup(const char *symbol, void **pfn, int version, unsigned long long flags, int *status) {
+    const struct form *best = NULL;
+    int known = 0;
+    int want_per_thread = (flags & PER_THREAD_FLAG) != 0;
+    if (pfn) *pfn = NULL;
+    if (!symbol || !pfn) return CUDA_ERROR_INVALID_VALUE;
+    for (size_t i = 0; i < sizeof forms / sizeof forms[0]; i++) {
+        const struct form *f = &forms[i];
+        if (strcmp(f->name, symbol) != 0) continue;
+        known = 1;
+        if (f->since > version) continue;
+        if (f->per_thread && !want_per_thread) continue;
+        if (!best || f->since > best->since || (f->since == best->since && f->per_thread)) best = f;
+    }
+    if (!best) {
+        if (status) *status = known ? STATUS_VERSION_NOT_SUFFICIENT : STATUS_SYMBOL_NOT_FOUND;
+        return CUDA_ERROR_NOT_FOUND;
+    }
+    *pfn = best->entry;
+    if (status) *status = STATUS_SUCCESS;
+    return CUDA_SUCCESS;
+}
+
+static CUresult impl_get_proc_address_v2(const char *symbol, void **pfn, int version, unsigned long long flags,
+                                         int *status) {
+    count("cuGetProcAddress_v2");
+    return lookup(symbol, pfn, version, flags, status);
+}
+
+static CUresult impl_get_proc_address(const char *symbol, void **pfn, int version, unsigned long long flags) {
+    count("cuGetProcAddress");
+    return lookup(symbol, pfn, version, flags, NULL);
+}
+
+/* ---- the exports --------------------------------------------------------------------------- */
+
+#define EXPORT __attribute__((visibility("default")))
+
+EXPORT CUresult cuInit(unsigned int flags) { return impl_init(flags); }
+EXPORT CUresult cuDriverGetVersion(int *v) { return impl_driver_get_version(v); }
+EXPORT CUresult cuDeviceGetCount(int *n) { return impl_device_get_count(n); }
+EXPORT CUresult cuDeviceGet(CUdevice *d, int ordinal) { return impl_device_get(d, ordinal); }
+EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext *c, CUdevice d) { return impl_primary_ctx_retain(c, d); }
+EXPORT CUresult cuCtxSetCurrent(CUcontext c) { return impl_ctx_set_current(c); }
+EXPORT CUresult cuCtxGetDevice(CUdevice *d) { return impl_ctx_get_device(d); }
+EXPORT CUresult cuDeviceTotalMem_v2(size_t *b, CUdevice d) { return impl_device_total_mem_v2(b, d); }
+EXPORT CUresult cuMemGetInfo_v2(size_t *f, size_t *t) { return impl_mem_get_info_v2(f, t); }
+EXPORT CUresult cuMemAlloc(unsigned int *p, unsigned int b) { return impl_mem_alloc_v1(p, b); }
+EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t b) { return impl_mem_alloc_v2(p, b); }
+EXPORT CUresult cuMemAllocPitch_v2(CUdeviceptr *p, size_t *pitch, size_t w, size_t h, unsigned int e) {
+    return impl_mem_alloc_pitch_v2(p, pitch, w, h, e);
+}
+EXPORT CUresult cuMemAllocManaged(CUdeviceptr *p, size_t b, unsigned int f) { return impl_mem_alloc_managed(p, b, f); }
+EXPORT CUresult cuMemAllocAsync(CUdeviceptr *p, size_t b, CUstream s) { return impl_mem_alloc_async(p, b, s); }
+EXPORT CUresult cuMemAllocAsync_ptsz(CUdeviceptr *p, size_t b, CUstream s) {
+    return impl_mem_alloc_async_ptsz(p, b, s);
+}
+EXPORT CUresult cuMemAllocFromPoolAsync(CUdeviceptr *p, size_t b, CUmemoryPool m, CUstream s) {
+    return impl_mem_alloc_from_pool_async(p, b, m, s);
+}
+EXPORT CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *p, size_t b, CUmemoryPool m, CUstream s) {
+    return impl_mem_alloc_from_pool_async_ptsz(p, b, m, s);
+}
+EXPORT CUresult cuMemFree(unsigned int p) { return impl_mem_free_v1(p); }
+EXPORT CUresult cuMemFree_v2(CUdeviceptr p) { return impl_mem_free_v2(p); }
+EXPORT CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) { return impl_mem_free_async(p, s); }
+EXPORT CUresult cuMemFreeAsync_ptsz(CUdeviceptr p, CUstream s) { return impl_mem_free_async_ptsz(p, s); }
+EXPORT CUresult cuMemCreate(CUmemGenericAllocationHandle *h, size_t b, const void *prop, unsigned long long f) {
+    return impl_mem_create(h, b, prop, f);
+}
+EXPORT CUresult cuMemRelease(CUmemGenericAllocationHandle h) { return impl_mem_release(h); }
+EXPORT CUresult cuMemHostAlloc(void **pp, size_t b, unsigned int f) { return impl_mem_host_alloc(pp, b, f); }
+EXPORT CUresult cuMemAllocHost_v2(void **pp, size_t b) { return impl_mem_alloc_host_v2(pp, b); }
+EXPORT CUresult cuMemFreeHost(void *p) { return impl_mem_free_host(p); }
+EXPORT CUresult cuMemHostRegister_v2(void *p, size_t b, unsigned int f) { return impl_mem_host_register_v2(p, b, f); }
+EXPORT CUresult cuMemHostUnregister(void *p) { return impl_mem_host_unregister(p); }
+EXPORT CUresult cuGetProcAddress(const char *s, void **pfn, int v, unsigned long long f) {
+    return impl_get_proc_address(s, pfn, v, f);
+}
+EXPORT CUresult cuGetProcAddress_v2(const char *s, void **pfn, int v, unsigned long long f, int *status) {
+    return impl_get_proc_address_v2(s, pfn, v, f, status);
+}
+
+/* The address of the fake's own export `name`, taken inside the fake: what dlsym must return
+ * for every name the shim does not wrap. */
+EXPORT void *fake_cuda_own(const char *name) {
+    if (strcmp(name, "cuInit") == 0) return (void *)cuInit;
+    if (strcmp(name, "cuMemAlloc") == 0) return (void *)cuMemAlloc;
+    if (strcmp(name, "cuCtxGetDevice") == 0) return (void *)cuCtxGetDevice;
+    return NULL;
+}

@@ -1,0 +1,90 @@
+"""ctypes view of libqvshim.so for the Python programs in this folder.
+
+Everything is looked up once at import, and host_live() reads into a
+preallocated struct, so a reading allocates nothing that is still alive when
+the next reading is taken.
+"""
+
+import ctypes
+import sys
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+class PoolStats(ctypes.Structure):
+    """struct qvshim_pool_stats of include/qvshim.h."""
+
+    _fields_ = [
+        ("struct_size", ctypes.c_uint32),
+        ("pool", ctypes.c_int32),
+        ("level", ctypes.c_int32),
+        ("device", ctypes.c_int32),
+        ("budget", ctypes.c_uint64),
+        ("effective_budget", ctypes.c_uint64),
+        ("reserve", ctypes.c_uint64),
+        ("reserve_in_use", ctypes.c_uint64),
+        ("live", ctypes.c_uint64),
+        ("peak", ctypes.c_uint64),
+        ("allocs", ctypes.c_uint64),
+        ("frees", ctypes.c_uint64),
+        ("refusals", ctypes.c_uint64),
+        ("largest_refused", ctypes.c_uint64),
+        ("purges", ctypes.c_uint64),
+        ("level_changes", ctypes.c_uint64),
+        ("notifications", ctypes.c_uint64),
+    ]
+
+
+_process = ctypes.CDLL(None)
+try:
+    _pool_stats = _process.qvshim_pool_stats
+except AttributeError:
+    sys.exit("expected libqvshim.so preloaded: qvshim_pool_stats not found in the process")
+_pool_stats.argtypes = [ctypes.c_int, ctypes.POINTER(PoolStats)]
+_pool_stats.restype = ctypes.c_int
+
+_reading = PoolStats()
+_reading.struct_size = ctypes.sizeof(PoolStats)
+_reading_ref = ctypes.byref(_reading)
+
+# The process's malloc and free: the shim's, first in the global scope.
+libc_malloc = _process.malloc
+libc_malloc.argtypes = [ctypes.c_size_t]
+libc_malloc.restype = ctypes.c_void_p
+libc_free = _process.free
+libc_free.argtypes = [ctypes.c_void_p]
+libc_free.restype = None
+malloc_usable_size = _process.malloc_usable_size
+malloc_usable_size.argtypes = [ctypes.c_void_p]
+malloc_usable_size.restype = ctypes.c_size_t
+
+
+def host_stats() -> PoolStats:
+    """A fresh copy of the host pool's stats."""
+    out = PoolStats()
+    out.struct_size = ctypes.sizeof(PoolStats)
+    rc = _pool_stats(0, ctypes.byref(out))
+    assert rc == 0, f"expected qvshim_pool_stats(0) to return 0, got {rc}"
+    return out
+
+
+def read_host_live_into(array, index: int) -> None:
+    """Stores host live in array[index] (a ctypes c_uint64 array) without
+    keeping any new Python object alive."""
+    _pool_stats(0, _reading_ref)
+    array[index] = _reading.live
+
+
+def host_live() -> int:
+    _pool_stats(0, _reading_ref)
+    return _reading.live
+
+
+def vmhwm_bytes() -> int:
+    """The process's peak resident set (VmHWM of /proc/self/status)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * KIB
+    raise AssertionError("expected a VmHWM line in /proc/self/status")

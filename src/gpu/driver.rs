@@ -1,0 +1,300 @@
+//! The real CUDA driver: loaded with libloading on first use, never at start-up (a process that
+//! never touches CUDA never loads it), and the real function behind each call the shim wraps.
+//!
+//! Symbols are looked up with the real `dlsym` ([`real_dlsym`]), never the exported one, which
+//! would hand the shim its own wrappers back. libloading only opens the library: its `get` goes
+//! through `dlsym` by name and so would reach the hook.
+
+use core::ffi::{c_char, c_int, c_void, CStr};
+use core::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+/// What `dlopen` asks for: the soname every CUDA runtime opens.
+const DRIVER_SONAME: &str = "libcuda.so.1";
+
+pub type CuResult = c_int;
+pub const CUDA_SUCCESS: CuResult = 0;
+pub const CUDA_ERROR_OUT_OF_MEMORY: CuResult = 2;
+pub const CUDA_ERROR_NOT_INITIALIZED: CuResult = 3;
+pub const CUDA_ERROR_NOT_FOUND: CuResult = 500;
+
+/// `CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM`: the flag that selects `_ptsz`/`_ptds` forms.
+pub const PER_THREAD_DEFAULT_STREAM: u64 = 1 << 1;
+
+/// One form of a driver call the shim wraps: its exported name, and how `cuGetProcAddress`
+/// reaches it (the base name, the CUDA version that introduced this form, the flags).
+pub struct Form {
+    pub export: &'static CStr,
+    pub base: &'static CStr,
+    pub since_version: c_int,
+    pub flags: u64,
+}
+
+const fn form(export: &'static CStr, base: &'static CStr, since_version: c_int) -> Form {
+    Form {
+        export,
+        base,
+        since_version,
+        flags: 0,
+    }
+}
+
+const fn per_thread(export: &'static CStr, base: &'static CStr, since_version: c_int) -> Form {
+    Form {
+        export,
+        base,
+        since_version,
+        flags: PER_THREAD_DEFAULT_STREAM,
+    }
+}
+
+macro_rules! wrapped_forms {
+    ($($variant:ident = $form:expr,)*) => {
+        /// Every driver call form the shim wraps.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Wrapped { $($variant,)* }
+
+        pub const FORMS: &[(Wrapped, Form)] = &[$((Wrapped::$variant, $form),)*];
+    };
+}
+
+wrapped_forms! {
+    GetProcAddress = form(c"cuGetProcAddress", c"cuGetProcAddress", 11030),
+    GetProcAddressV2 = form(c"cuGetProcAddress_v2", c"cuGetProcAddress", 12000),
+    MemAllocV2 = form(c"cuMemAlloc_v2", c"cuMemAlloc", 3020),
+    MemAllocPitchV2 = form(c"cuMemAllocPitch_v2", c"cuMemAllocPitch", 3020),
+    MemAllocManaged = form(c"cuMemAllocManaged", c"cuMemAllocManaged", 6000),
+    MemAllocAsync = form(c"cuMemAllocAsync", c"cuMemAllocAsync", 11020),
+    MemAllocAsyncPtsz = per_thread(c"cuMemAllocAsync_ptsz", c"cuMemAllocAsync", 11020),
+    MemAllocFromPoolAsync = form(c"cuMemAllocFromPoolAsync", c"cuMemAllocFromPoolAsync", 11020),
+    MemAllocFromPoolAsyncPtsz =
+        per_thread(c"cuMemAllocFromPoolAsync_ptsz", c"cuMemAllocFromPoolAsync", 11020),
+    MemFreeV2 = form(c"cuMemFree_v2", c"cuMemFree", 3020),
+    MemFreeAsync = form(c"cuMemFreeAsync", c"cuMemFreeAsync", 11020),
+    MemFreeAsyncPtsz = per_thread(c"cuMemFreeAsync_ptsz", c"cuMemFreeAsync", 11020),
+    MemCreate = form(c"cuMemCreate", c"cuMemCreate", 10020),
+    MemRelease = form(c"cuMemRelease", c"cuMemRelease", 10020),
+    MemGetInfoV2 = form(c"cuMemGetInfo_v2", c"cuMemGetInfo", 3020),
+    DeviceTotalMemV2 = form(c"cuDeviceTotalMem_v2", c"cuDeviceTotalMem", 3020),
+    MemHostAlloc = form(c"cuMemHostAlloc", c"cuMemHostAlloc", 2020),
+    MemAllocHostV2 = form(c"cuMemAllocHost_v2", c"cuMemAllocHost", 3020),
+    MemFreeHost = form(c"cuMemFreeHost", c"cuMemFreeHost", 2000),
+    MemHostRegisterV2 = form(c"cuMemHostRegister_v2", c"cuMemHostRegister", 6050),
+    MemHostUnregister = form(c"cuMemHostUnregister", c"cuMemHostUnregister", 4000),
+}
+
+pub const WRAPPED_COUNT: usize = FORMS.len();
+
+impl Wrapped {
+    /// The wrapped form exported under `name`, if any. No allocation: a walk over a short table,
+    /// reached only for names that start with "cu".
+    pub fn by_export_name(name: &CStr) -> Option<Wrapped> {
+        let name = name.to_bytes();
+        FORMS
+            .iter()
+            .find(|(_, form)| form.export.to_bytes() == name)
+            .map(|(wrapped, _)| *wrapped)
+    }
+}
+
+type DlsymFn = unsafe extern "C" fn(*mut c_void, *const c_char) -> *mut c_void;
+type GetProcAddressFn =
+    unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64) -> CuResult;
+type GetProcAddressV2Fn =
+    unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64, *mut c_int) -> CuResult;
+pub type CtxGetDeviceFn = unsafe extern "C" fn(*mut c_int) -> CuResult;
+
+/// glibc's `dlsym`, found once with `dlvsym` so the exported hook is never reached. 0 until found.
+pub static REAL_DLSYM: AtomicUsize = AtomicUsize::new(0);
+
+/// The symbol versions glibc has given `dlsym`: 2.34 moved it into libc proper.
+#[cfg(target_arch = "x86_64")]
+const DLSYM_VERSIONS: [&CStr; 2] = [c"GLIBC_2.34", c"GLIBC_2.2.5"];
+#[cfg(target_arch = "aarch64")]
+const DLSYM_VERSIONS: [&CStr; 2] = [c"GLIBC_2.34", c"GLIBC_2.17"];
+
+/// The address of glibc's `dlsym`, resolving it on first use. Never allocates (dlvsym of a
+/// symbol that exists does not reach malloc).
+pub fn real_dlsym_address() -> usize {
+    let known = REAL_DLSYM.load(Ordering::Acquire);
+    if known != 0 {
+        return known;
+    }
+    let found = DLSYM_VERSIONS
+        .iter()
+        // SAFETY: both strings are NUL-terminated; RTLD_NEXT asks for the definition after ours.
+        .map(|version| unsafe {
+            libc::dlvsym(libc::RTLD_NEXT, c"dlsym".as_ptr(), version.as_ptr())
+        })
+        .find(|p| !p.is_null())
+        .map_or(0, |p| p as usize);
+    REAL_DLSYM.store(found, Ordering::Release);
+    found
+}
+
+/// Looks `name` up in `handle` with glibc's `dlsym`. The caller glibc sees is this library,
+/// which is right for every handle but RTLD_NEXT: never pass that here.
+///
+/// # Safety
+/// `handle` is a handle from `dlopen` or RTLD_DEFAULT; `name` is NUL-terminated.
+pub unsafe fn real_dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void {
+    let address = real_dlsym_address();
+    if address == 0 {
+        return core::ptr::null_mut();
+    }
+    // SAFETY: the address is glibc's dlsym, whose signature DlsymFn is.
+    let dlsym: DlsymFn = unsafe { core::mem::transmute::<usize, DlsymFn>(address) };
+    // SAFETY: forwarded caller's contract.
+    unsafe { dlsym(handle, name) }
+}
+
+/// The loaded driver: the real function of every wrapped form, and what `cuGetProcAddress`
+/// hands out for it (which may differ from the exported symbol).
+pub struct Driver {
+    /// What the wrapper calls: the form's entry from `cuGetProcAddress`, else its export.
+    real: [usize; WRAPPED_COUNT],
+    /// The two addresses by which a caller may already hold the form.
+    export: [usize; WRAPPED_COUNT],
+    by_proc: [usize; WRAPPED_COUNT],
+    pub ctx_get_device: Option<CtxGetDeviceFn>,
+}
+
+static DRIVER: OnceLock<Option<Driver>> = OnceLock::new();
+
+/// The real driver, loaded on first call. None when libcuda.so.1 cannot be opened.
+pub fn driver() -> Option<&'static Driver> {
+    DRIVER.get_or_init(load).as_ref()
+}
+
+fn load() -> Option<Driver> {
+    // SAFETY: opening the CUDA driver runs its initialisers, which expect nothing from us.
+    let library = unsafe {
+        libloading::os::unix::Library::open(
+            Some(DRIVER_SONAME),
+            libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL,
+        )
+    }
+    .ok()?;
+    // The driver stays loaded for the life of the process: the wrappers may be called at any time.
+    let handle = library.into_raw();
+    let lookup = |name: &CStr| {
+        // SAFETY: handle came from dlopen; name is NUL-terminated.
+        unsafe { real_dlsym(handle, name.as_ptr()) as usize }
+    };
+    let get_proc = ProcLookup {
+        v2: lookup(c"cuGetProcAddress_v2"),
+        v1: lookup(c"cuGetProcAddress"),
+    };
+    let mut driver = Driver {
+        real: [0; WRAPPED_COUNT],
+        export: [0; WRAPPED_COUNT],
+        by_proc: [0; WRAPPED_COUNT],
+        ctx_get_device: None,
+    };
+    for (index, (_, form)) in FORMS.iter().enumerate() {
+        let export = lookup(form.export);
+        let by_proc = get_proc.get(form);
+        driver.export[index] = export;
+        driver.by_proc[index] = by_proc;
+        driver.real[index] = if by_proc != 0 { by_proc } else { export };
+    }
+    let ctx_get_device = lookup(c"cuCtxGetDevice");
+    if ctx_get_device != 0 {
+        // SAFETY: cuCtxGetDevice has had this signature since CUDA 2.0.
+        driver.ctx_get_device =
+            Some(unsafe { core::mem::transmute::<usize, CtxGetDeviceFn>(ctx_get_device) });
+    }
+    Some(driver)
+}
+
+/// The driver's own `cuGetProcAddress`, `_v2` preferred.
+struct ProcLookup {
+    v2: usize,
+    v1: usize,
+}
+
+impl ProcLookup {
+    /// What the driver hands out for `form` when asked with the version that introduced it.
+    fn get(&self, form: &Form) -> usize {
+        let mut pfn: *mut c_void = core::ptr::null_mut();
+        let mut status: c_int = 0;
+        let result = if self.v2 != 0 {
+            // SAFETY: the address is the driver's cuGetProcAddress_v2; out-pointers are locals.
+            let f: GetProcAddressV2Fn = unsafe { core::mem::transmute(self.v2) };
+            unsafe {
+                f(
+                    form.base.as_ptr(),
+                    &mut pfn,
+                    form.since_version,
+                    form.flags,
+                    &mut status,
+                )
+            }
+        } else if self.v1 != 0 {
+            // SAFETY: the address is the driver's cuGetProcAddress; the out-pointer is a local.
+            let f: GetProcAddressFn = unsafe { core::mem::transmute(self.v1) };
+            unsafe { f(form.base.as_ptr(), &mut pfn, form.since_version, form.flags) }
+        } else {
+            return 0;
+        };
+        if result == CUDA_SUCCESS {
+            pfn as usize
+        } else {
+            0
+        }
+    }
+}
+
+impl Driver {
+    /// The real function of `form` as an address; 0 when this driver lacks it.
+    pub fn real(&self, form: Wrapped) -> usize {
+        self.real.get(form as usize).copied().unwrap_or(0)
+    }
+
+    /// The wrapped form a driver function address belongs to, if it is one the shim wraps.
+    pub fn identify(&self, address: usize) -> Option<Wrapped> {
+        if address == 0 {
+            return None;
+        }
+        FORMS
+            .iter()
+            .enumerate()
+            .find(|(index, _)| self.by_proc[*index] == address || self.export[*index] == address)
+            .map(|(_, (wrapped, _))| *wrapped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forms_are_listed_in_declaration_order() {
+        for (index, (wrapped, _)) in FORMS.iter().enumerate() {
+            assert_eq!(*wrapped as usize, index, "{wrapped:?}");
+        }
+    }
+
+    #[test]
+    fn export_names_find_their_form() {
+        let cases: &[(&CStr, Option<Wrapped>)] = &[
+            (c"cuMemAlloc_v2", Some(Wrapped::MemAllocV2)),
+            (c"cuMemAllocAsync_ptsz", Some(Wrapped::MemAllocAsyncPtsz)),
+            (c"cuGetProcAddress", Some(Wrapped::GetProcAddress)),
+            (c"cuMemAlloc", None),
+            (c"cuInit", None),
+            (c"cuMemAlloc_v2x", None),
+        ];
+        for (name, want) in cases {
+            assert_eq!(Wrapped::by_export_name(name), *want, "{name:?}");
+        }
+    }
+
+    #[test]
+    fn per_thread_forms_ask_for_the_per_thread_flag() {
+        for (wrapped, form) in FORMS {
+            let ptsz = form.export.to_bytes().ends_with(b"_ptsz");
+            assert_eq!(ptsz, form.flags == PER_THREAD_DEFAULT_STREAM, "{wrapped:?}");
+        }
+    }
+}
