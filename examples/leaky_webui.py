@@ -33,6 +33,7 @@ BYTES_PER_SAMPLE = 2  # 16-bit mono PCM
 QVSHIM_UNLIMITED = 2**64 - 1
 QVSHIM_POOL_HOST = 0
 TRAIL_POINTS = 8  # RSS samples kept for the one-line growth trail
+EXIT_MODELS_DO_NOT_FIT = 3
 
 
 class QvshimPoolStats(ctypes.Structure):
@@ -101,7 +102,19 @@ def rss_bytes():
 def load_model(size_bytes, seed):
     """A model's weights: one big buffer, every page written as real weights would be."""
     pattern = bytes((seed * 31 + i * 7) & 0xFF for i in range(4096))
-    return bytearray(pattern) * (size_bytes // len(pattern))
+    # Allocate, then fill by doubling copies. (bytearray * n would be shorter, but CPython 3.11
+    # prints a spurious "SystemError: deallocated bytearray object has exported buffers" when
+    # that repeat meets MemoryError.)
+    weights = bytearray(size_bytes)
+    view = memoryview(weights)
+    filled = min(len(pattern), size_bytes)
+    view[:filled] = pattern[:filled]
+    while filled < size_bytes:
+        step = min(filled, size_bytes - filled)
+        view[filled : filled + step] = view[:step]
+        filled += step
+    view.release()
+    return weights
 
 
 def synthesize(text, size_bytes):
@@ -167,7 +180,16 @@ def main(argv=None):
 
     models = {}
     for seed, name in enumerate(MODEL_NAMES):
-        models[name] = load_model(args.model_mib * MIB, seed)
+        try:
+            models[name] = load_model(args.model_mib * MIB, seed)
+        except MemoryError:
+            # Without its models the app cannot serve anything: say so and stop, as a web UI would.
+            print(
+                f"cannot load model {name} ({args.model_mib} MiB): MemoryError with "
+                f"{len(models)} of {len(MODEL_NAMES)} models loaded; is the budget smaller than the models?",
+                file=sys.stderr,
+            )
+            return EXIT_MODELS_DO_NOT_FIT
     say(
         f"loaded {len(models)} models ({', '.join(MODEL_NAMES)}), {args.model_mib} MiB each: "
         f"RSS {mib(rss_bytes()):.0f} MiB"
