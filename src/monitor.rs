@@ -230,6 +230,55 @@ fn sample_host() {
             Bytes(e.unseen_anon)
         );
     }
+    watch_pressure(system::memory_pressure());
+}
+
+/// PSI "some avg10" (hundredths of a percent) from which the machine is said to stall on
+/// memory, and below which it is said to be over it.
+pub const PRESSURE_STALL_HUNDREDTHS: u32 = 10_00;
+pub const PRESSURE_CALM_HUNDREDTHS: u32 = 5_00;
+
+static STALLING: AtomicBool = AtomicBool::new(false);
+
+/// Whether the machine stalls on memory after a PSI reading, given whether it did before: it
+/// starts at [`PRESSURE_STALL_HUNDREDTHS`] and stops below [`PRESSURE_CALM_HUNDREDTHS`].
+pub fn stalls_after(stalling: bool, some_avg10: u32) -> bool {
+    if stalling {
+        some_avg10 >= PRESSURE_CALM_HUNDREDTHS
+    } else {
+        some_avg10 >= PRESSURE_STALL_HUNDREDTHS
+    }
+}
+
+/// Logs when the machine starts and stops stalling on memory (PSI), whatever the cause: a
+/// process that is being starved of memory, here or elsewhere, long before the OOM killer.
+fn watch_pressure(pressure: Option<system::Pressure>) {
+    let Some(p) = pressure else {
+        return;
+    };
+    let stalling = STALLING.load(Ordering::Relaxed);
+    let now = stalls_after(stalling, p.some_avg10);
+    if now == stalling {
+        return;
+    }
+    STALLING.store(now, Ordering::Relaxed);
+    if now {
+        qlog!(
+            Warn,
+            "the machine stalls on memory: PSI some avg10 {}.{:02}%, full avg10 {}.{:02}%",
+            p.some_avg10 / 100,
+            p.some_avg10 % 100,
+            p.full_avg10 / 100,
+            p.full_avg10 % 100
+        );
+    } else {
+        qlog!(
+            Info,
+            "memory stalls are over: PSI some avg10 {}.{:02}%",
+            p.some_avg10 / 100,
+            p.some_avg10 % 100
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -634,6 +683,22 @@ mod tests {
                 (*bytes, *reason),
                 "inputs {inputs:?} gave {e:?}"
             );
+        }
+    }
+
+    #[test]
+    fn memory_stalls_start_at_ten_percent_and_end_below_five() {
+        // (stalling before, PSI some avg10 in hundredths, stalling after)
+        let cases: &[(bool, u32, bool)] = &[
+            (false, 999, false),
+            (false, 1000, true),
+            (true, 600, true),
+            (true, 500, true),
+            (true, 499, false),
+            (false, 0, false),
+        ];
+        for &(before, psi, after) in cases {
+            assert_eq!(stalls_after(before, psi), after, "from {before} at {psi}");
         }
     }
 
