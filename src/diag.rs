@@ -415,7 +415,10 @@ fn report_json(r: &Report) -> J {
                         J::Obj(vec![
                             ("age_ms", J::UInt(r.now_ms.saturating_sub(p.at_ms))),
                             ("pool", J::UInt(p.pool as u64)),
-                            ("reason", J::Str(purge_reason(p.reason).into())),
+                            (
+                                "reason",
+                                J::Str(monitor::purge_reason_name(p.reason).into()),
+                            ),
                             ("level", J::Str(monitor::level_name(p.level).into())),
                             ("resident_before", J::UInt(p.resident_before)),
                             ("resident_after", J::UInt(p.resident_after)),
@@ -461,14 +464,6 @@ fn report_json(r: &Report) -> J {
             ]),
         ),
     ])
-}
-
-fn purge_reason(reason: u8) -> &'static str {
-    if reason == monitor::PURGE_PERIODIC {
-        "periodic"
-    } else {
-        "level_rise"
-    }
 }
 
 /// "0x7f.. symbol+0x1c (libfoo.so.1)", as much of it as dladdr knows.
@@ -662,7 +657,7 @@ fn report_text(r: &Report) -> String {
                 "  {:>8} ms ago  {:<5} {:<10} at {:<8}  resident {} -> {}",
                 r.now_ms.saturating_sub(p.at_ms),
                 PoolName(p.pool as usize).to_string(),
-                purge_reason(p.reason),
+                monitor::purge_reason_name(p.reason),
                 monitor::level_name(p.level),
                 b(p.resident_before),
                 b(p.resident_after)

@@ -22,6 +22,9 @@ pub const PRESSED_INTERVAL_MS: u64 = 100;
 pub const UNSEEN_SLACK_BYTES: u64 = 32 << 20;
 /// Purges remembered for the dump.
 pub const PURGE_HISTORY: usize = 8;
+/// jemalloc's dirty pages (resident, not active) from which anonymous memory past the ledger is
+/// purged rather than held against the budget.
+pub const DIRTY_PURGE_MIN_BYTES: u64 = 16 << 20;
 /// For this long after load the monitor looks often for a CPython still starting up, so that
 /// its exit is seen even when it ends early (a process that links libpython and never starts
 /// it is not watched often for ever).
@@ -205,14 +208,25 @@ fn sample_host() {
         (Some(max), Some(current)) => Some(max.saturating_sub(current)),
         _ => None,
     };
-    let e = effective_budget(Inputs {
+    let mut inputs = Inputs {
         budget: host.budget(),
         committed: host.committed(),
         available: system::meminfo().map(|m| m.available),
         cgroup_room,
         rss_anon: system::process_memory().map(|p| p.rss_anon),
         system_reserve: system_reserve_bytes(),
-    });
+    };
+    let mut e = effective_budget(inputs);
+    // Freed memory jemalloc keeps dirty (until its decay returns it) is resident but unseen by
+    // the ledger: give it back rather than hold it against the budget.
+    if e.unseen_anon > 0 {
+        let stats = jemalloc::stats();
+        if stats.resident.saturating_sub(stats.active) >= DIRTY_PURGE_MIN_BYTES {
+            purge(ledger::HOST, host.level(), PURGE_DIRTY);
+            inputs.rss_anon = system::process_memory().map(|p| p.rss_anon);
+            e = effective_budget(inputs);
+        }
+    }
     let old_reason = EFFECTIVE_REASON.swap(e.reason, Ordering::Relaxed);
     MACHINE_CAP.store(e.machine_cap, Ordering::Relaxed);
     UNSEEN_ANON.store(e.unseen_anon, Ordering::Relaxed);
@@ -286,6 +300,17 @@ fn watch_pressure(pressure: Option<system::Pressure>) {
 
 pub const PURGE_ON_RISE: u8 = 0;
 pub const PURGE_PERIODIC: u8 = 1;
+/// Anonymous memory past the ledger was mostly jemalloc's dirty pages.
+pub const PURGE_DIRTY: u8 = 2;
+
+/// The name of a purge's reason, as the dump and the log show it.
+pub fn purge_reason_name(reason: u8) -> &'static str {
+    match reason {
+        PURGE_PERIODIC => "periodic",
+        PURGE_DIRTY => "dirty_pages",
+        _ => "level_rise",
+    }
+}
 
 /// One purge as the dump shows it.
 #[derive(Clone, Copy, Debug, Default)]
@@ -367,12 +392,8 @@ fn purge(index: usize, level: u8, reason: u8) {
     });
     qlog!(
         Info,
-        "purged jemalloc arenas{}: resident {} -> {}",
-        if reason == PURGE_PERIODIC {
-            " (periodic)"
-        } else {
-            ""
-        },
+        "purged jemalloc arenas ({}): resident {} -> {}",
+        purge_reason_name(reason),
         Bytes(result.resident_before),
         Bytes(result.resident_after)
     );

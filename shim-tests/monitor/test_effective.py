@@ -5,7 +5,7 @@ import json
 import subprocess
 import time
 
-from monitor_run import PYTHON, read_meminfo, shim_env
+from monitor_run import PYTHON, read_meminfo, run_python, shim_env
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -135,3 +135,26 @@ def test_effective_budget_shrinks_for_anonymous_memory_the_ledger_cannot_see(lib
     assert during["effective"] == GIB - during["unseen"]
     assert GIB - during["effective"] > 200 * MIB, during
     assert "(unseen_anon;" in stderr
+
+
+def test_freed_memory_jemalloc_keeps_is_purged_not_held_against_the_budget(lib, tmp_path):
+    code = """
+import os, signal, time
+blocks = [b"\\x01" * (1 << 20) for _ in range(200)]   # 200 MiB touched, in blocks jemalloc keeps
+del blocks                                            # freed: dirty pages, resident, unseen
+time.sleep(1.0)
+os.kill(os.getpid(), signal.SIGUSR2)
+time.sleep(0.3)
+"""
+    path = tmp_path / "dump.json"
+    r = run_python(code, QVSHIM_BUDGET="1G", QVSHIM_INTERVAL="100ms",
+                   QVSHIM_DUMP_FILE=str(path), QVSHIM_DUMP_FORMAT="json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(path.read_text())
+    dirty = [p for p in d["purges"] if p["reason"] == "dirty_pages"]
+    assert dirty, f"expected a purge of jemalloc's dirty pages: {d['purges']}\n{r.stderr}"
+    returned = sum(p["resident_before"] - p["resident_after"] for p in dirty)
+    assert returned > 50 * MIB, f"the purges gave back only {returned / MIB:.0f} MiB: {dirty}"
+    host = d["pools"][0]
+    assert host["effective_reason"] == "budget" and host["effective_budget"] == GIB
+    assert "purged jemalloc arenas (dirty_pages)" in r.stderr
