@@ -25,6 +25,11 @@ pub const PURGE_HISTORY: usize = 8;
 /// jemalloc's dirty pages (resident, not active) from which anonymous memory past the ledger is
 /// purged rather than held against the budget.
 pub const DIRTY_PURGE_MIN_BYTES: u64 = 16 << 20;
+/// At most one such purge this often, so that a process that really holds memory outside the
+/// ledger and churns through jemalloc is not purged on every look.
+pub const DIRTY_PURGE_EVERY_MS: u64 = 1000;
+
+static LAST_DIRTY_PURGE_MS: AtomicU64 = AtomicU64::new(0);
 /// For this long after load the monitor looks often for a CPython still starting up, so that
 /// its exit is seen even when it ends early (a process that links libpython and never starts
 /// it is not watched often for ever).
@@ -219,7 +224,10 @@ fn sample_host() {
     let mut e = effective_budget(inputs);
     // Freed memory jemalloc keeps dirty (until its decay returns it) is resident but unseen by
     // the ledger: give it back rather than hold it against the budget.
-    if e.unseen_anon > 0 {
+    let now = now_ms();
+    let last = LAST_DIRTY_PURGE_MS.load(Ordering::Relaxed);
+    if e.unseen_anon > 0 && (last == 0 || now.saturating_sub(last) >= DIRTY_PURGE_EVERY_MS) {
+        LAST_DIRTY_PURGE_MS.store(now, Ordering::Relaxed);
         let stats = jemalloc::stats();
         if stats.resident.saturating_sub(stats.active) >= DIRTY_PURGE_MIN_BYTES {
             purge(ledger::HOST, host.level(), PURGE_DIRTY);
