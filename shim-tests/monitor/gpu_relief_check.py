@@ -62,7 +62,8 @@ def main():
     env.pop("PYTHONMALLOC", None)
     env.update(LD_PRELOAD=str(Path(args.shim).resolve()), QVSHIM_GPU_BUDGET="2G",
                QVSHIM_BUDGET="24G")
-    r = subprocess.run([os.path.realpath(sys.executable), "-c", CHILD], env=env,
+    # sys.executable as it is: resolving a venv's symlink would leave the venv (and torch) behind.
+    r = subprocess.run([sys.executable, "-c", CHILD], env=env,
                        capture_output=True, text=True, timeout=120)
     log = "\n".join(r.stderr.splitlines()[-25:])
     if r.returncode != 0 or not r.stdout.strip():
@@ -71,8 +72,12 @@ def main():
     res = json.loads(r.stdout.strip().splitlines()[-1])
     gpu = next((p for p in res["pools"] if p["pool"] == 1), None)
     checks = [
-        ("the GPU pool rose to critical", res["peak_level"] == 2,
-         f"level before {res['level_before']}, peak {res['peak_level']}"),
+        # The relief can run (and the level fall) before the child reads the level back, so the
+        # rise is read from the pool's peak and its level changes.
+        ("the GPU pool rose to critical", gpu is not None and gpu["peak"] >= 0.9 * gpu["budget"]
+         and gpu["level_changes"] >= 2,
+         f"level before {res['level_before']}, seen by the child {res['peak_level']}, "
+         f"pool peak {gpu and gpu['peak']}, level changes {gpu and gpu['level_changes']}"),
         ("the GPU pool fell back to normal", res["level_after"] == 0,
          f"level after {res['level_after']}, {res['back_ms']:.1f} ms after the allocation"),
         ("torch.cuda.empty_cache() ran in the relief", res["python"]["cuda_cache_emptied"] >= 1,
@@ -80,7 +85,9 @@ def main():
         ("the log says so", "torch CUDA cache emptied" in r.stderr, ""),
         ("the dump lists the GPU pool", gpu is not None and gpu["device"] == 0,
          f"{gpu and {k: gpu[k] for k in ('name', 'level', 'live', 'peak', 'budget', 'level_changes', 'notifications')}}"),
-        ("its memory came back", gpu is not None and gpu["live"] < 256 << 20,
+        # The 1 GiB cycle was garbage before the level rose, so it must come back; the 900 MiB one
+        # may still be referenced when a fast relief runs, right after its allocation.
+        ("the 1 GiB garbage cycle came back", gpu is not None and gpu["live"] <= (900 + 64) << 20,
          f"live {gpu and gpu['live']}, torch reserved {res['reserved_after']}"),
     ]
     ok = True
