@@ -95,6 +95,37 @@ fn usable_size_aligned(size: usize, align: usize) -> usize {
     }
 }
 
+/// Requests up to this size, at malloc's alignment, may take [`malloc`]'s fast path.
+const FAST_PATH_MAX_BYTES: usize = 64 << 10;
+
+/// malloc: the common small request served from the thread's credit with nothing else around
+/// the jemalloc call; anything else (no credit left, large, first call of a thread) takes
+/// [`alloc`]. The fast path charges the computed size class without reading jemalloc's counters
+/// back: for these sizes [`usable_size_for`] is exactly what jemalloc gives (unit-tested).
+#[inline(always)]
+pub fn malloc(size: usize) -> *mut c_void {
+    if size <= FAST_PATH_MAX_BYTES {
+        let thread = ledger::host_thread();
+        let class = usable_size_for(size) as u64;
+        if thread.take_credit(class) {
+            // SAFETY: a plain allocation; jemalloc serves size 0 as its smallest class.
+            let p = unsafe { je::malloc(size) };
+            if p.is_null() {
+                thread.cancel(class);
+                set_errno(libc::ENOMEM);
+            }
+            return p;
+        }
+    }
+    malloc_slow(size)
+}
+
+/// Kept out of line so the fast path above compiles to a short function with few saved registers.
+#[inline(never)]
+fn malloc_slow(size: usize) -> *mut c_void {
+    alloc(size, MALLOC_ALIGNMENT, false)
+}
+
 /// Allocates `size` bytes aligned to `align` (a power of two), zeroed when `zero`.
 /// Null with errno ENOMEM when the budget or jemalloc refuses.
 #[inline(always)]

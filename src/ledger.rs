@@ -456,6 +456,23 @@ impl HostThread {
         charge_slot_from_pool(slot, credit, bytes, requested)
     }
 
+    /// Charges `bytes` from the thread's credit when it covers them; false (and nothing
+    /// charged) otherwise, or when the thread has no slot.
+    #[inline(always)]
+    pub fn take_credit(self, bytes: u64) -> bool {
+        let Some(slot) = self.slot else {
+            return false;
+        };
+        let credit = slot.credit.load(Ordering::Relaxed);
+        if credit < bytes as i64 {
+            return false;
+        }
+        slot.credit.store(credit - bytes as i64, Ordering::Relaxed);
+        slot.allocs
+            .store(slot.allocs.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        true
+    }
+
     /// Takes back a charge whose allocation failed.
     #[inline]
     pub fn cancel(self, bytes: u64) {

@@ -7,11 +7,11 @@
 
 use core::ffi::c_void;
 
-use crate::heap::{self, MALLOC_ALIGNMENT};
+use crate::heap;
 
 #[no_mangle]
 pub extern "C" fn malloc(size: usize) -> *mut c_void {
-    heap::alloc(size, MALLOC_ALIGNMENT, false)
+    heap::malloc(size)
 }
 
 /// # Safety
@@ -99,7 +99,7 @@ pub extern "C" fn malloc_trim(_pad: usize) -> i32 {
 
 #[no_mangle]
 pub extern "C" fn __libc_malloc(size: usize) -> *mut c_void {
-    heap::alloc(size, MALLOC_ALIGNMENT, false)
+    heap::malloc(size)
 }
 
 /// # Safety
