@@ -13,8 +13,9 @@
 //! * `live = committed - (sum of all threads' credits)`, exact whenever the threads are quiet;
 //! * the budget can refuse while up to `CREDIT_MAX_BYTES` per thread sits unused in other
 //!   threads' credits: that is the slack, bounded by threads x 192 KiB (documented);
-//! * the peak is the high-water mark of `committed`: never below the true peak of `live`, and
-//!   above it by at most the slack.
+//! * the peak is the high-water mark of `committed` less the credit the committing thread keeps:
+//!   never below the true peak of `live`, and above it by at most the other threads' credits
+//!   (exact for a single-threaded program).
 //!
 //! A thread's credit lives in a [`Slot`] (one cache line each) so the monitor can sum them; a
 //! pthread key destructor returns the credit when the thread exits, and after `fork` the child
@@ -98,6 +99,17 @@ impl Pool {
     /// Commits `bytes` unless that would pass the effective budget (plus the reserve when
     /// `may_use_reserve`). Never overshoots, even momentarily.
     pub fn try_commit(&self, bytes: u64, may_use_reserve: bool) -> bool {
+        self.try_commit_leaving_unused(bytes, may_use_reserve, 0)
+    }
+
+    /// [`Pool::try_commit`] for a thread that keeps `unused` of the bytes as its credit: the
+    /// peak is taken without them, so it follows live bytes up to other threads' credits only.
+    pub fn try_commit_leaving_unused(
+        &self,
+        bytes: u64,
+        may_use_reserve: bool,
+        unused: u64,
+    ) -> bool {
         let effective = self.effective.load(Ordering::Relaxed);
         let limit = if may_use_reserve {
             effective.saturating_add(self.reserve.load(Ordering::Relaxed))
@@ -122,8 +134,9 @@ impl Pool {
                 Err(seen) => current = seen,
             }
         };
-        if new > self.peak.load(Ordering::Relaxed) {
-            self.peak.fetch_max(new, Ordering::Relaxed);
+        let peak_candidate = new - unused.min(new);
+        if peak_candidate > self.peak.load(Ordering::Relaxed) {
+            self.peak.fetch_max(peak_candidate, Ordering::Relaxed);
         }
         self.update_level(new);
         true
@@ -573,16 +586,18 @@ fn charge_pool_directly(bytes: u64, requested: u64) -> bool {
 fn charge_slot_from_pool(slot: &Slot, credit: i64, bytes: u64, requested: u64) -> bool {
     let pool = host();
     let missing = (bytes as i64 - credit) as u64;
-    let granted = if pool.try_commit(missing + GRANT_CHUNK_BYTES, false) {
-        missing + GRANT_CHUNK_BYTES
-    } else if pool.try_commit(missing, requested <= RESERVE_SMALL_MAX_BYTES) {
-        missing
-    } else {
-        slot.allocs
-            .store(slot.allocs.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
-        pool.record_refusal(requested);
-        return false;
-    };
+    // The chunk stays with this thread as credit: not counted into the peak.
+    let granted =
+        if pool.try_commit_leaving_unused(missing + GRANT_CHUNK_BYTES, false, GRANT_CHUNK_BYTES) {
+            missing + GRANT_CHUNK_BYTES
+        } else if pool.try_commit(missing, requested <= RESERVE_SMALL_MAX_BYTES) {
+            missing
+        } else {
+            slot.allocs
+                .store(slot.allocs.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
+            pool.record_refusal(requested);
+            return false;
+        };
     slot.credit
         .store(credit + granted as i64 - bytes as i64, Ordering::Relaxed);
     true
