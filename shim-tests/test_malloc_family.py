@@ -42,6 +42,7 @@ MALLOC_FAMILY_CASES = [
     "libc_aliases_are_defined_by_the_shim",
     "libc_aliases_allocate_through_the_ledger",
     "libc_internal_allocations_come_from_the_shim",
+    "peak_of_a_single_thread_is_exact",
     "malloc_of_impossible_size_returns_null_with_enomem",
     "malloc_trim_returns_and_malloc_still_works",
 ]

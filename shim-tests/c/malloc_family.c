@@ -626,6 +626,20 @@ static void malloc_trim_returns_and_malloc_still_works(void)
     free(p);
 }
 
+/* One thread: the peak is exactly the highest live figure (no credit counted into it). */
+static void peak_of_a_single_thread_is_exact(void)
+{
+    struct qvshim_pool_stats before = host_stats();
+    void *p = malloc(10 * MIB);
+    REQUIRE(p != NULL, "expected a 10 MiB block");
+    uint64_t highest = host_live();
+    free(p);
+    struct qvshim_pool_stats after = host_stats();
+    uint64_t want = highest > before.peak ? highest : before.peak;
+    EXPECT(after.peak == want, "expected the peak to be exactly %llu (the highest live), got %llu",
+           (unsigned long long)want, (unsigned long long)after.peak);
+}
+
 static const struct check_case cases[] = {
     START_UP_CASE(live_is_constant_from_main_while_the_program_allocates_nothing),
     CASE(malloc_zero_returns_unique_non_null_blocks),
@@ -662,6 +676,7 @@ static const struct check_case cases[] = {
     CASE(libc_internal_allocations_come_from_the_shim),
     CASE(malloc_of_impossible_size_returns_null_with_enomem),
     CASE(malloc_trim_returns_and_malloc_still_works),
+    CASE(peak_of_a_single_thread_is_exact),
 };
 
 int main(int argc, char **argv)
