@@ -177,6 +177,10 @@ pub fn alloc(size: usize, align: usize, zero: bool) -> *mut c_void {
 /// Frees a block from any of the allocation functions. Preserves errno: callers check errno
 /// after free-containing cleanup paths.
 ///
+/// The common case (a thread with a slot freeing a block under the tracker's threshold) stays
+/// in this short path: jemalloc's per-thread deallocated-bytes counter gives the block's usable
+/// size without a lookup. Everything else is out of line.
+///
 /// # Safety
 /// `p` is null or a live block from this module not freed before.
 #[inline(always)]
@@ -185,31 +189,56 @@ pub unsafe fn free(p: *mut c_void) {
         return;
     }
     let thread = ledger::host_thread();
+    let Some(before) = thread.deallocated_total() else {
+        // SAFETY: forwarded caller's contract.
+        return unsafe { free_without_counters(thread, p) };
+    };
     let errno = thread.errno();
     // SAFETY: errno points at this thread's errno.
     let saved = unsafe { *errno };
-    let freed = match thread.deallocated_total() {
-        Some(before) => {
-            // SAFETY: p is a live jemalloc block (caller's contract).
-            unsafe { je::free(p) };
-            thread
-                .deallocated_total()
-                .unwrap_or(before)
-                .wrapping_sub(before)
-        }
-        None => {
-            // SAFETY: p is a live jemalloc block (caller's contract).
-            let usable = unsafe { je::malloc_usable_size(p) };
-            // SAFETY: usable is p's own usable size, valid for sized deallocation.
-            unsafe { je::sdallocx(p, usable, 0) };
-            usable as u64
-        }
-    };
+    // SAFETY: p is a live jemalloc block (caller's contract).
+    unsafe { je::free(p) };
+    let freed = thread
+        .deallocated_total()
+        .unwrap_or(before)
+        .wrapping_sub(before);
+    if freed < TRACK_MIN_BYTES {
+        thread.uncharge(freed);
+    } else {
+        uncharge_tracked(thread, p, freed);
+    }
+    // SAFETY: as above.
+    unsafe { *errno = saved };
+}
+
+/// A freed block large enough to be in the tracker.
+#[inline(never)]
+fn uncharge_tracked(thread: ledger::HostThread, p: *mut c_void, freed: u64) {
     thread.uncharge(freed);
-    if freed >= TRACK_MIN_BYTES {
-        // After the free, because only then is the size known without a lookup; the entry
-        // removed is the one with this address and size (see tracker.rs on the race).
-        tracker::on_free(p, freed);
+    // After the free, because only then is the size known without a lookup; the entry removed
+    // is the one with this address and size (see tracker.rs on the race).
+    tracker::on_free(p, freed);
+}
+
+/// free for a thread without jemalloc's counters (before init, without a slot, or exiting):
+/// the usable size is looked up first.
+///
+/// # Safety
+/// `p` is a live block from this module not freed before.
+#[inline(never)]
+unsafe fn free_without_counters(thread: ledger::HostThread, p: *mut c_void) {
+    let errno = thread.errno();
+    // SAFETY: errno points at this thread's errno.
+    let saved = unsafe { *errno };
+    // SAFETY: p is a live jemalloc block (caller's contract).
+    let usable = unsafe { je::malloc_usable_size(p) };
+    // SAFETY: usable is p's own usable size, valid for sized deallocation.
+    unsafe { je::sdallocx(p, usable, 0) };
+    let freed = usable as u64;
+    if freed < TRACK_MIN_BYTES {
+        thread.uncharge(freed);
+    } else {
+        uncharge_tracked(thread, p, freed);
     }
     // SAFETY: as above.
     unsafe { *errno = saved };

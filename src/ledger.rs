@@ -525,7 +525,7 @@ impl HostThread {
                     .store(slot.frees.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
                 self.add_credit(slot, bytes as i64);
             }
-            None => host().uncharge_direct(bytes),
+            None => uncharge_pool_directly(bytes),
         }
     }
 
@@ -533,9 +533,7 @@ impl HostThread {
     fn add_credit(self, slot: &Slot, bytes: i64) {
         let credit = slot.credit.load(Ordering::Relaxed) + bytes;
         if credit > CREDIT_MAX_BYTES as i64 {
-            slot.credit
-                .store(GRANT_CHUNK_BYTES as i64, Ordering::Relaxed);
-            host().release((credit - GRANT_CHUNK_BYTES as i64) as u64);
+            return_surplus_credit(slot, credit);
         } else {
             slot.credit.store(credit, Ordering::Relaxed);
         }
@@ -568,6 +566,23 @@ impl HostThread {
     }
 }
 
+/// Gives what a thread's credit holds past one chunk back to the pool. Out of line: it is rare,
+/// and inlined it would make every free save registers for the level arithmetic.
+#[cold]
+#[inline(never)]
+fn return_surplus_credit(slot: &Slot, credit: i64) {
+    slot.credit
+        .store(GRANT_CHUNK_BYTES as i64, Ordering::Relaxed);
+    host().release((credit - GRANT_CHUNK_BYTES as i64) as u64);
+}
+
+/// Out of line so the slotted paths of malloc and free stay short.
+#[inline(never)]
+fn uncharge_pool_directly(bytes: u64) {
+    host().uncharge_direct(bytes);
+}
+
+#[inline(never)]
 fn charge_pool_directly(bytes: u64, requested: u64) -> bool {
     let pool = host();
     if pool.try_commit(bytes, requested <= RESERVE_SMALL_MAX_BYTES) {
@@ -626,6 +641,7 @@ fn jemalloc_thread_counter(name: &[u8]) -> *const u64 {
 }
 
 #[cold]
+#[inline(never)]
 fn claim_slot(t: &ThreadCache) -> Option<HostThread> {
     let key = THREAD_KEY.load(Ordering::Acquire);
     if key == usize::MAX {
