@@ -235,10 +235,6 @@ pub fn enable_backtraces() {
     BACKTRACES.store(true, Ordering::Release);
 }
 
-pub fn backtraces_enabled() -> bool {
-    BACKTRACES.load(Ordering::Relaxed)
-}
-
 /// A new host block of `usable` bytes (the caller checked `usable >= TRACK_MIN_BYTES`).
 #[cold]
 #[inline(never)]
