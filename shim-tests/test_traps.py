@@ -2,6 +2,7 @@
 its test): signal handlers that only set a flag, the shim's own allocations kept out of the
 ledger, glibc internals at the budget, and no unwinding into C (shim-tests/c/traps.c)."""
 
+import json
 import tomllib
 
 import pytest
@@ -23,6 +24,23 @@ def test_trap(case, env, c_program, run_under_shim):
     shimrun.expect_pass(result, "traps", case)
 
 
+def written_dumps(directory):
+    """The dump files in `directory`, each checked to be one whole JSON object, and no partial
+    file left beside them."""
+    leftovers = list(directory.glob("*.partial"))
+    assert not leftovers, f"expected no partially written dump to be left, found {leftovers}"
+    dumps = list(directory.glob("dump-*.json"))
+    for path in dumps:
+        text = path.read_text()
+        try:
+            report = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise AssertionError(f"expected {path} to hold one whole JSON dump, got {len(text)} "
+                                 f"bytes that do not parse ({error}): {text[:200]!r}") from None
+        assert "pid" in report, f"expected the dump in {path} to name the pid, got {sorted(report)}"
+    return dumps
+
+
 def test_signal_storm_dumps_are_written_by_the_monitor(c_program, run_under_shim, tmp_path):
     dump = tmp_path / "dump-%p.json"
     case = "signal_storm_during_allocation_neither_deadlocks_nor_crashes"
@@ -30,13 +48,29 @@ def test_signal_storm_dumps_are_written_by_the_monitor(c_program, run_under_shim
                             {"QVSHIM_LOG": "error", "QVSHIM_DUMP_FILE": str(dump),
                              "QVSHIM_DUMP_FORMAT": "json"})
     shimrun.expect_pass(result, "traps", case)
-    written = list(tmp_path.glob("dump-*.json"))
-    assert written and written[0].stat().st_size > 0, (
-        f"expected the monitor to write the signalled dumps to {dump}, found {written}")
+    written = written_dumps(tmp_path)
+    assert len(written) == 1, f"expected the signalled dumps in {dump}, found {written}"
+
+
+@pytest.mark.parametrize("attempt", range(10))
+def test_a_dump_asked_for_just_before_exit_is_whole(c_program, run_under_shim, tmp_path, attempt):
+    # The race is timing-dependent, so it is run several times: before the exit path finished
+    # the monitor's dump, one run in a few left an empty file.
+    dump = tmp_path / "dump-%p.json"
+    case = "dump_requested_just_before_exit"
+    result = run_under_shim([c_program("traps"), case],
+                            {"QVSHIM_LOG": "error", "QVSHIM_DUMP_FILE": str(dump),
+                             "QVSHIM_DUMP_FORMAT": "json"})
+    shimrun.expect_pass(result, "traps", case)
+    written = written_dumps(tmp_path)
+    assert len(written) == 1, f"expected the dump asked for before exit in {dump}, found {written}"
 
 
 def test_every_trap_case_has_a_row(c_program):
-    shimrun.expect_table_covers_program(c_program("traps"), [c for c, _ in TRAP_CASES], "TRAP_CASES")
+    run_by_their_own_test = ["dump_requested_just_before_exit"]
+    shimrun.expect_table_covers_program(c_program("traps"),
+                                        [c for c, _ in TRAP_CASES] + run_by_their_own_test,
+                                        "TRAP_CASES")
 
 
 def test_release_build_aborts_on_panic_instead_of_unwinding_into_c():

@@ -11,6 +11,7 @@
 use core::ffi::{c_int, CStr};
 use core::fmt::Write as _;
 use core::sync::atomic::{AtomicBool, Ordering};
+use std::ffi::CString;
 use std::sync::OnceLock;
 
 use crate::capi::{self, PoolStats};
@@ -764,7 +765,8 @@ pub fn expand_path(pattern: &[u8], pid: u32) -> Vec<u8> {
     out
 }
 
-/// Writes the dump the dump signal asked for, where the configuration says. Monitor thread.
+/// Writes the dump the dump signal asked for, where the configuration says. Monitor thread, or
+/// the exit path.
 pub fn write_requested_dump() {
     let Some(config) = CONFIG.get() else {
         return;
@@ -774,19 +776,24 @@ pub fn write_requested_dump() {
         write_dump(crate::log::fd(), json);
         return;
     };
-    let mut path = expand_path(pattern, std::process::id());
-    path.push(0);
-    let Ok(cpath) = CStr::from_bytes_with_nul(&path) else {
+    let pid = std::process::id();
+    let path = expand_path(pattern, pid);
+    let shown = String::from_utf8_lossy(&path).into_owned();
+    // Written beside the file and renamed over it, so that a reader (or a process that ends
+    // mid-write) never sees half a dump.
+    let mut partial = path.clone();
+    partial.extend_from_slice(format!(".{pid}.partial").as_bytes());
+    let (Ok(path), Ok(partial)) = (CString::new(path), CString::new(partial)) else {
         qlog!(
             Error,
             "QVSHIM_DUMP_FILE contains a NUL byte; dump not written"
         );
         return;
     };
-    // SAFETY: cpath is NUL-terminated; the fd is closed below.
+    // SAFETY: partial is NUL-terminated; the fd is closed below.
     let fd = unsafe {
         libc::open(
-            cpath.as_ptr(),
+            partial.as_ptr(),
             libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
             0o644,
         )
@@ -794,23 +801,23 @@ pub fn write_requested_dump() {
     if fd < 0 {
         qlog!(
             Error,
-            "cannot open dump file {}; dump written to the log instead",
-            cpath.to_string_lossy()
+            "cannot create dump file {shown}; dump written to the log instead"
         );
         write_dump(crate::log::fd(), json);
         return;
     }
     let written = write_dump(fd, json);
     // SAFETY: fd was opened above.
-    unsafe { libc::close(fd) };
-    if written {
-        qlog!(Info, "dump written to {}", cpath.to_string_lossy());
+    let closed = unsafe { libc::close(fd) } == 0;
+    // SAFETY: both paths are NUL-terminated.
+    let renamed =
+        written && closed && unsafe { libc::rename(partial.as_ptr(), path.as_ptr()) } == 0;
+    if renamed {
+        qlog!(Info, "dump written to {shown}");
     } else {
-        qlog!(
-            Error,
-            "writing the dump to {} failed",
-            cpath.to_string_lossy()
-        );
+        // SAFETY: partial is NUL-terminated.
+        unsafe { libc::unlink(partial.as_ptr()) };
+        qlog!(Error, "writing the dump to {shown} failed");
     }
 }
 
@@ -886,6 +893,7 @@ static EXIT_REPORTED: AtomicBool = AtomicBool::new(false);
 
 /// Writes the exit line, once per process (CPython's finalization and atexit both call this).
 pub fn report_exit_once() {
+    monitor::finish_requested_dump();
     // Written past the log's rate limit: a busy last second must not swallow the summary.
     if !EXIT_REPORTED.swap(true, Ordering::AcqRel) && crate::log::enabled(crate::log::Level::Info) {
         let line = format!("[qvshim] INFO {}\n", exit_line());

@@ -39,6 +39,10 @@ pub const PYTHON_START_POLL_MS: u64 = 20;
 
 static DOORBELL: AtomicU32 = AtomicU32::new(0);
 static DUMP_REQUESTED: AtomicBool = AtomicBool::new(false);
+/// Held while a requested dump is being written, by the monitor or by the exit path.
+static DUMP_WRITING: AtomicBool = AtomicBool::new(false);
+/// How long the exit path waits for a dump the monitor is writing.
+pub const EXIT_DUMP_WAIT_MS: u64 = 2_000;
 
 static INTERVAL_MS: AtomicU64 = AtomicU64::new(crate::config::DEFAULT_INTERVAL_MS);
 static PURGE_INTERVAL_MS: AtomicU64 = AtomicU64::new(crate::config::DEFAULT_PURGE_INTERVAL_MS);
@@ -67,6 +71,42 @@ pub fn ring() {
 pub fn request_dump() {
     DUMP_REQUESTED.store(true, Ordering::Release);
     ring();
+}
+
+/// Writes the requested dump, if one is requested and nobody is writing one. Returns false
+/// when another thread is writing a dump now.
+fn write_requested_dump() -> bool {
+    if DUMP_WRITING
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+        .is_err()
+    {
+        return false;
+    }
+    // Taken after the writing flag is held, so that the exit path sees either the request or
+    // the writer.
+    if DUMP_REQUESTED.swap(false, Ordering::AcqRel) {
+        diag::write_requested_dump();
+    }
+    DUMP_WRITING.store(false, Ordering::Release);
+    true
+}
+
+/// At exit: finishes the dump being written and writes one still requested, so that a dump
+/// asked for just before the process ends is complete on disk. Waits at most
+/// [`EXIT_DUMP_WAIT_MS`] for the monitor.
+pub fn finish_requested_dump() {
+    let deadline = now_ms().saturating_add(EXIT_DUMP_WAIT_MS);
+    while !write_requested_dump() {
+        if now_ms() >= deadline {
+            qlog!(
+                Warn,
+                "exit: a dump was still being written; not waiting longer"
+            );
+            return;
+        }
+        // SAFETY: usleep has no memory-safety preconditions.
+        unsafe { libc::usleep(1000) };
+    }
 }
 
 pub fn configure(interval_ms: u64, purge_interval_ms: u64, system_reserve_bytes: u64) {
@@ -535,8 +575,8 @@ fn run() {
         for (index, pool_seen) in seen.iter_mut().enumerate().take(ledger::pool_count()) {
             check_pool(index, pool_seen);
         }
-        if DUMP_REQUESTED.swap(false, Ordering::AcqRel) {
-            diag::write_requested_dump();
+        if DUMP_REQUESTED.load(Ordering::Acquire) {
+            write_requested_dump();
         }
         let now = now_ms();
         let (level, pressed_pool) = highest_level();
@@ -629,6 +669,7 @@ pub fn start() {
 pub fn after_fork_child() {
     DOORBELL.store(0, Ordering::Relaxed);
     DUMP_REQUESTED.store(false, Ordering::Relaxed);
+    DUMP_WRITING.store(false, Ordering::Relaxed);
     runtime::after_fork_child();
     diag::after_fork_child();
     start();

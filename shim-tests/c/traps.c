@@ -75,6 +75,13 @@ static void shim_own_work_leaves_the_ledger_alone(void)
     fclose(sink);
 }
 
+static void dump_requested_just_before_exit(void)
+{
+    /* The monitor starts writing while main returns: the exit path must finish that dump (or
+     * write it itself), never leave an empty or half-written file. The test reads the file. */
+    EXPECT(raise(SIGUSR2) == 0, "expected raise(SIGUSR2) to succeed");
+}
+
 static void *small_allocation(void *arg)
 {
     (void)arg;
@@ -161,6 +168,7 @@ static void frees_in_thread_exit_destructors_are_counted(void)
 static const struct check_case cases[] = {
     CASE(signal_storm_during_allocation_neither_deadlocks_nor_crashes),
     CASE(shim_own_work_leaves_the_ledger_alone),
+    CASE(dump_requested_just_before_exit),
     CASE(glibc_internals_still_work_at_the_budget),
     CASE(frees_in_thread_exit_destructors_are_counted),
 };
