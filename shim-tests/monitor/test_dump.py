@@ -199,11 +199,16 @@ if pid == 0:
     held = [bytearray((1 << 20) - 4096) for _ in range(50)]   # the child crosses warn
     time.sleep(0.3)
     os.kill(os.getpid(), signal.SIGUSR2)
-    time.sleep(0.5)
+    # os._exit skips the exit path that finishes a dump, so wait for the monitor's (the file
+    # appears whole, by rename).
+    deadline = time.monotonic() + 10
+    while not os.path.exists(DUMP_PATTERN % os.getpid()) and time.monotonic() < deadline:
+        time.sleep(0.01)
     os._exit(0)
 _, status = os.waitpid(pid, 0)
 print("child", pid, status)
 """
+    code = code.replace("DUMP_PATTERN", repr(str(tmp_path / "dump-%d.json")))
     r = run_python(code, QVSHIM_BUDGET="64M", QVSHIM_DUMP_FILE=str(tmp_path / "dump-%p.json"),
                    QVSHIM_DUMP_FORMAT="json")
     assert r.returncode == 0, r.stderr
