@@ -26,8 +26,11 @@ PYTHON_PROGRAMS = [
     ("numpy_refused_with_array_memory_error.py", [], BUDGET_512M),
     ("threads_stay_under_budget_plus_reserve.py", [], BUDGET_512M),
     ("threads_leave_host_live_exact.py", [], {"QVSHIM_LOG": "error"}),
-    ("python_small_objects_counted.py", ["malloc"], {"QVSHIM_LOG": "error"}),
-    ("python_small_objects_counted.py", ["pymalloc"], {"QVSHIM_LOG": "error", "PYTHONMALLOC": "pymalloc"}),
+    ("python_small_objects_counted.py", ["unset", "counted"], {"QVSHIM_LOG": "error"}),
+    ("python_small_objects_counted.py", ["malloc", "counted"], {"QVSHIM_LOG": "error", "PYTHONMALLOC": "malloc"}),
+    ("python_small_objects_counted.py", ["pymalloc", "counted"], {"QVSHIM_LOG": "error", "PYTHONMALLOC": "pymalloc"}),
+    ("python_small_objects_counted.py", ["unset", "uncounted"], {"QVSHIM_LOG": "error", "QVSHIM_PYTHON": "off"}),
+    ("python_small_objects_meet_memoryerror.py", [], {"QVSHIM_LOG": "error", "QVSHIM_BUDGET": "256M"}),
 ]
 
 

@@ -119,6 +119,7 @@ struct Report {
     purges: Vec<PurgeRecord>,
     now_ms: u64,
     python: python::Stats,
+    arenas: runtime::arena::Stats,
     signal: Option<i32>,
     signals_raised: u64,
     signals_skipped: u64,
@@ -169,6 +170,7 @@ fn gather() -> Report {
         purges: purges.iter().take(purge_count).copied().collect(),
         now_ms,
         python: python::stats(),
+        arenas: runtime::arena::stats(),
         signal: runtime::signal::configured(),
         signals_raised,
         signals_skipped,
@@ -445,6 +447,10 @@ fn report_json(r: &Report) -> J {
                         ("last_collected", J::Int(r.python.last_collected)),
                         ("last_host_before", J::UInt(r.python.last_host_before)),
                         ("last_host_after", J::UInt(r.python.last_host_after)),
+                        ("arenas_counted", J::Bool(r.arenas.installed)),
+                        ("arenas_live", J::UInt(r.arenas.live)),
+                        ("arenas_refused", J::UInt(r.arenas.refused)),
+                        ("arenas_untracked", J::UInt(r.arenas.untracked)),
                     ]),
                 ),
                 (
@@ -681,6 +687,16 @@ fn report_text(r: &Report) -> String {
         py.cuda_cache_emptied,
         py.app_callback_runs
     );
+    let arenas = &r.arenas;
+    if arenas.installed {
+        let _ = writeln!(
+            o,
+            "         pymalloc arenas counted: {} live, {} refused by the budget, {} past the table",
+            arenas.live, arenas.refused, arenas.untracked
+        );
+    } else {
+        let _ = writeln!(o, "         pymalloc arenas not counted");
+    }
     let _ = writeln!(
         o,
         "         signal {}: raised {}, skipped (no handler) {}; C callbacks: {} registered, {} calls",

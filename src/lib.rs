@@ -84,15 +84,6 @@ fn open_append(buf: &[u8]) -> Option<i32> {
     (fd >= 0).then_some(fd)
 }
 
-/// CPython's small-object allocator takes its arenas with mmap, which the ledger does not see:
-/// route Python through malloc unless the user chose otherwise (see docs/CONFIGURATION.md).
-fn route_python_through_malloc() {
-    if env_bytes("PYTHONMALLOC").is_none() {
-        // SAFETY: both strings are NUL-terminated; overwrite is 0 so a user's value stays.
-        unsafe { libc::setenv(c"PYTHONMALLOC".as_ptr(), c"malloc".as_ptr(), 0) };
-    }
-}
-
 extern "C" fn after_fork_child() {
     ledger::after_fork_child();
     monitor::after_fork_child();
@@ -143,7 +134,7 @@ fn init() {
         settings.critical_percent,
         Bytes(host.reserve())
     );
-    route_python_through_malloc();
+    runtime::python::count_arenas_before_start();
     ledger::init_threads();
     // SAFETY: registering a plain extern "C" handler with no prepare/parent step.
     unsafe { libc::pthread_atfork(None, None, Some(after_fork_child)) };

@@ -34,14 +34,15 @@ PURGE_KEYS = {"age_ms", "pool", "reason", "level", "resident_before", "resident_
 PYTHON_KEYS = {
     "enabled", "detected", "queued", "runs", "nudge_thread_runs", "errors", "cuda_cache_emptied", "app_callback_runs",
     "last_collected", "last_host_before", "last_host_after",
+    "arenas_counted", "arenas_live", "arenas_refused", "arenas_untracked",
 }
 
-# Holds 20 blocks of 4 MiB, crosses warn with 60 more under a 256 MiB budget, then asks for a
-# dump with the dump signal and waits for the monitor to write it.
+# Holds 20 blocks of 4 MiB and 80 of 1 MiB (counted by usable size: about 200 MiB), crossing warn
+# under a 256 MiB budget, then asks for a dump with the dump signal.
 DUMP_PROGRAM = """
 import os, signal, sys, time
 held = [bytearray(4 << 20) for _ in range(20)]
-more = [bytearray(1 << 20) for _ in range(120)]
+more = [bytearray(1 << 20) for _ in range(80)]
 time.sleep(0.3)
 os.kill(os.getpid(), getattr(signal, sys.argv[1] if len(sys.argv) > 1 else "SIGUSR2"))
 time.sleep(0.5)
@@ -92,6 +93,9 @@ def test_json_dump_on_sigusr2_has_every_documented_key(tmp_path, lib):
     assert d["purges"][0]["reason"] == "level_rise"
     assert set(d["runtime"]["python"]) >= PYTHON_KEYS
     assert d["runtime"]["python"]["detected"] is True
+    # The dump program's Python objects live in pymalloc arenas the shim counts.
+    assert d["runtime"]["python"]["arenas_counted"] is True
+    assert d["runtime"]["python"]["arenas_live"] >= 1
     assert set(d["runtime"]["signal"]) >= {"signal", "raised", "skipped_no_handler"}
     assert set(d["runtime"]["callbacks"]) >= {"registered", "calls"}
 
@@ -101,7 +105,7 @@ def test_text_dump_is_a_readable_table(tmp_path, lib):
     assert f"dump: pid {pid}" in text
     for heading in ("config: budget 256.00 MiB", "pool    level", "jemalloc: allocated",
                     "process:  rss", "system:   total", "last purges (newest first):",
-                    "runtime: python on (detected)", "largest live allocations (host"):
+                    "runtime: python on (detected)", "pymalloc arenas counted: ", "largest live allocations (host"):
         assert heading in text, f"missing {heading!r} in:\n{text}"
     assert re.search(r"^host\s+(warn|critical)\s+256\.00 MiB", text, re.M), text
 

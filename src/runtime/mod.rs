@@ -7,7 +7,11 @@
 //! * [`signal`]: `QVSHIM_SIGNAL` raised to the process when it has a handler for it;
 //! * [`callbacks`]: functions registered through the C API (`qvshim_on_level_change`), told of
 //!   every level change in both directions.
+//!
+//! [`arena`] is the one piece that counts rather than tells: CPython's small-object arenas,
+//! charged to the host pool through CPython's own arena allocator hook.
 
+pub mod arena;
 pub mod callbacks;
 pub mod python;
 pub mod signal;

@@ -20,6 +20,7 @@ use core::sync::atomic::{
 };
 use std::sync::OnceLock;
 
+use super::arena;
 use crate::ledger::{self, LEVEL_CRITICAL, LEVEL_WARN};
 use crate::log::Bytes;
 use crate::qlog;
@@ -286,6 +287,10 @@ extern "C" fn register_exit_report(_: *mut c_void) -> c_int {
     // SAFETY: the GIL is held in a pending call; at_python_exit takes nothing.
     let registered = unsafe { (api.at_exit)(at_python_exit) } == 0;
     AT_EXIT.store(AT_EXIT_DONE, Ordering::Release);
+    if ENABLED.load(Ordering::Relaxed) {
+        // SAFETY: the GIL is held, so no other thread is taking an arena.
+        unsafe { count_arenas("from the main thread") };
+    }
     qlog!(
         Debug,
         "CPython found; exit report {}",
@@ -296,6 +301,52 @@ extern "C" fn register_exit_report(_: *mut c_void) -> c_int {
         }
     );
     0
+}
+
+/// Installs the arena allocator that counts pymalloc's arenas (see arena.rs), when this CPython
+/// has the API for it.
+///
+/// # Safety
+/// No other thread can be taking an arena: the GIL is held, or the interpreter has not started.
+unsafe fn count_arenas(when: &str) {
+    let (Some(get), Some(set)) = (
+        symbol(c"PyObject_GetArenaAllocator"),
+        symbol(c"PyObject_SetArenaAllocator"),
+    ) else {
+        return;
+    };
+    // SAFETY: the symbols are CPython's functions of those names, with these signatures; the
+    // caller's contract covers the rest.
+    let installed = unsafe {
+        arena::install(
+            core::mem::transmute::<usize, arena::GetArenaAllocator>(get),
+            core::mem::transmute::<usize, arena::SetArenaAllocator>(set),
+        )
+    };
+    if installed {
+        qlog!(
+            Debug,
+            "counting CPython's small-object arenas (installed {when})"
+        );
+    }
+}
+
+/// At load, before `main`: when the process is a CPython that has not started yet, counts its
+/// arenas from the very first. Otherwise the first pending call in the main thread does it.
+pub fn count_arenas_before_start() {
+    if !ENABLED.load(Ordering::Relaxed) || !python_may_be_loaded() {
+        return;
+    }
+    let Some(is_initialized) = symbol(c"Py_IsInitialized") else {
+        return;
+    };
+    // SAFETY: Py_IsInitialized takes nothing and only reads a runtime flag.
+    let is_initialized = unsafe { core::mem::transmute::<usize, IsInitialized>(is_initialized) };
+    // SAFETY: as above.
+    if unsafe { is_initialized() } == 0 {
+        // SAFETY: the interpreter has not started: no thread can be taking an arena.
+        unsafe { count_arenas("at load") };
+    }
 }
 
 extern "C" fn at_python_exit() {
@@ -718,6 +769,7 @@ pub fn stats() -> Stats {
 /// In a fork child the next rise queues afresh. An entry the parent had queued stays in the
 /// child's CPython queue and runs there as a no-op (or takes the child's next request).
 pub fn after_fork_child() {
+    arena::after_fork_child();
     PENDING.store(false, Ordering::Relaxed);
     IN_QUEUE.store(false, Ordering::Relaxed);
     REQUEST_LEVEL.store(0, Ordering::Relaxed);
