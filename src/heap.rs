@@ -60,18 +60,27 @@ const INLINE_SIZE_CLASS_MAX_BYTES: usize = 1 << 40;
 
 /// The usable size jemalloc gives a request of `size` bytes at malloc's own alignment: its size
 /// class, computed as jemalloc does (`sz_s2u_compute`, 16-byte quantum, four classes per
-/// doubling) without calling into it. A unit test holds it to `nallocx` for every size class.
+/// doubling) without calling into it; requests up to [`LOOKUP_MAX_BYTES`] read it from a table,
+/// as jemalloc's own fast path does. A unit test holds it to `nallocx` for every size class.
 #[inline]
 pub fn usable_size_for(size: usize) -> usize {
+    if size <= LOOKUP_MAX_BYTES {
+        return SMALL_CLASSES[(size + 7) >> 3] as usize;
+    }
+    if size > INLINE_SIZE_CLASS_MAX_BYTES {
+        // SAFETY: nallocx only computes a size class; 0 means none fits.
+        return unsafe { je::nallocx(size, 0) };
+    }
+    size_class(size)
+}
+
+/// jemalloc's size class of `size` (at most [`INLINE_SIZE_CLASS_MAX_BYTES`]).
+const fn size_class(size: usize) -> usize {
     const LG_QUANTUM: u32 = 4;
     const LG_GROUP_CLASSES: u32 = 2;
     const TINY_CLASS_BYTES: usize = 8;
     if size <= TINY_CLASS_BYTES {
         return TINY_CLASS_BYTES;
-    }
-    if size > INLINE_SIZE_CLASS_MAX_BYTES {
-        // SAFETY: nallocx only computes a size class; 0 means none fits.
-        return unsafe { je::nallocx(size, 0) };
     }
     let lg_floor = usize::BITS - 1 - ((size << 1) - 1).leading_zeros();
     let lg_delta = if lg_floor < LG_GROUP_CLASSES + LG_QUANTUM + 1 {
@@ -82,6 +91,21 @@ pub fn usable_size_for(size: usize) -> usize {
     let mask = (1usize << lg_delta) - 1;
     (size + mask) & !mask
 }
+
+/// Requests up to this size find their size class in [`SMALL_CLASSES`].
+const LOOKUP_MAX_BYTES: usize = 4096;
+
+/// The size class of every request up to [`LOOKUP_MAX_BYTES`], indexed by `(size + 7) / 8`
+/// (every class there is a multiple of 8, so all sizes of one index share a class).
+static SMALL_CLASSES: [u16; LOOKUP_MAX_BYTES / 8 + 1] = {
+    let mut table = [0u16; LOOKUP_MAX_BYTES / 8 + 1];
+    let mut i = 0;
+    while i < table.len() {
+        table[i] = size_class(if i == 0 { 0 } else { i * 8 }) as u16;
+        i += 1;
+    }
+    table
+};
 
 /// The usable size of a request of `size` bytes aligned to `align`; 0 when none fits.
 #[inline]
@@ -102,20 +126,17 @@ const FAST_PATH_MAX_BYTES: usize = 64 << 10;
 /// the jemalloc call; anything else (no credit left, large, first call of a thread) takes
 /// [`alloc`]. The fast path charges the computed size class without reading jemalloc's counters
 /// back: for these sizes [`usable_size_for`] is exactly what jemalloc gives (unit-tested).
+///
+/// The jemalloc call is the function's last act (a tail call: no frame, no return through here).
+/// The price: when jemalloc itself fails such a request (the kernel refused it memory; jemalloc
+/// sets ENOMEM), the charge is not given back, and the ledger overstates by that block (at most
+/// 64 KiB) for the rest of the run.
 #[inline(always)]
 pub fn malloc(size: usize) -> *mut c_void {
-    if size <= FAST_PATH_MAX_BYTES {
-        let thread = ledger::host_thread();
-        let class = usable_size_for(size) as u64;
-        if thread.take_credit(class) {
-            // SAFETY: a plain allocation; jemalloc serves size 0 as its smallest class.
-            let p = unsafe { je::malloc(size) };
-            if p.is_null() {
-                thread.cancel(class);
-                set_errno(libc::ENOMEM);
-            }
-            return p;
-        }
+    if size <= FAST_PATH_MAX_BYTES && ledger::take_slotted_credit(usable_size_for(size) as u64) {
+        // SAFETY: a plain allocation; jemalloc serves size 0 as its smallest class and sets
+        // ENOMEM itself when it fails.
+        return unsafe { je::malloc(size) };
     }
     malloc_slow(size)
 }
@@ -177,8 +198,8 @@ pub fn alloc(size: usize, align: usize, zero: bool) -> *mut c_void {
 /// Frees a block from any of the allocation functions. Preserves errno: callers check errno
 /// after free-containing cleanup paths.
 ///
-/// The common case (a thread with a slot freeing a block under the tracker's threshold) stays
-/// in this short path: jemalloc's per-thread deallocated-bytes counter gives the block's usable
+/// The common case (a slotted thread with jemalloc's counters) stays in this short path, with
+/// no call but jemalloc's: the per-thread deallocated-bytes counter gives the block's usable
 /// size without a lookup. Everything else is out of line.
 ///
 /// # Safety
@@ -188,6 +209,46 @@ pub unsafe fn free(p: *mut c_void) {
     if p.is_null() {
         return;
     }
+    let Some(thread) = ledger::slotted_free() else {
+        // SAFETY: forwarded caller's contract.
+        return unsafe { free_slow(p) };
+    };
+    // SAFETY: errno and the counter are this thread's own, live while it runs.
+    let saved = unsafe { *thread.errno };
+    // SAFETY: as above.
+    let before = unsafe { *thread.deallocated };
+    // SAFETY: p is a live jemalloc block (caller's contract).
+    unsafe { je::free(p) };
+    // The thread is still slotted (jemalloc's free calls nothing of ours); the `else` is never
+    // taken but keeps this path free of assumptions.
+    let Some(thread) = ledger::slotted_free_again() else {
+        set_errno(saved);
+        return;
+    };
+    // SAFETY: as above.
+    let freed = unsafe { *thread.deallocated }.wrapping_sub(before);
+    if freed < TRACK_MIN_BYTES {
+        thread.uncharge(freed);
+    } else {
+        uncharge_tracked_slotted(thread, p, freed);
+    }
+    // SAFETY: as above.
+    unsafe { *thread.errno = saved };
+}
+
+/// A freed block large enough to be in the tracker, on free's fast path.
+#[inline(never)]
+fn uncharge_tracked_slotted(thread: ledger::SlottedFree, p: *mut c_void, freed: u64) {
+    thread.uncharge(freed);
+    tracker::on_free(p, freed);
+}
+
+/// free for a thread that is not slotted or has no jemalloc counters.
+///
+/// # Safety
+/// `p` is a live block from this module not freed before.
+#[inline(never)]
+unsafe fn free_slow(p: *mut c_void) {
     let thread = ledger::host_thread();
     let Some(before) = thread.deallocated_total() else {
         // SAFETY: forwarded caller's contract.

@@ -451,6 +451,77 @@ pub fn host_thread() -> HostThread {
         .unwrap_or(direct)
 }
 
+/// Charges `bytes` to the calling thread's credit when the thread already has a slot and the
+/// credit covers them; false (and nothing charged) otherwise. For malloc's fast path: no call,
+/// so the fast path needs no stack frame; everything else (claiming a slot) is left to the
+/// slow path.
+#[inline(always)]
+pub fn take_slotted_credit(bytes: u64) -> bool {
+    let Some(t) = thread_cache() else {
+        return false;
+    };
+    if t.state.get() != THREAD_SLOTTED {
+        return false;
+    }
+    // SAFETY: a slotted thread's pointer points into the static SLOTS table.
+    let slot = unsafe { &*t.slot.get() };
+    let credit = slot.credit.load(Ordering::Relaxed);
+    if credit < bytes as i64 {
+        return false;
+    }
+    slot.credit.store(credit - bytes as i64, Ordering::Relaxed);
+    slot.allocs
+        .store(slot.allocs.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    true
+}
+
+/// What free's fast path needs of a slotted thread whose jemalloc counters are known: its slot,
+/// jemalloc's deallocated-bytes counter, and its errno. None otherwise (free's slow path).
+#[derive(Clone, Copy)]
+pub struct SlottedFree {
+    slot: &'static Slot,
+    pub deallocated: *const u64,
+    pub errno: *mut i32,
+}
+
+#[inline(always)]
+pub fn slotted_free() -> Option<SlottedFree> {
+    let t = thread_cache()?;
+    if t.state.get() != THREAD_SLOTTED || t.deallocated.get().is_null() {
+        return None;
+    }
+    Some(SlottedFree {
+        // SAFETY: a slotted thread's pointer points into the static SLOTS table.
+        slot: unsafe { &*t.slot.get() },
+        deallocated: t.deallocated.get(),
+        errno: t.errno.get(),
+    })
+}
+
+/// [`slotted_free`] again after the jemalloc call, for a thread that was slotted before it:
+/// reading the thread-local block anew costs less than keeping three pointers in callee-saved
+/// registers across the call.
+#[inline(always)]
+pub fn slotted_free_again() -> Option<SlottedFree> {
+    slotted_free()
+}
+
+impl SlottedFree {
+    /// Returns `bytes` of a freed block to the thread's credit.
+    #[inline(always)]
+    pub fn uncharge(self, bytes: u64) {
+        let slot = self.slot;
+        slot.frees
+            .store(slot.frees.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        let credit = slot.credit.load(Ordering::Relaxed) + bytes as i64;
+        if credit > CREDIT_MAX_BYTES as i64 {
+            return_surplus_credit(slot, credit);
+        } else {
+            slot.credit.store(credit, Ordering::Relaxed);
+        }
+    }
+}
+
 impl HostThread {
     /// Charges `bytes` for a request of `requested` bytes. False means refused: the caller
     /// fails the allocation and charges nothing.
@@ -467,23 +538,6 @@ impl HostThread {
             return true;
         }
         charge_slot_from_pool(slot, credit, bytes, requested)
-    }
-
-    /// Charges `bytes` from the thread's credit when it covers them; false (and nothing
-    /// charged) otherwise, or when the thread has no slot.
-    #[inline(always)]
-    pub fn take_credit(self, bytes: u64) -> bool {
-        let Some(slot) = self.slot else {
-            return false;
-        };
-        let credit = slot.credit.load(Ordering::Relaxed);
-        if credit < bytes as i64 {
-            return false;
-        }
-        slot.credit.store(credit - bytes as i64, Ordering::Relaxed);
-        slot.allocs
-            .store(slot.allocs.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-        true
     }
 
     /// Takes back a charge whose allocation failed.
