@@ -18,7 +18,7 @@ MIB = 1 << 20
 # Through the fake driver: device memory of 64 + 256 + 128 MiB (448 MiB of a 512 MiB GPU
 # budget: warn) and 32 MiB of pinned host memory, then the dump through the C API.
 PROGRAM = r"""
-import ctypes, sys, time
+import ctypes, json, sys, time
 cuda = ctypes.CDLL("libcuda.so.1")
 MIB = 1 << 20
 assert cuda.cuInit(0) == 0
@@ -34,9 +34,16 @@ for mib in (64, 256, 128):
     held.append(p)
 pinned = ctypes.c_void_p()
 assert cuda.cuMemHostAlloc(ctypes.byref(pinned), ctypes.c_size_t(32 * MIB), 0) == 0
-time.sleep(0.3)                      # the monitor sees the GPU pool's rise
-with open(sys.argv[1], "w") as f:
-    assert ctypes.CDLL(None).qvshim_dump(f.fileno(), 1) == 0
+# The monitor sees the GPU pool's rise: purges and tells Python (a busy machine may take a while).
+deadline = time.monotonic() + 10
+while True:
+    with open(sys.argv[1], "w") as f:
+        assert ctypes.CDLL(None).qvshim_dump(f.fileno(), 1) == 0
+    with open(sys.argv[1]) as f:
+        gpu = json.load(f)["pools"][1]
+    if (gpu["purges"] >= 1 and gpu["notifications"] >= 1) or time.monotonic() > deadline:
+        break
+    time.sleep(0.05)
 """
 
 
