@@ -172,10 +172,10 @@ errors = []
 
 def work():
     try:
-        for i in range(3000):
+        for i in range(1500):  # 375 MiB of garbage in all, three times the budget
             a = [bytearray(256 * 1024)]
             a.append(a)        # a garbage cycle of 256 KiB
-            sum(range(20000))  # and some work with it (about 0.4 ms), as a real worker does
+            sum(range(50000))  # and some work with it (about 0.5 ms here), as a real worker does
     except MemoryError:
         errors.append("MemoryError")
 
