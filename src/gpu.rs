@@ -668,7 +668,8 @@ pub unsafe fn mem_free_host(p: *mut c_void) -> CuResult {
     unsafe { real(p) }
 }
 
-/// cuMemHostRegister_v2: pinning makes the range resident and unswappable, so it is charged.
+/// cuMemHostRegister_v2: pinning makes the range resident and unswappable, so it is charged,
+/// unless it lies within a malloc'ed block the ledger already counts.
 ///
 /// # Safety
 /// The driver's contract for cuMemHostRegister_v2.
@@ -678,6 +679,13 @@ pub unsafe fn mem_host_register(p: *mut c_void, bytes: usize, flags: c_uint) -> 
         Ok(found) => found,
         Err(code) => return code,
     };
+    // Memory from malloc is counted already: pinning it adds nothing to what the process holds.
+    // Only blocks of the tracker's size are recognised; a smaller malloc'ed block registered
+    // is counted twice (docs/GPU.md).
+    if crate::tracker::host().covers(p as usize, bytes as u64) {
+        // SAFETY: the caller's arguments, forwarded.
+        return unsafe { real(p, bytes, flags) };
+    }
     charged(
         &HOST_ALLOCATIONS,
         Some(ledger::HOST),

@@ -128,6 +128,18 @@ impl Table {
         found.is_some()
     }
 
+    /// True when `[start, start + len)` lies within one tracked block. A scan of the whole
+    /// table: for rare calls only (cuMemHostRegister).
+    pub fn covers(&self, start: usize, len: u64) -> bool {
+        let end = (start as u64).saturating_add(len);
+        self.entries.iter().any(|entry| {
+            let key = entry.key.load(Ordering::Acquire);
+            key > CLAIMING
+                && key <= start
+                && end <= (key as u64).saturating_add(entry.size.load(Ordering::Relaxed))
+        })
+    }
+
     /// Blocks that could not be tracked because the table was full.
     pub fn untracked(&self) -> u64 {
         self.untracked.load(Ordering::Relaxed)

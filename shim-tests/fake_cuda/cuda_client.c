@@ -340,6 +340,28 @@ static void run_alloc(const char *kind, size_t chunk, int max) {
     printf("held_after_unknown_free %lld\n", live(pool) - before);
 }
 
+/* ---- registering memory the ledger already counts --------------------------------------------- */
+
+/* malloc'ed memory pinned with cuMemHostRegister is counted once, by malloc; a part of it too. */
+static void run_register_malloc(size_t bytes) {
+    start();
+    long long before = live(QVSHIM_POOL_HOST);
+    char *p = malloc(bytes);
+    if (p == NULL) die("malloc");
+    p[0] = p[bytes - 1] = 1;
+    long long block = live(QVSHIM_POOL_HOST) - before;
+    printf("block %lld\n", block);
+    printf("register_rc %d\n", p_mem_host_register(p, bytes, 0));
+    printf("after_register %lld\n", live(QVSHIM_POOL_HOST) - before);
+    printf("unregister_rc %d\n", p_mem_host_unregister(p));
+    printf("part_register_rc %d\n", p_mem_host_register(p + bytes / 4, bytes / 2, 0));
+    printf("after_part_register %lld\n", live(QVSHIM_POOL_HOST) - before);
+    printf("part_unregister_rc %d\n", p_mem_host_unregister(p + bytes / 4));
+    printf("after_unregister %lld\n", live(QVSHIM_POOL_HOST) - before);
+    free(p);
+    printf("after_free %lld\n", live(QVSHIM_POOL_HOST) - before);
+}
+
 /* ---- devices --------------------------------------------------------------------------------- */
 
 static void run_devices(void) {
@@ -409,7 +431,10 @@ int main(int argc, char **argv) {
     else if (argc >= 4 && strcmp(argv[1], "alloc") == 0)
         run_alloc(argv[2], (size_t)strtoull(argv[3], NULL, 10) * MIB, argc >= 5 ? atoi(argv[4]) : 64);
     else if (argc >= 2 && strcmp(argv[1], "devices") == 0) run_devices();
+    else if (argc >= 3 && strcmp(argv[1], "register_malloc") == 0)
+        run_register_malloc((size_t)strtoull(argv[2], NULL, 10) * MIB);
     else if (argc >= 4 && strcmp(argv[1], "threads") == 0) run_threads(atoi(argv[2]), atoi(argv[3]));
-    else die("usage: cuda_client lookup | alloc KIND CHUNK_MIB [MAX] | devices | threads N ROUNDS");
+    else die("usage: cuda_client lookup | alloc KIND CHUNK_MIB [MAX] | devices | threads N ROUNDS | "
+             "register_malloc MIB");
     return 0;
 }

@@ -58,6 +58,21 @@ def test_pinned_host_memory_is_charged_to_the_host_pool_and_refused_at_its_budge
     assert r.number("info_total") == gpu_total, f"pinned memory must not touch the GPU pool\n{r.describe()}"
 
 
+def test_registering_malloced_memory_does_not_count_it_twice(fake_cuda):
+    # The 64 MiB block is counted by malloc; pinning it (or a part of it) adds nothing, while
+    # registering memory the ledger never saw (an mmap, the test above) is charged.
+    r = run(["cuda_client", "register_malloc", "64"], {})
+    assert r.returncode == 0, r.describe()
+    block = r.number("block")
+    assert block >= 64 * MIB, r.describe()
+    for key in ("register_rc", "unregister_rc", "part_register_rc", "part_unregister_rc"):
+        assert r.number(key) == 0, f"{key}\n{r.describe()}"
+    for key in ("after_register", "after_part_register", "after_unregister"):
+        assert abs(r.number(key) - block) <= HOST_NOISE_BYTES, (
+            f"{key}: expected the malloc'ed block counted once (~{block}), got {r.number(key)}\n{r.describe()}")
+    assert abs(r.number("after_free")) <= HOST_NOISE_BYTES, r.describe()
+
+
 def test_free_of_a_pointer_the_shim_never_saw_is_the_drivers_business(fake_cuda):
     r = run(["cuda_client", "alloc", "alloc", "256", "2"], {"QVSHIM_GPU_BUDGET": "1G"})
     assert r.number("unknown_free_rc") == 1, f"expected the fake driver's own CUDA_ERROR_INVALID_VALUE\n{r.describe()}"
