@@ -321,6 +321,42 @@ pub struct Slot {
     frees: AtomicU64,
 }
 
+impl Slot {
+    /// Charges `bytes` to the credit when it covers them (counting one allocation); false and
+    /// nothing charged otherwise.
+    #[inline(always)]
+    fn take_credit(&self, bytes: u64) -> bool {
+        let credit = self.credit.load(Ordering::Relaxed);
+        if credit < bytes as i64 {
+            return false;
+        }
+        self.credit.store(credit - bytes as i64, Ordering::Relaxed);
+        self.allocs
+            .store(self.allocs.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        true
+    }
+
+    /// Adds `bytes` (negative: takes them) to the credit; what passes the most a thread keeps
+    /// goes back to the pool.
+    #[inline(always)]
+    fn add_credit(&self, bytes: i64) {
+        let credit = self.credit.load(Ordering::Relaxed) + bytes;
+        if credit > CREDIT_MAX_BYTES as i64 {
+            return_surplus_credit(self, credit);
+        } else {
+            self.credit.store(credit, Ordering::Relaxed);
+        }
+    }
+
+    /// Returns `bytes` of a freed block to the credit (counting one free).
+    #[inline(always)]
+    fn uncharge(&self, bytes: u64) {
+        self.frees
+            .store(self.frees.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        self.add_credit(bytes as i64);
+    }
+}
+
 static SLOTS: [CachePadded<Slot>; SLOT_COUNT] = [const {
     CachePadded::new(Slot {
         in_use: AtomicBool::new(false),
@@ -464,15 +500,7 @@ pub fn take_slotted_credit(bytes: u64) -> bool {
         return false;
     }
     // SAFETY: a slotted thread's pointer points into the static SLOTS table.
-    let slot = unsafe { &*t.slot.get() };
-    let credit = slot.credit.load(Ordering::Relaxed);
-    if credit < bytes as i64 {
-        return false;
-    }
-    slot.credit.store(credit - bytes as i64, Ordering::Relaxed);
-    slot.allocs
-        .store(slot.allocs.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-    true
+    unsafe { &*t.slot.get() }.take_credit(bytes)
 }
 
 /// What free's fast path needs of a slotted thread whose jemalloc counters are known: its slot,
@@ -498,27 +526,11 @@ pub fn slotted_free() -> Option<SlottedFree> {
     })
 }
 
-/// [`slotted_free`] again after the jemalloc call, for a thread that was slotted before it:
-/// reading the thread-local block anew costs less than keeping three pointers in callee-saved
-/// registers across the call.
-#[inline(always)]
-pub fn slotted_free_again() -> Option<SlottedFree> {
-    slotted_free()
-}
-
 impl SlottedFree {
     /// Returns `bytes` of a freed block to the thread's credit.
     #[inline(always)]
     pub fn uncharge(self, bytes: u64) {
-        let slot = self.slot;
-        slot.frees
-            .store(slot.frees.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-        let credit = slot.credit.load(Ordering::Relaxed) + bytes as i64;
-        if credit > CREDIT_MAX_BYTES as i64 {
-            return_surplus_credit(slot, credit);
-        } else {
-            slot.credit.store(credit, Ordering::Relaxed);
-        }
+        self.slot.uncharge(bytes);
     }
 }
 
@@ -530,14 +542,7 @@ impl HostThread {
         let Some(slot) = self.slot else {
             return charge_pool_directly(bytes, requested);
         };
-        let credit = slot.credit.load(Ordering::Relaxed);
-        slot.allocs
-            .store(slot.allocs.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-        if credit >= bytes as i64 {
-            slot.credit.store(credit - bytes as i64, Ordering::Relaxed);
-            return true;
-        }
-        charge_slot_from_pool(slot, credit, bytes, requested)
+        slot.take_credit(bytes) || charge_slot_from_pool(slot, bytes, requested)
     }
 
     /// Takes back a charge whose allocation failed.
@@ -547,7 +552,7 @@ impl HostThread {
             Some(slot) => {
                 slot.allocs
                     .store(slot.allocs.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
-                self.add_credit(slot, bytes as i64);
+                slot.add_credit(bytes as i64);
             }
             None => {
                 let pool = host();
@@ -564,7 +569,7 @@ impl HostThread {
             return;
         }
         match self.slot {
-            Some(slot) => self.add_credit(slot, charged as i64 - actual as i64),
+            Some(slot) => slot.add_credit(charged as i64 - actual as i64),
             None if actual > charged => host().force_commit(actual - charged),
             None => host().release(charged - actual),
         }
@@ -574,22 +579,8 @@ impl HostThread {
     #[inline(always)]
     pub fn uncharge(self, bytes: u64) {
         match self.slot {
-            Some(slot) => {
-                slot.frees
-                    .store(slot.frees.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-                self.add_credit(slot, bytes as i64);
-            }
+            Some(slot) => slot.uncharge(bytes),
             None => uncharge_pool_directly(bytes),
-        }
-    }
-
-    #[inline(always)]
-    fn add_credit(self, slot: &Slot, bytes: i64) {
-        let credit = slot.credit.load(Ordering::Relaxed) + bytes;
-        if credit > CREDIT_MAX_BYTES as i64 {
-            return_surplus_credit(slot, credit);
-        } else {
-            slot.credit.store(credit, Ordering::Relaxed);
         }
     }
 
@@ -652,8 +643,9 @@ fn charge_pool_directly(bytes: u64, requested: u64) -> bool {
 /// the budget will not give a chunk, exactly what is missing; small requests may then dip into
 /// the reserve, and only for exactly what they need.
 #[cold]
-fn charge_slot_from_pool(slot: &Slot, credit: i64, bytes: u64, requested: u64) -> bool {
+fn charge_slot_from_pool(slot: &Slot, bytes: u64, requested: u64) -> bool {
     let pool = host();
+    let credit = slot.credit.load(Ordering::Relaxed);
     let missing = (bytes as i64 - credit) as u64;
     // The chunk stays with this thread as credit: not counted into the peak.
     let granted =
@@ -662,13 +654,13 @@ fn charge_slot_from_pool(slot: &Slot, credit: i64, bytes: u64, requested: u64) -
         } else if pool.try_commit(missing, requested <= RESERVE_SMALL_MAX_BYTES) {
             missing
         } else {
-            slot.allocs
-                .store(slot.allocs.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
             pool.record_refusal(requested);
             return false;
         };
     slot.credit
         .store(credit + granted as i64 - bytes as i64, Ordering::Relaxed);
+    slot.allocs
+        .store(slot.allocs.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     true
 }
 
