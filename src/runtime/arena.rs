@@ -255,10 +255,107 @@ mod table {
 
 #[cfg(test)]
 mod tests {
-    use super::table;
+    use super::*;
+    use std::alloc::{alloc, dealloc, Layout};
+    use std::sync::Mutex;
+
+    /// Large enough that other test threads' allocations (charged to the same host pool in
+    /// 64 KiB chunks) cannot be mistaken for an arena's charge.
+    const FAKE_ARENA_BYTES: usize = 64 << 20;
+    const SLACK: u64 = 4 << 20;
+
+    fn layout(size: usize) -> Layout {
+        Layout::from_size_align(size, 4096).unwrap()
+    }
+
+    // A fake CPython arena allocator: jemalloc through Rust's allocator, which the ledger does
+    // not see, as it does not see pymalloc's mmaps.
+    unsafe extern "C" fn fake_alloc(_ctx: *mut c_void, size: usize) -> *mut c_void {
+        // SAFETY: a non-zero size with a valid alignment.
+        unsafe { alloc(layout(size)).cast() }
+    }
+
+    unsafe extern "C" fn fake_free(_ctx: *mut c_void, p: *mut c_void, size: usize) {
+        // SAFETY: p came from fake_alloc with this size.
+        unsafe { dealloc(p.cast(), layout(size)) }
+    }
+
+    /// The tests share the one static table (and the table test clears it): one at a time.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+    /// What `PyObject_SetArenaAllocator` was last given: (alloc, free) as addresses.
+    static SET: Mutex<(usize, usize)> = Mutex::new((0, 0));
+
+    unsafe extern "C" fn fake_get(out: *mut ArenaAllocator) {
+        // SAFETY: out is valid for writing (install passes a local).
+        unsafe {
+            *out = ArenaAllocator {
+                ctx: core::ptr::null_mut(),
+                alloc: Some(fake_alloc),
+                free: Some(fake_free),
+            }
+        };
+    }
+
+    unsafe extern "C" fn fake_set(given: *mut ArenaAllocator) {
+        // SAFETY: given is valid for reading (install passes a local).
+        let given = unsafe { *given };
+        *SET.lock().unwrap() = (
+            given.alloc.map_or(0, |f| f as usize),
+            given.free.map_or(0, |f| f as usize),
+        );
+    }
+
+    fn committed_since(start: u64) -> i64 {
+        ledger::host().committed() as i64 - start as i64
+    }
+
+    #[test]
+    fn arenas_taken_before_installation_are_never_taken_back() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        // An arena CPython took before the shim's allocator was installed: never charged.
+        // SAFETY: the fake allocator's contract.
+        let early = unsafe { fake_alloc(core::ptr::null_mut(), FAKE_ARENA_BYTES) };
+        // SAFETY: fake_get and fake_set stand for CPython's functions; nothing else takes arenas.
+        assert!(unsafe { install(fake_get, fake_set) });
+        let (set_alloc, set_free) = *SET.lock().unwrap();
+        assert_eq!(
+            set_alloc, counted_alloc as *const () as usize,
+            "the counting allocator was installed"
+        );
+        assert_eq!(set_free, counted_free as *const () as usize);
+
+        let start = ledger::host().committed();
+        // SAFETY: early came from the original allocator with this size.
+        unsafe { counted_free(core::ptr::null_mut(), early, FAKE_ARENA_BYTES) };
+        let after_early = committed_since(start);
+        assert!(
+            after_early.unsigned_abs() < SLACK,
+            "an uncharged arena was taken back: {after_early}"
+        );
+
+        // SAFETY: the counting allocator's contract.
+        let late = unsafe { counted_alloc(core::ptr::null_mut(), FAKE_ARENA_BYTES) };
+        assert!(!late.is_null());
+        let charged = committed_since(start);
+        assert!(
+            charged.abs_diff(FAKE_ARENA_BYTES as i64) < SLACK,
+            "an arena taken through the shim is charged whole: {charged}"
+        );
+        assert_eq!(stats().live, 1);
+        // SAFETY: late came from counted_alloc with this size.
+        unsafe { counted_free(core::ptr::null_mut(), late, FAKE_ARENA_BYTES) };
+        let back = committed_since(start);
+        assert!(
+            back.unsigned_abs() < SLACK,
+            "its free gives it back: {back}"
+        );
+        assert_eq!(stats().live, 0);
+    }
 
     #[test]
     fn table_remembers_and_forgets_exactly_the_addresses_put_in_and_fills_at_three_quarters() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         table::clear();
         // Addresses 1 MiB apart, and some that collide in their home slot, inserted and removed
         // in an interleaved order: every remove finds exactly what is still there.
