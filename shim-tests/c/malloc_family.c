@@ -6,6 +6,7 @@
  */
 #include "shimcheck.h"
 
+#include <sys/syscall.h>
 #include <time.h>
 
 /* Read through a volatile so the compiler cannot fold the huge requests. */
@@ -111,6 +112,52 @@ static void free_preserves_errno_for_large_block(void)
 {
     /* Large enough that jemalloc gives the pages back (madvise/munmap). */
     free_preserves_errno(64 * MIB);
+}
+
+/*
+ * free's errno contract where it can really break: jemalloc gives a freed block's pages back
+ * with madvise inside free (immediately when its decay is 0, which the test's row sets with
+ * _RJEM_MALLOC_CONF). This program's madvise comes first in symbol lookup: it makes the real
+ * call and then leaves errno changed, as any successful libc call may, so a free that does not
+ * put errno back is caught. Without it, jemalloc's free never touches errno and a free that
+ * forgot to save it would pass.
+ */
+static volatile int madvise_clobbers_errno;
+static volatile unsigned long madvise_calls_clobbered;
+
+int madvise(void *addr, size_t length, int advice)
+{
+    if (syscall(SYS_madvise, addr, length, advice) != 0)
+        return -1;
+    if (madvise_clobbers_errno) {
+        madvise_calls_clobbered++;
+        errno = EIO;
+    }
+    return 0;
+}
+
+static void free_restores_errno_that_jemalloc_changed_inside_free(void)
+{
+    const size_t sizes[] = {64 * MIB, 2 * MIB, 64 * KIB};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        size_t n = sizes[i];
+        void *p = malloc(n);
+        REQUIRE(p != NULL, "expected malloc(%zu) to succeed", n);
+        memset(p, 1, n);
+        madvise_calls_clobbered = 0;
+        madvise_clobbers_errno = 1;
+        errno = 1234;
+        free(p);
+        int after = errno;
+        madvise_clobbers_errno = 0;
+        REQUIRE(madvise_calls_clobbered > 0,
+                "expected jemalloc to give the freed %zu-byte block's pages back with madvise inside "
+                "free (the row sets dirty_decay_ms:0), saw no madvise call: errno was never put at risk",
+                n);
+        EXPECT(after == 1234,
+               "expected free of a %zu-byte block to put back errno 1234 after jemalloc's madvise "
+               "changed it, got %d", n, after);
+    }
 }
 
 static void calloc_returns_zeroed_memory_even_when_reusing_dirty_blocks(void)
@@ -676,6 +723,7 @@ static const struct check_case cases[] = {
     CASE(libc_internal_allocations_come_from_the_shim),
     CASE(malloc_of_impossible_size_returns_null_with_enomem),
     CASE(malloc_trim_returns_and_malloc_still_works),
+    CASE(free_restores_errno_that_jemalloc_changed_inside_free),
     CASE(peak_of_a_single_thread_is_exact),
 };
 
