@@ -100,6 +100,17 @@ def test_idle_model_is_unloaded_by_the_timer_and_its_memory_returns(fake, manage
     assert fake.held == 0
 
 
+def test_model_idle_for_less_than_keep_alive_stays_loaded(fake, manager):
+    models_ = manager(keep_alive=60)
+    models_.get("tts", loader(fake, 300), size=300)
+    with models_.use("vd", loader(fake, 200), size=200):
+        pass
+    # The timer looks at once when a model loads and again when a use ends; neither is old enough.
+    time.sleep(0.5)
+    assert models_.loaded() == ["tts", "vd"], f"models idle for 0.5 s of keep_alive 60 s left: {models_.loaded()}"
+    assert fake.held == 500
+
+
 def test_model_in_a_use_block_is_never_unloaded(fake, manager):
     models_ = manager(keep_alive=0.05)
     with models_.use("tts", loader(fake, 300), size=300) as model:
