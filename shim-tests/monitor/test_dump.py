@@ -210,13 +210,14 @@ if pid == 0:
         time.sleep(0.01)
     os._exit(0)
 _, status = os.waitpid(pid, 0)
-print("child", pid, status)
+time.sleep(0.3)   # time for a dump the parent must not write
+print("child", pid, status, os.getpid())
 """
     code = code.replace("DUMP_PATTERN", repr(str(tmp_path / "dump-%d.json")))
     r = run_python(code, QVSHIM_BUDGET="64M", QVSHIM_DUMP_FILE=str(tmp_path / "dump-%p.json"),
                    QVSHIM_DUMP_FORMAT="json")
     assert r.returncode == 0, r.stderr
-    _, child, status = r.stdout.split()
+    _, child, status, parent = r.stdout.split()
     assert status == "0"
     path = tmp_path / f"dump-{child}.json"
     assert path.exists(), f"the child's monitor wrote no dump; stderr:\n{r.stderr}"
@@ -225,7 +226,9 @@ print("child", pid, status)
     host = d["pools"][0]
     assert host["level"] != "normal" and host["level_changes"] >= 1
     assert d["runtime"]["python"]["runs"] >= 1, "the child's relief ran gc"
-    assert not (tmp_path / f"dump-{os.getpid()}.json").exists()
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == [f"dump-{child}.json"], (
+        f"expected only the child's dump, none by the parent (pid {parent}), found {written}")
 
 
 def test_bad_monitor_variables_print_one_line_each_and_the_program_runs(lib):
