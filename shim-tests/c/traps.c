@@ -57,20 +57,45 @@ static void signal_storm_during_allocation_neither_deadlocks_nor_crashes(void)
     alarm(0);
 }
 
+/* How long one signalled dump may take to appear before the case gives up on it. */
+#define DUMP_APPEAR_MS 10000
+
+/* Waits until the monitor has written the dump file at `path` (it appears whole, by rename). */
+static int wait_for_file(const char *path)
+{
+    for (int waited = 0; waited < DUMP_APPEAR_MS; waited++) {
+        if (access(path, F_OK) == 0)
+            return 1;
+        usleep(1000);
+    }
+    return 0;
+}
+
+/* QVSHIM_DUMP_FILE must name a plain file (the row sets it): each signalled dump is waited for
+ * before the next signal, so the 20 signals give 20 dumps instead of merging into a few, and live
+ * is compared only after the monitor has written every one. */
 static void shim_own_work_leaves_the_ledger_alone(void)
 {
     dump_fn dump = (dump_fn)dlsym(RTLD_DEFAULT, "qvshim_dump");
     REQUIRE(dump != NULL, "expected qvshim_dump to be exported by the shim");
+    const char *path = getenv("QVSHIM_DUMP_FILE");
+    REQUIRE(path != NULL && strchr(path, '%') == NULL,
+            "expected QVSHIM_DUMP_FILE to name one plain file (the test row sets it), got %s",
+            path ? path : "nothing");
     FILE *sink = fopen("/dev/null", "w");
     REQUIRE(sink != NULL, "expected /dev/null to open");
     int fd = fileno(sink);
     uint64_t before = host_live();
+    int signalled = 0;
     for (int i = 0; i < 20; i++) {
         EXPECT(dump(fd, i % 2) == 0, "expected qvshim_dump to return 0");
+        unlink(path);
         raise(SIGUSR2);
+        if (wait_for_file(path))
+            signalled++;
     }
-    /* Let the monitor write the signalled dumps. */
-    usleep(300 * 1000);
+    EXPECT(signalled == 20, "expected the monitor to write a dump for each of 20 signals, saw %d",
+           signalled);
     EXPECT_LIVE_BACK("20 dumps written by the caller and 20 by the monitor", before);
     fclose(sink);
 }
