@@ -75,6 +75,7 @@ def test_registering_malloced_memory_does_not_count_it_twice(fake_cuda):
 
 def test_free_of_a_pointer_the_shim_never_saw_is_the_drivers_business(fake_cuda):
     r = run(["cuda_client", "alloc", "alloc", "256", "2"], {"QVSHIM_GPU_BUDGET": "1G"})
+    assert r.returncode == 0, r.describe()
     assert r.number("unknown_free_rc") == 1, f"expected the fake driver's own CUDA_ERROR_INVALID_VALUE\n{r.describe()}"
     assert r.number("held_after_unknown_free") == 0, r.describe()
 
@@ -82,6 +83,7 @@ def test_free_of_a_pointer_the_shim_never_saw_is_the_drivers_business(fake_cuda)
 def test_driver_refusal_is_passed_through_and_charges_nothing(fake_cuda):
     r = run(["cuda_client", "alloc", "alloc", "256"],
             {"QVSHIM_GPU_BUDGET": "off", "FAKE_CUDA_MEMORY_MIB": "1024"})
+    assert r.returncode == 0, r.describe()
     assert (r.number("granted"), r.number("refused_rc")) == (4, CUDA_ERROR_OUT_OF_MEMORY), r.describe()
     assert r.number("pool_refusals") == 0, f"the driver refused, not the budget\n{r.describe()}"
     assert r.number("held_at_refusal") == 1 * GIB, r.describe()
@@ -120,6 +122,7 @@ def test_gpu_budget_is_resolved_per_device_and_reported_as_its_size(fake_cuda, b
 
 def test_allocations_are_charged_to_the_device_they_are_on(fake_cuda):
     r = run(["cuda_client", "devices"])
+    assert r.returncode == 0, r.describe()
     assert (r.number("alloc_on_1_rc"), r.number("create_on_1_rc")) == (0, 0), r.describe()
     assert (r.number("pool1_live"), r.number("pool2_live")) == (0, 1536 * MIB), (
         f"1 GiB cuMemAlloc on device 1 and a 512 MiB cuMemCreate located on device 1\n{r.describe()}")
