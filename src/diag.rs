@@ -15,7 +15,7 @@ use std::ffi::CString;
 use std::sync::OnceLock;
 
 use crate::capi::{self, PoolStats};
-use crate::config::Settings;
+use crate::config::{BadValue, Settings};
 use crate::ledger::{self, LEVEL_NORMAL, UNLIMITED};
 use crate::log::Bytes;
 use crate::monitor::{self, PoolName, PurgeRecord, PURGE_HISTORY};
@@ -40,11 +40,27 @@ struct Config {
 static CONFIG: OnceLock<Config> = OnceLock::new();
 
 /// Records the configuration, for the dump and the exit report. Called once at load.
+/// `dump_path` is QVSHIM_DUMP_FILE as given; an empty one names no file and is reported here.
 pub fn configure(settings: &Settings, host_budget: u64, dump_path: Option<&[u8]>) {
+    let dump_path = match dump_path {
+        Some([]) => {
+            crate::log::write_error_always(format_args!(
+                "{}",
+                BadValue {
+                    variable: "QVSHIM_DUMP_FILE",
+                    value: b"",
+                    reason: "empty, not a path",
+                    default: "the log",
+                }
+            ));
+            None
+        }
+        other => other.map(<[u8]>::to_vec),
+    };
     let _ = CONFIG.set(Config {
         settings: *settings,
         host_budget,
-        dump_path: dump_path.map(<[u8]>::to_vec),
+        dump_path,
         started_ms: monitor::now_ms(),
     });
 }

@@ -140,6 +140,11 @@ def arrange_directory(d: Path, ctx: dict) -> str:
     return str(d / "dumps")
 
 
+def arrange_empty(d: Path, ctx: dict) -> str:
+    ctx["before"] = sorted(os.listdir(d))
+    return ""
+
+
 def arrange_own_stderr(d: Path, ctx: dict) -> str:
     return "/dev/fd/2"
 
@@ -306,6 +311,15 @@ def seen_directory_refused(d, target, ctx, run):
     expect_no_partials(d)
 
 
+def seen_empty_refused_at_load(d, target, ctx, run):
+    lines = [ln for ln in shim_errors(run) if 'QVSHIM_DUMP_FILE=""' in ln and "using default" in ln]
+    assert lines, (f"expected one line at load naming QVSHIM_DUMP_FILE=\"\" and the default used"
+                   f":{run.describe()}")
+    expect_dump_in_log(run)
+    assert sorted(os.listdir(d)) == ctx["before"], (
+        f"expected no file created in the working directory {d}, found {sorted(os.listdir(d))}")
+
+
 def seen_on_own_stderr(d, target, ctx, run):
     expect_dump_in_log(run)
     expect_no_dump_lines(run)
@@ -340,6 +354,7 @@ ROWS = [
         seen_fifo_refused),
     Row("directory_is_refused_and_the_dump_goes_to_the_log", arrange_directory,
         seen_directory_refused),
+    Row("empty_value_is_a_bad_value_at_load", arrange_empty, seen_empty_refused_at_load),
     Row("own_stderr_by_its_dev_fd_name_is_written_in_place", arrange_own_stderr, seen_on_own_stderr),
     Row("non_root_user_writes_a_private_dump_in_a_sticky_directory", arrange_nothing,
         seen_written_by_other_user, uid=OTHER_UID),
