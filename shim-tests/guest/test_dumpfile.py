@@ -10,6 +10,7 @@ hang: the runs have shimrun's deadline.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -30,6 +31,8 @@ END_OF_TEXT_DUMP = "==== end of qvshim dump ===="
 PLANTED_TEXT = "planted by another user\n"
 VICTIM_TEXT = "a file the attacker wants root to overwrite\n"
 MODE_PRIVATE = 0o600
+# F_SETPIPE_SZ rounds up to one page.
+PIPE_SMALLEST_BYTES = 4096
 
 
 @pytest.fixture
@@ -126,6 +129,21 @@ def arrange_fifo_with_reader(d: Path, ctx: dict) -> str:
     fifo = d / "fifo"
     os.mkfifo(fifo, 0o600)
     ctx["reader"] = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    return str(fifo)
+
+
+def arrange_full_fifo(d: Path, ctx: dict) -> str:
+    """A FIFO whose reader never reads, its buffer already full: a write can only wait."""
+    fifo = d / "fifo"
+    os.mkfifo(fifo, 0o600)
+    ctx["reader"] = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    ctx["filler"] = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    fcntl.fcntl(ctx["filler"], fcntl.F_SETPIPE_SZ, PIPE_SMALLEST_BYTES)
+    try:
+        while True:
+            os.write(ctx["filler"], b"x" * PIPE_SMALLEST_BYTES)
+    except BlockingIOError:
+        pass
     return str(fifo)
 
 
@@ -303,6 +321,13 @@ def seen_fifo_refused(d, target, ctx, run):
     expect_dump_in_log(run)
 
 
+def seen_full_fifo_given_up(d, target, ctx, run):
+    assert stat.S_ISFIFO(os.lstat(target).st_mode), (
+        f"expected {target} to still be a FIFO after the dump:{run.describe()}")
+    expect_refusal_line(run, target, "stopped reading")
+    expect_dump_in_log(run)
+
+
 def seen_directory_refused(d, target, ctx, run):
     assert os.path.isdir(target) and not os.listdir(target), (
         f"expected the directory {target} to be left as it was:{run.describe()}")
@@ -350,6 +375,8 @@ ROWS = [
     Row("null_device_stays_a_device", arrange_null_device, seen_still_null_device),
     Row("fifo_with_a_reader_gets_the_dump_and_stays_a_fifo", arrange_fifo_with_reader,
         seen_fifo_read_whole),
+    Row("fifo_whose_reader_never_reads_is_given_up_without_hanging", arrange_full_fifo,
+        seen_full_fifo_given_up),
     Row("fifo_without_a_reader_is_refused_without_hanging", arrange_fifo_without_reader,
         seen_fifo_refused),
     Row("directory_is_refused_and_the_dump_goes_to_the_log", arrange_directory,
@@ -376,8 +403,9 @@ def test_dump_file(row, raise_program, shared_dir):
             f"{run.describe()}")
         row.seen(shared_dir, target, ctx, run)
     finally:
-        if "reader" in ctx:
-            os.close(ctx["reader"])
+        for end in ("reader", "filler"):
+            if end in ctx:
+                os.close(ctx[end])
 
 
 def test_json_dump_file_is_one_whole_object(raise_program, shared_dir):
