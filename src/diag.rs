@@ -1046,9 +1046,9 @@ fn move_into_place(temp: &CStr, path: &CStr, existed: bool) -> Result<(), String
     }
     Err(match errno() {
         libc::EEXIST => "appeared while the dump was written; left as it was".into(),
-        libc::EPERM | libc::EACCES => format!(
+        e @ (libc::EPERM | libc::EACCES) => format!(
             "cannot be replaced ({}): in a sticky directory (like /tmp) only its owner may",
-            os_error(errno())
+            os_error(e)
         ),
         e => format!("cannot be replaced ({})", os_error(e)),
     })
@@ -1240,6 +1240,27 @@ mod tests {
                 want.as_bytes(),
                 "{pattern}"
             );
+        }
+    }
+
+    #[test]
+    fn own_descriptor_names_are_recognised_and_nothing_else() {
+        let cases: &[(&str, Option<c_int>)] = &[
+            ("/dev/stdout", Some(1)),
+            ("/dev/stderr", Some(2)),
+            ("/dev/fd/7", Some(7)),
+            ("/proc/self/fd/12", Some(12)),
+            ("/dev/fd/", None),
+            ("/dev/fd/1x", None),
+            ("/dev/fd/-1", None),
+            ("/dev/fd/9999999999", None),
+            ("/dev/stderr2", None),
+            ("/dev/null", None),
+            ("/proc/1/fd/2", None),
+            ("dev/stderr", None),
+        ];
+        for (path, want) in cases {
+            assert_eq!(own_descriptor(path.as_bytes()), *want, "{path}");
         }
     }
 
