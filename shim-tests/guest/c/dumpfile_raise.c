@@ -1,0 +1,49 @@
+/*
+ * dumpfile_raise.c - asks the shim for one dump (the dump signal) and exits; the exit path
+ * finishes the dump. Used by shim-tests/guest/test_dumpfile.py.
+ *
+ *   dumpfile_raise                          just the dump
+ *   dumpfile_raise plant-link DUMP VICTIM   first plant DUMP.<pid>.partial -> VICTIM (a symlink)
+ *   dumpfile_raise plant-file DUMP UID      first plant DUMP.<pid>.partial, a 0666 file of UID
+ *
+ * The plant commands play a local attacker who guessed the temporary name the shim used to
+ * write beside DUMP (the pid is public); the test then checks the planted thing is untouched.
+ */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static const char PLANTED_TEXT[] = "planted by another user\n";
+
+int main(int argc, char **argv)
+{
+    if (argc == 4) {
+        char partial[4096];
+        snprintf(partial, sizeof partial, "%s.%d.partial", argv[2], (int)getpid());
+        if (strcmp(argv[1], "plant-link") == 0) {
+            if (symlink(argv[3], partial) != 0) {
+                perror("symlink");
+                return 2;
+            }
+        } else if (strcmp(argv[1], "plant-file") == 0) {
+            int fd = open(partial, O_WRONLY | O_CREAT | O_EXCL, 0666);
+            if (fd < 0 || write(fd, PLANTED_TEXT, strlen(PLANTED_TEXT)) < 0
+                || fchmod(fd, 0666) != 0 || fchown(fd, (uid_t)atoi(argv[3]), (gid_t)atoi(argv[3])) != 0) {
+                perror("plant-file");
+                return 2;
+            }
+            close(fd);
+        } else {
+            fprintf(stderr, "unknown command %s\n", argv[1]);
+            return 2;
+        }
+    }
+    raise(SIGUSR2);
+    printf("pid %d\n", (int)getpid());
+    return 0;
+}
