@@ -4,6 +4,13 @@
 //! Symbols are looked up with the real `dlsym` ([`real_dlsym`]), never the exported one, which
 //! would hand the shim its own wrappers back. libloading only opens the library: its `get` goes
 //! through `dlsym` by name and so would reach the hook.
+//!
+//! Never calls itself: a driver linked without `-Bsymbolic` hands out its exports as the global
+//! scope resolves them, which is this library's exports (or those of an interposer preloaded
+//! before it), and another interposer may answer anything. So no address is taken as a real
+//! function unless it lies in an object loaded after this one ([`below_us`]): the next
+//! interposer, the driver, or code in no object at all. When every answer is refused the wrapper
+//! fails with CUDA_ERROR_NOT_FOUND.
 
 use core::ffi::{c_char, c_int, c_void, CStr};
 use core::sync::atomic::{AtomicUsize, Ordering};
@@ -132,8 +139,8 @@ pub fn real_dlsym_address() -> usize {
     found
 }
 
-/// Looks `name` up in `handle` with glibc's `dlsym`. The caller glibc sees is this library,
-/// which is right for every handle but RTLD_NEXT: never pass that here.
+/// Looks `name` up in `handle` with glibc's `dlsym`. The caller glibc sees is this library, so
+/// RTLD_NEXT means the next definition after libqvshim.so.
 ///
 /// # Safety
 /// `handle` is a handle from `dlopen` or RTLD_DEFAULT; `name` is NUL-terminated.
@@ -148,14 +155,18 @@ pub unsafe fn real_dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_voi
     unsafe { dlsym(handle, name) }
 }
 
-/// The loaded driver: the real function of every wrapped form, and what `cuGetProcAddress`
-/// hands out for it (which may differ from the exported symbol).
+/// The loaded driver: the real function of every wrapped form, and the addresses by which a
+/// caller may already hold the form (any of them may be one of the shim's own exports).
 pub struct Driver {
-    /// What the wrapper calls: the form's entry from `cuGetProcAddress`, else its export.
+    /// What the wrapper calls: never an address of this library or of one loaded before it.
     real: [usize; WRAPPED_COUNT],
-    /// The two addresses by which a caller may already hold the form.
+    /// The driver's own export, through its handle.
     export: [usize; WRAPPED_COUNT],
+    /// What `cuGetProcAddress`, asked through the chain, hands out.
     by_proc: [usize; WRAPPED_COUNT],
+    /// The next definition after this library in the global scope (another interposer, or a
+    /// driver the program linked against).
+    next: [usize; WRAPPED_COUNT],
     pub ctx_get_device: Option<CtxGetDeviceFn>,
 }
 
@@ -164,6 +175,15 @@ static DRIVER: OnceLock<Option<Driver>> = OnceLock::new();
 /// The real driver, loaded on first call. None when libcuda.so.1 cannot be opened.
 pub fn driver() -> Option<&'static Driver> {
     DRIVER.get_or_init(load).as_ref()
+}
+
+/// The first of `candidates` that may be called as the real function, or 0 when none may.
+fn first_below_us(candidates: &[usize]) -> usize {
+    candidates
+        .iter()
+        .copied()
+        .find(|&address| below_us(address))
+        .unwrap_or(0)
 }
 
 fn load() -> Option<Driver> {
@@ -177,34 +197,126 @@ fn load() -> Option<Driver> {
     .ok()?;
     // The driver stays loaded for the life of the process: the wrappers may be called at any time.
     let handle = library.into_raw();
-    let lookup = |name: &CStr| {
-        // SAFETY: handle came from dlopen; name is NUL-terminated.
+    let own = |name: &CStr| {
+        // SAFETY: handle came from dlopen; name is NUL-terminated. A handle's lookup searches
+        // the driver and its dependencies, never the preloaded libraries.
         unsafe { real_dlsym(handle, name.as_ptr()) as usize }
     };
+    let next = |name: &CStr| {
+        // SAFETY: name is NUL-terminated; RTLD_NEXT from here means after libqvshim.so.
+        unsafe { real_dlsym(libc::RTLD_NEXT, name.as_ptr()) as usize }
+    };
+    // The lookup goes down the chain: a later interposer's cuGetProcAddress swaps in its hooks.
     let get_proc = ProcLookup {
-        v2: lookup(c"cuGetProcAddress_v2"),
-        v1: lookup(c"cuGetProcAddress"),
+        v2: first_below_us(&[next(c"cuGetProcAddress_v2"), own(c"cuGetProcAddress_v2")]),
+        v1: first_below_us(&[next(c"cuGetProcAddress"), own(c"cuGetProcAddress")]),
     };
     let mut driver = Driver {
         real: [0; WRAPPED_COUNT],
         export: [0; WRAPPED_COUNT],
         by_proc: [0; WRAPPED_COUNT],
+        next: [0; WRAPPED_COUNT],
         ctx_get_device: None,
     };
-    for (index, (_, form)) in FORMS.iter().enumerate() {
-        let export = lookup(form.export);
+    for (index, (wrapped, form)) in FORMS.iter().enumerate() {
+        let export = own(form.export);
+        let next_definition = next(form.export);
         let by_proc = get_proc.get(form);
         driver.export[index] = export;
         driver.by_proc[index] = by_proc;
-        driver.real[index] = if by_proc != 0 { by_proc } else { export };
+        driver.next[index] = next_definition;
+        driver.real[index] = match wrapped {
+            // The lookups themselves are the chain's, so that their answers are the ones the
+            // forms above were identified by.
+            Wrapped::GetProcAddress => get_proc.v1,
+            Wrapped::GetProcAddressV2 => get_proc.v2,
+            _ => first_below_us(&[by_proc, next_definition, export]),
+        };
     }
-    let ctx_get_device = lookup(c"cuCtxGetDevice");
+    let ctx_get_device = first_below_us(&[own(c"cuCtxGetDevice")]);
     if ctx_get_device != 0 {
         // SAFETY: cuCtxGetDevice has had this signature since CUDA 2.0.
         driver.ctx_get_device =
             Some(unsafe { core::mem::transmute::<usize, CtxGetDeviceFn>(ctx_get_device) });
     }
     Some(driver)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Where an address lives.
+
+/// An address's object, by its position in the loader's list (the program, the preloaded
+/// libraries in LD_PRELOAD order, their dependencies, then everything dlopened).
+struct Placing {
+    address: usize,
+    ours: usize,
+    /// Position of the object being visited.
+    position: usize,
+    address_at: Option<usize>,
+    ours_at: Option<usize>,
+}
+
+/// True when `address` may be called as a real driver function: it is not null, not in
+/// libqvshim.so (its exports and wrappers), and not in an object before it in the loader's list
+/// (the program, or an interposer preloaded earlier, whose hooks may call back into the shim).
+/// An object after it is the next interposer or the driver; an address in no object at all
+/// (code the driver generated) is accepted too.
+///
+/// Walks the loader's list under its lock with `dl_iterate_phdr`: no allocation, but not for a
+/// signal handler or the allocation path. Called while the driver is loaded.
+pub fn below_us(address: usize) -> bool {
+    if address == 0 {
+        return false;
+    }
+    let mut placing = Placing {
+        address,
+        ours: below_us as *const () as usize,
+        position: 0,
+        address_at: None,
+        ours_at: None,
+    };
+    /// # Safety
+    /// `info` is the loader's description of one object; `data` points to a live `Placing`.
+    unsafe extern "C" fn visit(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut c_void,
+    ) -> c_int {
+        // SAFETY: data is the Placing below, alive for the whole walk; info is the loader's.
+        let (placing, info) = unsafe { (&mut *data.cast::<Placing>(), &*info) };
+        let headers: &[libc::Elf64_Phdr] = if info.dlpi_phdr.is_null() {
+            &[]
+        } else {
+            // SAFETY: the loader gives dlpi_phnum program headers at dlpi_phdr.
+            unsafe { core::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) }
+        };
+        let holds = |address: usize| {
+            headers.iter().any(|header| {
+                let start = (info.dlpi_addr as usize).wrapping_add(header.p_vaddr as usize);
+                header.p_type == libc::PT_LOAD
+                    && address >= start
+                    && address - start < header.p_memsz as usize
+            })
+        };
+        if placing.address_at.is_none() && holds(placing.address) {
+            placing.address_at = Some(placing.position);
+        }
+        if placing.ours_at.is_none() && holds(placing.ours) {
+            placing.ours_at = Some(placing.position);
+        }
+        placing.position += 1;
+        0
+    }
+    // SAFETY: visit has dl_iterate_phdr's callback signature; placing outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(visit), (&mut placing as *mut Placing).cast()) };
+    match (placing.address_at, placing.ours_at) {
+        (Some(at), Some(ours)) => at > ours,
+        (None, _) => true,
+        // This library not found in the list: refuse only its own wrappers.
+        (Some(_), None) => !FORMS
+            .iter()
+            .any(|(form, _)| crate::interpose::cuda::wrapper(*form) as usize == address),
+    }
 }
 
 /// The driver's own `cuGetProcAddress`, `_v2` preferred.
@@ -259,7 +371,11 @@ impl Driver {
         FORMS
             .iter()
             .enumerate()
-            .find(|(index, _)| self.by_proc[*index] == address || self.export[*index] == address)
+            .find(|(index, _)| {
+                [&self.by_proc, &self.export, &self.next]
+                    .iter()
+                    .any(|known| known.get(*index) == Some(&address))
+            })
             .map(|(_, (wrapped, _))| *wrapped)
     }
 }
