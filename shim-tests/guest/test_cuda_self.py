@@ -71,19 +71,22 @@ def built(shim_library) -> dict[str, Path]:
     try:
         for name, (sources, flags) in DRIVERS.items():
             _compile(BUILD / name / "libcuda.so.1", sources, [*flags, *DRIVER_FLAGS])
-        other = _compile(BUILD / "cuda_self_other.so", [HERE / "c" / "cuda_self_other.c"],
-                         ["-fPIC", "-shared", "-fvisibility=hidden", "-pthread", "-ldl"])
+        other_flags = ["-fPIC", "-shared", "-fvisibility=hidden", "-pthread", "-ldl"]
+        other = _compile(BUILD / "cuda_self_other.so", [HERE / "c" / "cuda_self_other.c"], other_flags)
+        calling_back = _compile(BUILD / "cuda_self_other_global.so", [HERE / "c" / "cuda_self_other.c"],
+                                ["-DREAL_THROUGH_GLOBAL_SCOPE", *other_flags])
         client = _compile(BUILD / "cuda_self_client", [HERE / "c" / "cuda_self_client.c"], ["-ldl"])
         direct = _compile(BUILD / "cuda_self_client_direct", [HERE / "c" / "cuda_self_client.c"],
                           ["-DDIRECT_LINK", f"-L{BUILD / 'symbolic'}", "-l:libcuda.so.1", "-ldl"])
     except RuntimeError as error:
         pytest.fail(str(error))
-    return {"shim": shim_library, "other": other, "client": client, "direct": direct}
+    return {"shim": shim_library, "other": other, "calling_back": calling_back, "client": client,
+            "direct": direct}
 
 
-def _preload(order: str, built: dict[str, Path]) -> str:
-    shim, other = str(built["shim"]), str(built["other"])
-    return {"shim": shim, "other_then_shim": f"{other} {shim}", "shim_then_other": f"{shim} {other}"}[order]
+def _preload(order: str, built: dict[str, Path], other: str = "other") -> str:
+    shim, second = str(built["shim"]), str(built[other])
+    return {"shim": shim, "other_then_shim": f"{second} {shim}", "shim_then_other": f"{shim} {second}"}[order]
 
 
 def _facts(stdout: str) -> dict[str, str]:
@@ -99,11 +102,25 @@ def _facts(stdout: str) -> dict[str, str]:
 @pytest.mark.parametrize("route,form", ROWS)
 def test_allocation_reaches_the_driver_once_within_budget_and_is_refused_past_it(built, route, form,
                                                                                  driver, order):
+    _expect_budget_held(built, route, form, driver, order, "other")
+
+
+@pytest.mark.parametrize("driver", list(DRIVERS))
+@pytest.mark.parametrize("route,form", ROWS)
+def test_interposer_after_the_shim_calling_back_through_the_global_scope_ends_in_the_driver(
+        built, route, form, driver):
+    """The second interposer takes its real functions with dlsym(RTLD_DEFAULT), which finds the
+    shim's exports again: each of its calls comes back into the shim from below, and the shim
+    must send it to the driver, uncharged, instead of round the loop."""
+    _expect_budget_held(built, route, form, driver, "shim_then_other", "calling_back")
+
+
+def _expect_budget_held(built, route: str, form: str, driver: str, order: str, other: str) -> None:
     program = built["direct" if route == "direct" else "client"]
-    env = {"LD_PRELOAD": _preload(order, built), "LD_LIBRARY_PATH": str(BUILD / driver),
+    env = {"LD_PRELOAD": _preload(order, built, other), "LD_LIBRARY_PATH": str(BUILD / driver),
            "QVSHIM_GPU_BUDGET": BUDGET}
     result = shimrun.run([program, route, form, str(CHUNK_MIB), str(MAX_TRIES)], env, preload=False)
-    case = f"{route}/{form} with the {driver} driver, preload {order}"
+    case = f"{route}/{form} with the {driver} driver, preload {order} ({other})"
     assert result.returncode == 0 and not result.timed_out, (
         f"{case}: expected exit 0 (a recursion ends in SIGSEGV), got {result.exit_text()}"
         f"{result.describe()}")

@@ -6,7 +6,10 @@
  *
  * Its real functions are the next definition after it (dlsym(RTLD_NEXT)), else the driver's own
  * export through the driver's handle: preloaded before libqvshim.so it calls the shim's exports,
- * after it the driver. other_cuda_calls(name) says how often the hook `name` ran.
+ * after it the driver. Built with -DREAL_THROUGH_GLOBAL_SCOPE it takes them with
+ * dlsym(RTLD_DEFAULT) instead: preloaded after the shim, that is the shim's export again, so
+ * every call comes back into the shim from below. other_cuda_calls(name) says how often the hook
+ * `name` ran.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -40,7 +43,11 @@ static void *next(enum hook h) {
     pthread_mutex_lock(&lock);
     calls[h]++;
     if (!real[h]) {
+#ifdef REAL_THROUGH_GLOBAL_SCOPE
+        real[h] = glibc_dlsym()(RTLD_DEFAULT, names[h]);
+#else
         real[h] = glibc_dlsym()(RTLD_NEXT, names[h]);
+#endif
         if (!real[h]) {
             void *driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
             if (driver) real[h] = glibc_dlsym()(driver, names[h]);
