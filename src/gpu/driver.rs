@@ -10,8 +10,12 @@
 //! before it), and another interposer may answer anything. So no address is taken as a real
 //! function unless it lies in an object loaded after this one ([`below_us`]): the next
 //! interposer, the driver, or code in no object at all. When every answer is refused the wrapper
-//! fails with CUDA_ERROR_NOT_FOUND.
+//! fails with CUDA_ERROR_NOT_FOUND. And since a function below the shim may still come back
+//! into it (an interposer that looks its real functions up with RTLD_DEFAULT finds the shim's
+//! exports), a wrapper entered while its thread is already inside the driver for a wrapper goes
+//! to the driver's own export, uncharged ([`Inside`]).
 
+use core::cell::Cell;
 use core::ffi::{c_char, c_int, c_void, CStr};
 use core::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -167,14 +171,57 @@ pub struct Driver {
     /// The next definition after this library in the global scope (another interposer, or a
     /// driver the program linked against).
     next: [usize; WRAPPED_COUNT],
+    /// What the driver's own `cuGetProcAddress` hands out, when the chain's is another's.
+    by_driver_proc: [usize; WRAPPED_COUNT],
+    /// What a call that came back from below goes to: the driver's own export.
+    floor: [usize; WRAPPED_COUNT],
     pub ctx_get_device: Option<CtxGetDeviceFn>,
 }
 
 static DRIVER: OnceLock<Option<Driver>> = OnceLock::new();
 
 /// The real driver, loaded on first call. None when libcuda.so.1 cannot be opened.
+///
+/// Only from outside the driver ([`Inside::enter`] at depth 0): a call that comes back while the
+/// driver is being loaded would wait for its own load.
 pub fn driver() -> Option<&'static Driver> {
     DRIVER.get_or_init(load).as_ref()
+}
+
+/// The driver if it is loaded already; never loads it, never waits.
+pub fn loaded() -> Option<&'static Driver> {
+    DRIVER.get().and_then(Option::as_ref)
+}
+
+thread_local! {
+    /// How many wrappers this thread is inside, each calling down into the driver (or loading
+    /// it). Const-initialised and without a destructor: no allocation, no registration.
+    static DEPTH: Cell<u8> = const { Cell::new(0) };
+}
+
+/// Marks the calling thread as inside a wrapper's call to the driver until dropped.
+pub struct Inside {
+    depth_before: u8,
+}
+
+impl Inside {
+    /// Enters; [`Inside::depth_before`] says whether the thread was inside already.
+    pub fn enter() -> Inside {
+        let depth_before = DEPTH.get();
+        DEPTH.set(depth_before.saturating_add(1));
+        Inside { depth_before }
+    }
+
+    /// 0 for a call from the program; more for one that came back from below the shim.
+    pub fn depth_before(&self) -> u8 {
+        self.depth_before
+    }
+}
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        DEPTH.set(self.depth_before);
+    }
 }
 
 /// The first of `candidates` that may be called as the real function, or 0 when none may.
@@ -211,11 +258,17 @@ fn load() -> Option<Driver> {
         v2: first_below_us(&[next(c"cuGetProcAddress_v2"), own(c"cuGetProcAddress_v2")]),
         v1: first_below_us(&[next(c"cuGetProcAddress"), own(c"cuGetProcAddress")]),
     };
+    let driver_proc = ProcLookup {
+        v2: first_below_us(&[own(c"cuGetProcAddress_v2")]),
+        v1: first_below_us(&[own(c"cuGetProcAddress")]),
+    };
     let mut driver = Driver {
         real: [0; WRAPPED_COUNT],
         export: [0; WRAPPED_COUNT],
         by_proc: [0; WRAPPED_COUNT],
         next: [0; WRAPPED_COUNT],
+        by_driver_proc: [0; WRAPPED_COUNT],
+        floor: [0; WRAPPED_COUNT],
         ctx_get_device: None,
     };
     for (index, (wrapped, form)) in FORMS.iter().enumerate() {
@@ -225,6 +278,10 @@ fn load() -> Option<Driver> {
         driver.export[index] = export;
         driver.by_proc[index] = by_proc;
         driver.next[index] = next_definition;
+        if get_proc.v2 != driver_proc.v2 || get_proc.v1 != driver_proc.v1 {
+            driver.by_driver_proc[index] = driver_proc.get(form);
+        }
+        driver.floor[index] = first_below_us(&[export]);
         driver.real[index] = match wrapped {
             // The lookups themselves are the chain's, so that their answers are the ones the
             // forms above were identified by.
@@ -363,6 +420,11 @@ impl Driver {
         self.real.get(form as usize).copied().unwrap_or(0)
     }
 
+    /// The driver's own export of `form`, for a call that came back from below; 0 when none.
+    pub fn floor(&self, form: Wrapped) -> usize {
+        self.floor.get(form as usize).copied().unwrap_or(0)
+    }
+
     /// The wrapped form a driver function address belongs to, if it is one the shim wraps.
     pub fn identify(&self, address: usize) -> Option<Wrapped> {
         if address == 0 {
@@ -372,9 +434,14 @@ impl Driver {
             .iter()
             .enumerate()
             .find(|(index, _)| {
-                [&self.by_proc, &self.export, &self.next]
-                    .iter()
-                    .any(|known| known.get(*index) == Some(&address))
+                [
+                    &self.by_proc,
+                    &self.export,
+                    &self.next,
+                    &self.by_driver_proc,
+                ]
+                .iter()
+                .any(|known| known.get(*index) == Some(&address))
             })
             .map(|(_, (wrapped, _))| *wrapped)
     }
@@ -404,6 +471,48 @@ mod tests {
         for (name, want) in cases {
             assert_eq!(Wrapped::by_export_name(name), *want, "{name:?}");
         }
+    }
+
+    #[test]
+    fn only_addresses_loaded_after_this_library_may_be_called_as_real() {
+        let ours = below_us as *const () as usize;
+        let libc_function = libc::getpid as *const () as usize;
+        let in_no_object = Box::into_raw(Box::new(0u64)) as usize;
+        // (candidates, the one taken): an address of ours is never taken, whatever its place.
+        let cases: &[(&[usize], usize)] = &[
+            (&[ours], 0),
+            (&[0], 0),
+            (&[ours, 0], 0),
+            (&[ours, libc_function], libc_function),
+            (&[0, ours, in_no_object], in_no_object),
+            (&[libc_function, ours], libc_function),
+        ];
+        for (candidates, want) in cases {
+            assert_eq!(first_below_us(candidates), *want, "{candidates:x?}");
+        }
+        // SAFETY: made by Box::into_raw above, freed once.
+        drop(unsafe { Box::from_raw(in_no_object as *mut u64) });
+    }
+
+    #[test]
+    fn calls_inside_the_driver_know_their_depth() {
+        let outer = Inside::enter();
+        assert_eq!(outer.depth_before(), 0, "a call from the program");
+        {
+            let from_below = Inside::enter();
+            assert_eq!(
+                from_below.depth_before(),
+                1,
+                "a call that came back from below"
+            );
+        }
+        assert_eq!(
+            Inside::enter().depth_before(),
+            1,
+            "leaving restores the depth"
+        );
+        drop(outer);
+        assert_eq!(Inside::enter().depth_before(), 0);
     }
 
     #[test]
