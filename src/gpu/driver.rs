@@ -8,7 +8,7 @@
 //! Never calls itself: a driver linked without `-Bsymbolic` hands out its exports as the global
 //! scope resolves them, which is this library's exports (or those of an interposer preloaded
 //! before it), and another interposer may answer anything. So no address is taken as a real
-//! function unless it lies in an object loaded after this one ([`below_us`]): the next
+//! function unless it lies in an object loaded after this one ([`Callable`]): the next
 //! interposer, the driver, or code in no object at all. When every answer is refused the wrapper
 //! fails with CUDA_ERROR_NOT_FOUND. And since a function below the shim may still come back
 //! into it (an interposer that looks its real functions up with RTLD_DEFAULT finds the shim's
@@ -224,15 +224,6 @@ impl Drop for Inside {
     }
 }
 
-/// The first of `candidates` that may be called as the real function, or 0 when none may.
-fn first_below_us(candidates: &[usize]) -> usize {
-    candidates
-        .iter()
-        .copied()
-        .find(|&address| below_us(address))
-        .unwrap_or(0)
-}
-
 fn load() -> Option<Driver> {
     // SAFETY: opening the CUDA driver runs its initialisers, which expect nothing from us.
     let library = unsafe {
@@ -253,14 +244,20 @@ fn load() -> Option<Driver> {
         // SAFETY: name is NUL-terminated; RTLD_NEXT from here means after libqvshim.so.
         unsafe { real_dlsym(libc::RTLD_NEXT, name.as_ptr()) as usize }
     };
+    let driver_code = [c"cuGetProcAddress_v2", c"cuGetProcAddress", c"cuInit"]
+        .iter()
+        .map(|name| own(name))
+        .find(|&address| address != 0)
+        .unwrap_or(0);
+    let callable = Callable::for_driver_at(driver_code);
     // The lookup goes down the chain: a later interposer's cuGetProcAddress swaps in its hooks.
     let get_proc = ProcLookup {
-        v2: first_below_us(&[next(c"cuGetProcAddress_v2"), own(c"cuGetProcAddress_v2")]),
-        v1: first_below_us(&[next(c"cuGetProcAddress"), own(c"cuGetProcAddress")]),
+        v2: callable.first(&[next(c"cuGetProcAddress_v2"), own(c"cuGetProcAddress_v2")]),
+        v1: callable.first(&[next(c"cuGetProcAddress"), own(c"cuGetProcAddress")]),
     };
     let driver_proc = ProcLookup {
-        v2: first_below_us(&[own(c"cuGetProcAddress_v2")]),
-        v1: first_below_us(&[own(c"cuGetProcAddress")]),
+        v2: callable.first(&[own(c"cuGetProcAddress_v2")]),
+        v1: callable.first(&[own(c"cuGetProcAddress")]),
     };
     let mut driver = Driver {
         real: [0; WRAPPED_COUNT],
@@ -281,16 +278,16 @@ fn load() -> Option<Driver> {
         if get_proc.v2 != driver_proc.v2 || get_proc.v1 != driver_proc.v1 {
             driver.by_driver_proc[index] = driver_proc.get(form);
         }
-        driver.floor[index] = first_below_us(&[export]);
+        driver.floor[index] = callable.first(&[export]);
         driver.real[index] = match wrapped {
             // The lookups themselves are the chain's, so that their answers are the ones the
             // forms above were identified by.
             Wrapped::GetProcAddress => get_proc.v1,
             Wrapped::GetProcAddressV2 => get_proc.v2,
-            _ => first_below_us(&[by_proc, next_definition, export]),
+            _ => callable.first(&[by_proc, next_definition, export]),
         };
     }
-    let ctx_get_device = first_below_us(&[own(c"cuCtxGetDevice")]);
+    let ctx_get_device = callable.first(&[own(c"cuCtxGetDevice")]);
     if ctx_get_device != 0 {
         // SAFETY: cuCtxGetDevice has had this signature since CUDA 2.0.
         driver.ctx_get_device =
@@ -313,21 +310,15 @@ struct Placing {
     ours_at: Option<usize>,
 }
 
-/// True when `address` may be called as a real driver function: it is not null, not in
-/// libqvshim.so (its exports and wrappers), and not in an object before it in the loader's list
-/// (the program, or an interposer preloaded earlier, whose hooks may call back into the shim).
-/// An object after it is the next interposer or the driver; an address in no object at all
-/// (code the driver generated) is accepted too.
+/// The positions in the loader's list of the object holding `address` and of this library;
+/// None for an address in no object (or a library the list does not show).
 ///
 /// Walks the loader's list under its lock with `dl_iterate_phdr`: no allocation, but not for a
 /// signal handler or the allocation path. Called while the driver is loaded.
-pub fn below_us(address: usize) -> bool {
-    if address == 0 {
-        return false;
-    }
+fn place(address: usize) -> (Option<usize>, Option<usize>) {
     let mut placing = Placing {
         address,
-        ours: below_us as *const () as usize,
+        ours: place as *const () as usize,
         position: 0,
         address_at: None,
         ours_at: None,
@@ -366,13 +357,51 @@ pub fn below_us(address: usize) -> bool {
     }
     // SAFETY: visit has dl_iterate_phdr's callback signature; placing outlives the call.
     unsafe { libc::dl_iterate_phdr(Some(visit), (&mut placing as *mut Placing).cast()) };
-    match (placing.address_at, placing.ours_at) {
-        (Some(at), Some(ours)) => at > ours,
-        (None, _) => true,
-        // This library not found in the list: refuse only its own wrappers.
-        (Some(_), None) => !FORMS
+    (placing.address_at, placing.ours_at)
+}
+
+/// Which addresses may be called as a real driver function: not null, not in libqvshim.so (its
+/// exports and wrappers), and not in an object before it in the loader's list (the program, or
+/// an interposer preloaded earlier, whose hooks may call back into the shim), except the
+/// driver's own object (before the shim only when the shim was dlopened after it). An object
+/// after the shim is the next interposer or the driver; an address in no object at all (code
+/// the driver generated) is accepted too.
+pub struct Callable {
+    driver_at: Option<usize>,
+}
+
+impl Callable {
+    /// The rule for a driver whose own code holds `driver_code` (0 when unknown).
+    pub fn for_driver_at(driver_code: usize) -> Callable {
+        let driver_at = if driver_code == 0 {
+            None
+        } else {
+            place(driver_code).0
+        };
+        Callable { driver_at }
+    }
+
+    pub fn accepts(&self, address: usize) -> bool {
+        if address == 0 {
+            return false;
+        }
+        match place(address) {
+            (Some(at), Some(ours)) => at != ours && (at > ours || Some(at) == self.driver_at),
+            (None, _) => true,
+            // This library not found in the list: refuse at least its own wrappers.
+            (Some(_), None) => !FORMS
+                .iter()
+                .any(|(form, _)| crate::interpose::cuda::wrapper(*form) as usize == address),
+        }
+    }
+
+    /// The first of `candidates` that may be called as the real function, or 0 when none may.
+    pub fn first(&self, candidates: &[usize]) -> usize {
+        candidates
             .iter()
-            .any(|(form, _)| crate::interpose::cuda::wrapper(*form) as usize == address),
+            .copied()
+            .find(|&address| self.accepts(address))
+            .unwrap_or(0)
     }
 }
 
@@ -475,7 +504,7 @@ mod tests {
 
     #[test]
     fn only_addresses_loaded_after_this_library_may_be_called_as_real() {
-        let ours = below_us as *const () as usize;
+        let ours = place as *const () as usize;
         let libc_function = libc::getpid as *const () as usize;
         let in_no_object = Box::into_raw(Box::new(0u64)) as usize;
         // (candidates, the one taken): an address of ours is never taken, whatever its place.
@@ -488,8 +517,18 @@ mod tests {
             (&[libc_function, ours], libc_function),
         ];
         for (candidates, want) in cases {
-            assert_eq!(first_below_us(candidates), *want, "{candidates:x?}");
+            assert_eq!(
+                Callable::for_driver_at(0).first(candidates),
+                *want,
+                "{candidates:x?}"
+            );
         }
+        let driver_is_libc = Callable::for_driver_at(libc_function);
+        assert!(driver_is_libc.accepts(libc::getppid as *const () as usize));
+        assert!(
+            !driver_is_libc.accepts(ours),
+            "the driver's rule never admits the shim"
+        );
         // SAFETY: made by Box::into_raw above, freed once.
         drop(unsafe { Box::from_raw(in_no_object as *mut u64) });
     }
