@@ -8,8 +8,8 @@
 //! Never calls itself: a driver linked without `-Bsymbolic` hands out its exports as the global
 //! scope resolves them, which is this library's exports (or those of an interposer preloaded
 //! before it), and another interposer may answer anything. So no address is taken as a real
-//! function unless it lies in an object loaded after this one ([`Callable`]): the next
-//! interposer, the driver, or code in no object at all. When every answer is refused the wrapper
+//! function unless it lies in an object loaded after this one, or in the driver's own object
+//! ([`Callable`]): the next interposer, the driver, or code in no object at all. When every answer is refused the wrapper
 //! fails with CUDA_ERROR_NOT_FOUND. And since a function below the shim may still come back
 //! into it (an interposer that looks its real functions up with RTLD_DEFAULT finds the shim's
 //! exports), a wrapper entered while its thread is already inside the driver for a wrapper goes
@@ -162,7 +162,8 @@ pub unsafe fn real_dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_voi
 /// The loaded driver: the real function of every wrapped form, and the addresses by which a
 /// caller may already hold the form (any of them may be one of the shim's own exports).
 pub struct Driver {
-    /// What the wrapper calls: never an address of this library or of one loaded before it.
+    /// What the wrapper calls: never an address of this library, nor of one loaded before it
+    /// but the driver ([`Callable`]); 0 when nothing qualified.
     real: [usize; WRAPPED_COUNT],
     /// The driver's own export, through its handle.
     export: [usize; WRAPPED_COUNT],
