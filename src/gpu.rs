@@ -20,7 +20,7 @@ use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use crate::config::BudgetSpec;
 use crate::ledger::{self, UNLIMITED};
 use driver::{
-    driver, CuResult, Driver, Wrapped, CUDA_ERROR_NOT_FOUND, CUDA_ERROR_NOT_INITIALIZED,
+    driver, CuResult, Driver, Inside, Wrapped, CUDA_ERROR_NOT_FOUND, CUDA_ERROR_NOT_INITIALIZED,
     CUDA_ERROR_OUT_OF_MEMORY, CUDA_SUCCESS,
 };
 use table::{Kind, Record, Table};
@@ -256,23 +256,74 @@ type GetProcAddressV2Fn =
 /// # Safety
 /// `F` is an `extern "C"` function pointer type with exactly the signature of `form`.
 unsafe fn real_call<F: Copy>(driver: &Driver, form: Wrapped) -> Option<F> {
-    let address = driver.real(form);
+    // SAFETY: forwarded caller's contract.
+    unsafe { as_function::<F>(driver.real(form)) }
+}
+
+/// `address` as the function pointer type `F`; None for 0.
+///
+/// # Safety
+/// `F` is an `extern "C"` function pointer type, and `address` is 0 or a function of that type.
+unsafe fn as_function<F: Copy>(address: usize) -> Option<F> {
     if address == 0 {
         return None;
     }
-    // SAFETY: F is a function pointer (the size of usize) for this form (caller's contract).
+    // SAFETY: F is a function pointer (the size of usize) for this address (caller's contract).
     Some(unsafe { core::mem::transmute_copy::<usize, F>(&address) })
 }
 
-/// The loaded driver and the real function of `form`, or the code to return without them.
+/// How far calls may come back into the shim from below before one is refused: each level is
+/// a driver export that itself called a wrapped name through the global scope.
+const CALLS_FROM_BELOW_MAX: u8 = 4;
+
+/// One call's way to the driver: the driver, the function to call, and whether it is charged.
+/// The thread counts as inside the driver until this is dropped, at the end of the wrapper.
+struct Resolved<F> {
+    driver: &'static Driver,
+    real: F,
+    /// False for a call that came back from below the shim: the call that went down is charged.
+    counted: bool,
+    _inside: Inside,
+}
+
+impl<F> Resolved<F> {
+    /// The pool to charge: `index`, or none for a call that came back from below.
+    fn pool(&self, index: Option<usize>) -> Option<usize> {
+        index.filter(|_| self.counted)
+    }
+}
+
+/// The loaded driver and the function to call for `form`, or the code to return without them.
+///
+/// A call from the program gets the real function (loading the driver on first use). A call
+/// that arrives while this thread is already inside a wrapper's call to the driver came back
+/// from below (a driver export or another interposer that looks up through the global scope
+/// and so finds the shim): it goes to the driver's own export, uncharged, which ends the loop;
+/// past [`CALLS_FROM_BELOW_MAX`] levels, or while the driver is still loading, it is refused.
 ///
 /// # Safety
 /// As [`real_call`].
-unsafe fn resolve<F: Copy>(form: Wrapped) -> Result<(&'static Driver, F), CuResult> {
-    let driver = driver().ok_or(CUDA_ERROR_NOT_INITIALIZED)?;
-    // SAFETY: forwarded caller's contract.
-    let real = unsafe { real_call::<F>(driver, form) }.ok_or(CUDA_ERROR_NOT_FOUND)?;
-    Ok((driver, real))
+unsafe fn resolve<F: Copy>(form: Wrapped) -> Result<Resolved<F>, CuResult> {
+    let inside = Inside::enter();
+    let (driver, address, counted) = match inside.depth_before() {
+        0 => {
+            let driver = driver().ok_or(CUDA_ERROR_NOT_INITIALIZED)?;
+            (driver, driver.real(form), true)
+        }
+        depth if depth <= CALLS_FROM_BELOW_MAX => {
+            let driver = driver::loaded().ok_or(CUDA_ERROR_NOT_INITIALIZED)?;
+            (driver, driver.floor(form), false)
+        }
+        _ => return Err(CUDA_ERROR_NOT_FOUND),
+    };
+    // SAFETY: both addresses are functions of this form (caller's contract on F).
+    let real = unsafe { as_function::<F>(address) }.ok_or(CUDA_ERROR_NOT_FOUND)?;
+    Ok(Resolved {
+        driver,
+        real,
+        counted,
+        _inside: inside,
+    })
 }
 
 /// Reads the pointer or handle a successful allocation wrote through `out`.
@@ -297,13 +348,14 @@ fn pointer_key(p: *mut c_void) -> u64 {
 /// The driver's contract for cuMemAlloc_v2.
 pub unsafe fn mem_alloc(dptr: *mut u64, bytes: usize) -> CuResult {
     // SAFETY: MemAllocFn is cuMemAlloc_v2's signature.
-    let (driver, real) = match unsafe { resolve::<MemAllocFn>(Wrapped::MemAllocV2) } {
-        Ok(found) => found,
+    let resolved = match unsafe { resolve::<MemAllocFn>(Wrapped::MemAllocV2) } {
+        Ok(resolved) => resolved,
         Err(code) => return code,
     };
+    let (driver, real) = (resolved.driver, resolved.real);
     charged(
         &DEVICE_ALLOCATIONS,
-        current_pool(driver),
+        resolved.pool(current_pool(driver)),
         Kind::Alloc,
         bytes as u64,
         // SAFETY: the caller's arguments, forwarded.
@@ -326,13 +378,14 @@ pub unsafe fn mem_alloc_pitch(
     element_size: c_uint,
 ) -> CuResult {
     // SAFETY: MemAllocPitchFn is cuMemAllocPitch_v2's signature.
-    let (driver, real) = match unsafe { resolve::<MemAllocPitchFn>(Wrapped::MemAllocPitchV2) } {
-        Ok(found) => found,
+    let resolved = match unsafe { resolve::<MemAllocPitchFn>(Wrapped::MemAllocPitchV2) } {
+        Ok(resolved) => resolved,
         Err(code) => return code,
     };
+    let (driver, real) = (resolved.driver, resolved.real);
     // SAFETY: the caller's arguments, forwarded.
     let call = || unsafe { real(dptr, pitch, width, height, element_size) };
-    let Some(index) = current_pool(driver) else {
+    let Some(index) = resolved.pool(current_pool(driver)) else {
         return call();
     };
     let Some(pool) = ledger::pool(index) else {
@@ -365,13 +418,14 @@ pub unsafe fn mem_alloc_pitch(
 /// The driver's contract for cuMemAllocManaged.
 pub unsafe fn mem_alloc_managed(dptr: *mut u64, bytes: usize, flags: c_uint) -> CuResult {
     // SAFETY: MemAllocManagedFn is cuMemAllocManaged's signature.
-    let (driver, real) = match unsafe { resolve::<MemAllocManagedFn>(Wrapped::MemAllocManaged) } {
-        Ok(found) => found,
+    let resolved = match unsafe { resolve::<MemAllocManagedFn>(Wrapped::MemAllocManaged) } {
+        Ok(resolved) => resolved,
         Err(code) => return code,
     };
+    let (driver, real) = (resolved.driver, resolved.real);
     charged(
         &DEVICE_ALLOCATIONS,
-        current_pool(driver),
+        resolved.pool(current_pool(driver)),
         Kind::Managed,
         bytes as u64,
         // SAFETY: the caller's arguments, forwarded.
@@ -393,13 +447,14 @@ pub unsafe fn mem_alloc_async(
     stream: *mut c_void,
 ) -> CuResult {
     // SAFETY: both async forms have MemAllocAsyncFn's signature.
-    let (driver, real) = match unsafe { resolve::<MemAllocAsyncFn>(form) } {
-        Ok(found) => found,
+    let resolved = match unsafe { resolve::<MemAllocAsyncFn>(form) } {
+        Ok(resolved) => resolved,
         Err(code) => return code,
     };
+    let (driver, real) = (resolved.driver, resolved.real);
     charged(
         &DEVICE_ALLOCATIONS,
-        current_pool(driver),
+        resolved.pool(current_pool(driver)),
         Kind::Async,
         bytes as u64,
         // SAFETY: the caller's arguments, forwarded.
@@ -421,13 +476,14 @@ pub unsafe fn mem_alloc_from_pool_async(
     stream: *mut c_void,
 ) -> CuResult {
     // SAFETY: both forms have MemAllocFromPoolAsyncFn's signature.
-    let (driver, real) = match unsafe { resolve::<MemAllocFromPoolAsyncFn>(form) } {
-        Ok(found) => found,
+    let resolved = match unsafe { resolve::<MemAllocFromPoolAsyncFn>(form) } {
+        Ok(resolved) => resolved,
         Err(code) => return code,
     };
+    let (driver, real) = (resolved.driver, resolved.real);
     charged(
         &DEVICE_ALLOCATIONS,
-        current_pool(driver),
+        resolved.pool(current_pool(driver)),
         Kind::Async,
         bytes as u64,
         // SAFETY: the caller's arguments, forwarded.
@@ -444,10 +500,11 @@ pub unsafe fn mem_alloc_from_pool_async(
 /// The driver's contract for cuMemFree_v2.
 pub unsafe fn mem_free(dptr: u64) -> CuResult {
     // SAFETY: MemFreeFn is cuMemFree_v2's signature.
-    let (_, real) = match unsafe { resolve::<MemFreeFn>(Wrapped::MemFreeV2) } {
-        Ok(found) => found,
+    let resolved = match unsafe { resolve::<MemFreeFn>(Wrapped::MemFreeV2) } {
+        Ok(resolved) => resolved,
         Err(code) => return code,
     };
+    let real = resolved.real;
     forget(&DEVICE_ALLOCATIONS, dptr);
     // SAFETY: the caller's argument, forwarded.
     unsafe { real(dptr) }
@@ -459,10 +516,11 @@ pub unsafe fn mem_free(dptr: u64) -> CuResult {
 /// The driver's contract for cuMemFreeAsync.
 pub unsafe fn mem_free_async(form: Wrapped, dptr: u64, stream: *mut c_void) -> CuResult {
     // SAFETY: both forms have MemFreeAsyncFn's signature.
-    let (_, real) = match unsafe { resolve::<MemFreeAsyncFn>(form) } {
-        Ok(found) => found,
+    let resolved = match unsafe { resolve::<MemFreeAsyncFn>(form) } {
+        Ok(resolved) => resolved,
         Err(code) => return code,
     };
+    let real = resolved.real;
     forget(&DEVICE_ALLOCATIONS, dptr);
     // SAFETY: the caller's arguments, forwarded.
     unsafe { real(dptr, stream) }
@@ -480,12 +538,13 @@ pub unsafe fn mem_create(
     flags: u64,
 ) -> CuResult {
     // SAFETY: MemCreateFn is cuMemCreate's signature.
-    let (driver, real) = match unsafe { resolve::<MemCreateFn>(Wrapped::MemCreate) } {
-        Ok(found) => found,
+    let resolved = match unsafe { resolve::<MemCreateFn>(Wrapped::MemCreate) } {
+        Ok(resolved) => resolved,
         Err(code) => return code,
     };
+    let (driver, real) = (resolved.driver, resolved.real);
     // SAFETY: prop is null or a CUmemAllocationProp (caller's contract).
-    let index = unsafe { location_pool(driver, prop) };
+    let index = resolved.pool(unsafe { location_pool(driver, prop) });
     charged(
         &PHYSICAL_HANDLES,
         index,
@@ -535,10 +594,11 @@ unsafe fn location_pool(driver: &Driver, prop: *const c_void) -> Option<usize> {
 /// The driver's contract for cuMemRelease.
 pub unsafe fn mem_release(handle: u64) -> CuResult {
     // SAFETY: MemReleaseFn is cuMemRelease's signature.
-    let (_, real) = match unsafe { resolve::<MemReleaseFn>(Wrapped::MemRelease) } {
-        Ok(found) => found,
+    let resolved = match unsafe { resolve::<MemReleaseFn>(Wrapped::MemRelease) } {
+        Ok(resolved) => resolved,
         Err(code) => return code,
     };
+    let real = resolved.real;
     forget(&PHYSICAL_HANDLES, handle);
     // SAFETY: the caller's argument, forwarded.
     unsafe { real(handle) }
@@ -563,10 +623,11 @@ fn budgeted_info(pool: &ledger::Pool, physical_free: u64, physical_total: u64) -
 /// The driver's contract for cuMemGetInfo_v2.
 pub unsafe fn mem_get_info(free: *mut usize, total: *mut usize) -> CuResult {
     // SAFETY: MemGetInfoFn is cuMemGetInfo_v2's signature.
-    let (driver, real) = match unsafe { resolve::<MemGetInfoFn>(Wrapped::MemGetInfoV2) } {
-        Ok(found) => found,
+    let resolved = match unsafe { resolve::<MemGetInfoFn>(Wrapped::MemGetInfoV2) } {
+        Ok(resolved) => resolved,
         Err(code) => return code,
     };
+    let (driver, real) = (resolved.driver, resolved.real);
     // SAFETY: the caller's arguments, forwarded.
     let result = unsafe { real(free, total) };
     if result != CUDA_SUCCESS || free.is_null() || total.is_null() {
@@ -590,10 +651,11 @@ pub unsafe fn mem_get_info(free: *mut usize, total: *mut usize) -> CuResult {
 /// The driver's contract for cuDeviceTotalMem_v2.
 pub unsafe fn device_total_mem(bytes: *mut usize, device: c_int) -> CuResult {
     // SAFETY: DeviceTotalMemFn is cuDeviceTotalMem_v2's signature.
-    let (driver, real) = match unsafe { resolve::<DeviceTotalMemFn>(Wrapped::DeviceTotalMemV2) } {
-        Ok(found) => found,
+    let resolved = match unsafe { resolve::<DeviceTotalMemFn>(Wrapped::DeviceTotalMemV2) } {
+        Ok(resolved) => resolved,
         Err(code) => return code,
     };
+    let (driver, real) = (resolved.driver, resolved.real);
     // SAFETY: the caller's arguments, forwarded.
     let result = unsafe { real(bytes, device) };
     if result != CUDA_SUCCESS || bytes.is_null() {
@@ -615,13 +677,14 @@ pub unsafe fn device_total_mem(bytes: *mut usize, device: c_int) -> CuResult {
 /// The driver's contract for cuMemHostAlloc.
 pub unsafe fn mem_host_alloc(pp: *mut *mut c_void, bytes: usize, flags: c_uint) -> CuResult {
     // SAFETY: MemHostAllocFn is cuMemHostAlloc's signature.
-    let (_, real) = match unsafe { resolve::<MemHostAllocFn>(Wrapped::MemHostAlloc) } {
-        Ok(found) => found,
+    let resolved = match unsafe { resolve::<MemHostAllocFn>(Wrapped::MemHostAlloc) } {
+        Ok(resolved) => resolved,
         Err(code) => return code,
     };
+    let real = resolved.real;
     charged(
         &HOST_ALLOCATIONS,
-        Some(ledger::HOST),
+        resolved.pool(Some(ledger::HOST)),
         Kind::PinnedHost,
         bytes as u64,
         // SAFETY: the caller's arguments, forwarded.
@@ -637,13 +700,14 @@ pub unsafe fn mem_host_alloc(pp: *mut *mut c_void, bytes: usize, flags: c_uint) 
 /// The driver's contract for cuMemAllocHost_v2.
 pub unsafe fn mem_alloc_host(pp: *mut *mut c_void, bytes: usize) -> CuResult {
     // SAFETY: MemAllocHostFn is cuMemAllocHost_v2's signature.
-    let (_, real) = match unsafe { resolve::<MemAllocHostFn>(Wrapped::MemAllocHostV2) } {
-        Ok(found) => found,
+    let resolved = match unsafe { resolve::<MemAllocHostFn>(Wrapped::MemAllocHostV2) } {
+        Ok(resolved) => resolved,
         Err(code) => return code,
     };
+    let real = resolved.real;
     charged(
         &HOST_ALLOCATIONS,
-        Some(ledger::HOST),
+        resolved.pool(Some(ledger::HOST)),
         Kind::PinnedHost,
         bytes as u64,
         // SAFETY: the caller's arguments, forwarded.
@@ -659,10 +723,11 @@ pub unsafe fn mem_alloc_host(pp: *mut *mut c_void, bytes: usize) -> CuResult {
 /// The driver's contract for cuMemFreeHost.
 pub unsafe fn mem_free_host(p: *mut c_void) -> CuResult {
     // SAFETY: MemFreeHostFn is cuMemFreeHost's signature.
-    let (_, real) = match unsafe { resolve::<MemFreeHostFn>(Wrapped::MemFreeHost) } {
-        Ok(found) => found,
+    let resolved = match unsafe { resolve::<MemFreeHostFn>(Wrapped::MemFreeHost) } {
+        Ok(resolved) => resolved,
         Err(code) => return code,
     };
+    let real = resolved.real;
     forget(&HOST_ALLOCATIONS, pointer_key(p));
     // SAFETY: the caller's argument, forwarded.
     unsafe { real(p) }
@@ -675,10 +740,11 @@ pub unsafe fn mem_free_host(p: *mut c_void) -> CuResult {
 /// The driver's contract for cuMemHostRegister_v2.
 pub unsafe fn mem_host_register(p: *mut c_void, bytes: usize, flags: c_uint) -> CuResult {
     // SAFETY: MemHostRegisterFn is cuMemHostRegister_v2's signature.
-    let (_, real) = match unsafe { resolve::<MemHostRegisterFn>(Wrapped::MemHostRegisterV2) } {
-        Ok(found) => found,
+    let resolved = match unsafe { resolve::<MemHostRegisterFn>(Wrapped::MemHostRegisterV2) } {
+        Ok(resolved) => resolved,
         Err(code) => return code,
     };
+    let real = resolved.real;
     // Memory from malloc is counted already: pinning it adds nothing to what the process holds.
     // Only blocks of the tracker's size are recognised; a smaller malloc'ed block registered
     // is counted twice (docs/GPU.md).
@@ -688,7 +754,7 @@ pub unsafe fn mem_host_register(p: *mut c_void, bytes: usize, flags: c_uint) -> 
     }
     charged(
         &HOST_ALLOCATIONS,
-        Some(ledger::HOST),
+        resolved.pool(Some(ledger::HOST)),
         Kind::RegisteredHost,
         bytes as u64,
         // SAFETY: the caller's arguments, forwarded.
@@ -703,10 +769,11 @@ pub unsafe fn mem_host_register(p: *mut c_void, bytes: usize, flags: c_uint) -> 
 /// The driver's contract for cuMemHostUnregister.
 pub unsafe fn mem_host_unregister(p: *mut c_void) -> CuResult {
     // SAFETY: MemHostUnregisterFn is cuMemHostUnregister's signature.
-    let (_, real) = match unsafe { resolve::<MemHostUnregisterFn>(Wrapped::MemHostUnregister) } {
-        Ok(found) => found,
+    let resolved = match unsafe { resolve::<MemHostUnregisterFn>(Wrapped::MemHostUnregister) } {
+        Ok(resolved) => resolved,
         Err(code) => return code,
     };
+    let real = resolved.real;
     forget(&HOST_ALLOCATIONS, pointer_key(p));
     // SAFETY: the caller's argument, forwarded.
     unsafe { real(p) }
@@ -744,10 +811,11 @@ pub unsafe fn get_proc_address(
     flags: u64,
 ) -> CuResult {
     // SAFETY: GetProcAddressFn is cuGetProcAddress's signature.
-    let (driver, real) = match unsafe { resolve::<GetProcAddressFn>(Wrapped::GetProcAddress) } {
-        Ok(found) => found,
+    let resolved = match unsafe { resolve::<GetProcAddressFn>(Wrapped::GetProcAddress) } {
+        Ok(resolved) => resolved,
         Err(code) => return code,
     };
+    let (driver, real) = (resolved.driver, resolved.real);
     // SAFETY: the caller's arguments, forwarded.
     let result = unsafe { real(symbol, pfn, cuda_version, flags) };
     if result == CUDA_SUCCESS {
@@ -769,10 +837,11 @@ pub unsafe fn get_proc_address_v2(
     symbol_status: *mut c_int,
 ) -> CuResult {
     // SAFETY: GetProcAddressV2Fn is cuGetProcAddress_v2's signature.
-    let (driver, real) = match unsafe { resolve::<GetProcAddressV2Fn>(Wrapped::GetProcAddressV2) } {
-        Ok(found) => found,
+    let resolved = match unsafe { resolve::<GetProcAddressV2Fn>(Wrapped::GetProcAddressV2) } {
+        Ok(resolved) => resolved,
         Err(code) => return code,
     };
+    let (driver, real) = (resolved.driver, resolved.real);
     // SAFETY: the caller's arguments, forwarded.
     let result = unsafe { real(symbol, pfn, cuda_version, flags, symbol_status) };
     if result == CUDA_SUCCESS {

@@ -4,7 +4,18 @@
 //! Symbols are looked up with the real `dlsym` ([`real_dlsym`]), never the exported one, which
 //! would hand the shim its own wrappers back. libloading only opens the library: its `get` goes
 //! through `dlsym` by name and so would reach the hook.
+//!
+//! Never calls itself: a driver linked without `-Bsymbolic` hands out its exports as the global
+//! scope resolves them, which is this library's exports (or those of an interposer preloaded
+//! before it), and another interposer may answer anything. So no address is taken as a real
+//! function unless it lies in an object loaded after this one, or in the driver's own object
+//! ([`Callable`]): the next interposer, the driver, or code in no object at all. When every answer is refused the wrapper
+//! fails with CUDA_ERROR_NOT_FOUND. And since a function below the shim may still come back
+//! into it (an interposer that looks its real functions up with RTLD_DEFAULT finds the shim's
+//! exports), a wrapper entered while its thread is already inside the driver for a wrapper goes
+//! to the driver's own export, uncharged ([`Inside`]).
 
+use core::cell::Cell;
 use core::ffi::{c_char, c_int, c_void, CStr};
 use core::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -132,8 +143,8 @@ pub fn real_dlsym_address() -> usize {
     found
 }
 
-/// Looks `name` up in `handle` with glibc's `dlsym`. The caller glibc sees is this library,
-/// which is right for every handle but RTLD_NEXT: never pass that here.
+/// Looks `name` up in `handle` with glibc's `dlsym`. The caller glibc sees is this library, so
+/// RTLD_NEXT means the next definition after libqvshim.so.
 ///
 /// # Safety
 /// `handle` is a handle from `dlopen` or RTLD_DEFAULT; `name` is NUL-terminated.
@@ -148,22 +159,70 @@ pub unsafe fn real_dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_voi
     unsafe { dlsym(handle, name) }
 }
 
-/// The loaded driver: the real function of every wrapped form, and what `cuGetProcAddress`
-/// hands out for it (which may differ from the exported symbol).
+/// The loaded driver: the real function of every wrapped form, and the addresses by which a
+/// caller may already hold the form (any of them may be one of the shim's own exports).
 pub struct Driver {
-    /// What the wrapper calls: the form's entry from `cuGetProcAddress`, else its export.
+    /// What the wrapper calls: never an address of this library, nor of one loaded before it
+    /// but the driver ([`Callable`]); 0 when nothing qualified.
     real: [usize; WRAPPED_COUNT],
-    /// The two addresses by which a caller may already hold the form.
+    /// The driver's own export, through its handle.
     export: [usize; WRAPPED_COUNT],
+    /// What `cuGetProcAddress`, asked through the chain, hands out.
     by_proc: [usize; WRAPPED_COUNT],
+    /// The next definition after this library in the global scope (another interposer, or a
+    /// driver the program linked against).
+    next: [usize; WRAPPED_COUNT],
+    /// What the driver's own `cuGetProcAddress` hands out, when the chain's is another's.
+    by_driver_proc: [usize; WRAPPED_COUNT],
+    /// What a call that came back from below goes to: the driver's own export.
+    floor: [usize; WRAPPED_COUNT],
     pub ctx_get_device: Option<CtxGetDeviceFn>,
 }
 
 static DRIVER: OnceLock<Option<Driver>> = OnceLock::new();
 
 /// The real driver, loaded on first call. None when libcuda.so.1 cannot be opened.
+///
+/// Only from outside the driver ([`Inside::enter`] at depth 0): a call that comes back while the
+/// driver is being loaded would wait for its own load.
 pub fn driver() -> Option<&'static Driver> {
     DRIVER.get_or_init(load).as_ref()
+}
+
+/// The driver if it is loaded already; never loads it, never waits.
+pub fn loaded() -> Option<&'static Driver> {
+    DRIVER.get().and_then(Option::as_ref)
+}
+
+thread_local! {
+    /// How many wrappers this thread is inside, each calling down into the driver (or loading
+    /// it). Const-initialised and without a destructor: no allocation, no registration.
+    static DEPTH: Cell<u8> = const { Cell::new(0) };
+}
+
+/// Marks the calling thread as inside a wrapper's call to the driver until dropped.
+pub struct Inside {
+    depth_before: u8,
+}
+
+impl Inside {
+    /// Enters; [`Inside::depth_before`] says whether the thread was inside already.
+    pub fn enter() -> Inside {
+        let depth_before = DEPTH.get();
+        DEPTH.set(depth_before.saturating_add(1));
+        Inside { depth_before }
+    }
+
+    /// 0 for a call from the program; more for one that came back from below the shim.
+    pub fn depth_before(&self) -> u8 {
+        self.depth_before
+    }
+}
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        DEPTH.set(self.depth_before);
+    }
 }
 
 fn load() -> Option<Driver> {
@@ -177,34 +236,174 @@ fn load() -> Option<Driver> {
     .ok()?;
     // The driver stays loaded for the life of the process: the wrappers may be called at any time.
     let handle = library.into_raw();
-    let lookup = |name: &CStr| {
-        // SAFETY: handle came from dlopen; name is NUL-terminated.
+    let own = |name: &CStr| {
+        // SAFETY: handle came from dlopen; name is NUL-terminated. A handle's lookup searches
+        // the driver and its dependencies, never the preloaded libraries.
         unsafe { real_dlsym(handle, name.as_ptr()) as usize }
     };
+    let next = |name: &CStr| {
+        // SAFETY: name is NUL-terminated; RTLD_NEXT from here means after libqvshim.so.
+        unsafe { real_dlsym(libc::RTLD_NEXT, name.as_ptr()) as usize }
+    };
+    let driver_code = [c"cuGetProcAddress_v2", c"cuGetProcAddress", c"cuInit"]
+        .iter()
+        .map(|name| own(name))
+        .find(|&address| address != 0)
+        .unwrap_or(0);
+    let callable = Callable::for_driver_at(driver_code);
+    // The lookup goes down the chain: a later interposer's cuGetProcAddress swaps in its hooks.
     let get_proc = ProcLookup {
-        v2: lookup(c"cuGetProcAddress_v2"),
-        v1: lookup(c"cuGetProcAddress"),
+        v2: callable.first(&[next(c"cuGetProcAddress_v2"), own(c"cuGetProcAddress_v2")]),
+        v1: callable.first(&[next(c"cuGetProcAddress"), own(c"cuGetProcAddress")]),
+    };
+    let driver_proc = ProcLookup {
+        v2: callable.first(&[own(c"cuGetProcAddress_v2")]),
+        v1: callable.first(&[own(c"cuGetProcAddress")]),
     };
     let mut driver = Driver {
         real: [0; WRAPPED_COUNT],
         export: [0; WRAPPED_COUNT],
         by_proc: [0; WRAPPED_COUNT],
+        next: [0; WRAPPED_COUNT],
+        by_driver_proc: [0; WRAPPED_COUNT],
+        floor: [0; WRAPPED_COUNT],
         ctx_get_device: None,
     };
-    for (index, (_, form)) in FORMS.iter().enumerate() {
-        let export = lookup(form.export);
+    for (index, (wrapped, form)) in FORMS.iter().enumerate() {
+        let export = own(form.export);
+        let next_definition = next(form.export);
         let by_proc = get_proc.get(form);
         driver.export[index] = export;
         driver.by_proc[index] = by_proc;
-        driver.real[index] = if by_proc != 0 { by_proc } else { export };
+        driver.next[index] = next_definition;
+        if get_proc.v2 != driver_proc.v2 || get_proc.v1 != driver_proc.v1 {
+            driver.by_driver_proc[index] = driver_proc.get(form);
+        }
+        driver.floor[index] = callable.first(&[export]);
+        driver.real[index] = match wrapped {
+            // The lookups themselves are the chain's, so that their answers are the ones the
+            // forms above were identified by.
+            Wrapped::GetProcAddress => get_proc.v1,
+            Wrapped::GetProcAddressV2 => get_proc.v2,
+            _ => callable.first(&[by_proc, next_definition, export]),
+        };
     }
-    let ctx_get_device = lookup(c"cuCtxGetDevice");
+    let ctx_get_device = callable.first(&[own(c"cuCtxGetDevice")]);
     if ctx_get_device != 0 {
         // SAFETY: cuCtxGetDevice has had this signature since CUDA 2.0.
         driver.ctx_get_device =
             Some(unsafe { core::mem::transmute::<usize, CtxGetDeviceFn>(ctx_get_device) });
     }
     Some(driver)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Where an address lives.
+
+/// An address's object, by its position in the loader's list (the program, the preloaded
+/// libraries in LD_PRELOAD order, their dependencies, then everything dlopened).
+struct Placing {
+    address: usize,
+    ours: usize,
+    /// Position of the object being visited.
+    position: usize,
+    address_at: Option<usize>,
+    ours_at: Option<usize>,
+}
+
+/// The positions in the loader's list of the object holding `address` and of this library;
+/// None for an address in no object (or a library the list does not show).
+///
+/// Walks the loader's list under its lock with `dl_iterate_phdr`: no allocation, but not for a
+/// signal handler or the allocation path. Called while the driver is loaded.
+fn place(address: usize) -> (Option<usize>, Option<usize>) {
+    let mut placing = Placing {
+        address,
+        ours: place as *const () as usize,
+        position: 0,
+        address_at: None,
+        ours_at: None,
+    };
+    /// # Safety
+    /// `info` is the loader's description of one object; `data` points to a live `Placing`.
+    unsafe extern "C" fn visit(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut c_void,
+    ) -> c_int {
+        // SAFETY: data is the Placing below, alive for the whole walk; info is the loader's.
+        let (placing, info) = unsafe { (&mut *data.cast::<Placing>(), &*info) };
+        let headers: &[libc::Elf64_Phdr] = if info.dlpi_phdr.is_null() {
+            &[]
+        } else {
+            // SAFETY: the loader gives dlpi_phnum program headers at dlpi_phdr.
+            unsafe { core::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) }
+        };
+        let holds = |address: usize| {
+            headers.iter().any(|header| {
+                let start = (info.dlpi_addr as usize).wrapping_add(header.p_vaddr as usize);
+                header.p_type == libc::PT_LOAD
+                    && address >= start
+                    && address - start < header.p_memsz as usize
+            })
+        };
+        if placing.address_at.is_none() && holds(placing.address) {
+            placing.address_at = Some(placing.position);
+        }
+        if placing.ours_at.is_none() && holds(placing.ours) {
+            placing.ours_at = Some(placing.position);
+        }
+        placing.position += 1;
+        0
+    }
+    // SAFETY: visit has dl_iterate_phdr's callback signature; placing outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(visit), (&mut placing as *mut Placing).cast()) };
+    (placing.address_at, placing.ours_at)
+}
+
+/// Which addresses may be called as a real driver function: not null, not in libqvshim.so (its
+/// exports and wrappers), and not in an object before it in the loader's list (the program, or
+/// an interposer preloaded earlier, whose hooks may call back into the shim), except the
+/// driver's own object (before the shim only when the shim was dlopened after it). An object
+/// after the shim is the next interposer or the driver; an address in no object at all (code
+/// the driver generated) is accepted too.
+pub struct Callable {
+    driver_at: Option<usize>,
+}
+
+impl Callable {
+    /// The rule for a driver whose own code holds `driver_code` (0 when unknown).
+    pub fn for_driver_at(driver_code: usize) -> Callable {
+        let driver_at = if driver_code == 0 {
+            None
+        } else {
+            place(driver_code).0
+        };
+        Callable { driver_at }
+    }
+
+    pub fn accepts(&self, address: usize) -> bool {
+        if address == 0 {
+            return false;
+        }
+        match place(address) {
+            (Some(at), Some(ours)) => at != ours && (at > ours || Some(at) == self.driver_at),
+            (None, _) => true,
+            // This library not found in the list: refuse at least its own wrappers.
+            (Some(_), None) => !FORMS
+                .iter()
+                .any(|(form, _)| crate::interpose::cuda::wrapper(*form) as usize == address),
+        }
+    }
+
+    /// The first of `candidates` that may be called as the real function, or 0 when none may.
+    pub fn first(&self, candidates: &[usize]) -> usize {
+        candidates
+            .iter()
+            .copied()
+            .find(|&address| self.accepts(address))
+            .unwrap_or(0)
+    }
 }
 
 /// The driver's own `cuGetProcAddress`, `_v2` preferred.
@@ -251,6 +450,11 @@ impl Driver {
         self.real.get(form as usize).copied().unwrap_or(0)
     }
 
+    /// The driver's own export of `form`, for a call that came back from below; 0 when none.
+    pub fn floor(&self, form: Wrapped) -> usize {
+        self.floor.get(form as usize).copied().unwrap_or(0)
+    }
+
     /// The wrapped form a driver function address belongs to, if it is one the shim wraps.
     pub fn identify(&self, address: usize) -> Option<Wrapped> {
         if address == 0 {
@@ -259,7 +463,16 @@ impl Driver {
         FORMS
             .iter()
             .enumerate()
-            .find(|(index, _)| self.by_proc[*index] == address || self.export[*index] == address)
+            .find(|(index, _)| {
+                [
+                    &self.by_proc,
+                    &self.export,
+                    &self.next,
+                    &self.by_driver_proc,
+                ]
+                .iter()
+                .any(|known| known.get(*index) == Some(&address))
+            })
             .map(|(_, (wrapped, _))| *wrapped)
     }
 }
@@ -288,6 +501,58 @@ mod tests {
         for (name, want) in cases {
             assert_eq!(Wrapped::by_export_name(name), *want, "{name:?}");
         }
+    }
+
+    #[test]
+    fn only_addresses_loaded_after_this_library_may_be_called_as_real() {
+        let ours = place as *const () as usize;
+        let libc_function = libc::getpid as *const () as usize;
+        let in_no_object = Box::into_raw(Box::new(0u64)) as usize;
+        // (candidates, the one taken): an address of ours is never taken, whatever its place.
+        let cases: &[(&[usize], usize)] = &[
+            (&[ours], 0),
+            (&[0], 0),
+            (&[ours, 0], 0),
+            (&[ours, libc_function], libc_function),
+            (&[0, ours, in_no_object], in_no_object),
+            (&[libc_function, ours], libc_function),
+        ];
+        for (candidates, want) in cases {
+            assert_eq!(
+                Callable::for_driver_at(0).first(candidates),
+                *want,
+                "{candidates:x?}"
+            );
+        }
+        let driver_is_libc = Callable::for_driver_at(libc_function);
+        assert!(driver_is_libc.accepts(libc::getppid as *const () as usize));
+        assert!(
+            !driver_is_libc.accepts(ours),
+            "the driver's rule never admits the shim"
+        );
+        // SAFETY: made by Box::into_raw above, freed once.
+        drop(unsafe { Box::from_raw(in_no_object as *mut u64) });
+    }
+
+    #[test]
+    fn calls_inside_the_driver_know_their_depth() {
+        let outer = Inside::enter();
+        assert_eq!(outer.depth_before(), 0, "a call from the program");
+        {
+            let from_below = Inside::enter();
+            assert_eq!(
+                from_below.depth_before(),
+                1,
+                "a call that came back from below"
+            );
+        }
+        assert_eq!(
+            Inside::enter().depth_before(),
+            1,
+            "leaving restores the depth"
+        );
+        drop(outer);
+        assert_eq!(Inside::enter().depth_before(), 0);
     }
 
     #[test]

@@ -12,6 +12,10 @@
 //! Every other `dlsym` is glibc's own, reached by a tail jump so that glibc sees the caller's
 //! return address: `dlsym(RTLD_NEXT, ...)` from any library still means "after that library".
 //!
+//! Whatever the driver or another interposer answers, the function a wrapper calls as the real
+//! one is never one of these exports: `gpu::driver` places every candidate in the loader's list
+//! and sends calls that come back from below straight to the driver (docs/GPU.md).
+//!
 //! The legacy unversioned forms (`cuMemAlloc` with 32-bit sizes, CUDA before 3.2) are not
 //! wrapped: a caller asking for them gets them, uncounted.
 
