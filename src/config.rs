@@ -97,16 +97,21 @@ pub struct BadValue<'a> {
     pub default: &'static str,
 }
 
+/// A bad value longer than this is shown by its first this many bytes and its length, so that
+/// the line always fits a log line and still names the default.
+pub const BAD_VALUE_SHOWN_MAX_BYTES: usize = 200;
+
 impl fmt::Display for BadValue<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}=\"{}\": {}; using default {}",
-            self.variable,
-            Printable(self.value),
-            self.reason,
-            self.default
-        )
+        let shown = self
+            .value
+            .get(..BAD_VALUE_SHOWN_MAX_BYTES)
+            .unwrap_or(self.value);
+        write!(f, "{}=\"{}\"", self.variable, Printable(shown))?;
+        if shown.len() < self.value.len() {
+            write!(f, "... ({} bytes)", self.value.len())?;
+        }
+        write!(f, ": {}; using default {}", self.reason, self.default)
     }
 }
 
@@ -689,6 +694,37 @@ mod tests {
             assert!(
                 s.warn_percent < s.critical_percent,
                 "env {env:?} gave {s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn long_bad_values_are_shortened_and_the_line_fits_a_log_line() {
+        const LONG_BYTES: usize = 5000;
+        let long = vec![b'9'; LONG_BYTES];
+        let cases: &[(&[u8], &str)] = &[
+            (b"lots", "QVSHIM_BUDGET=\"lots\": why; using default 6G"),
+            (
+                &long[..BAD_VALUE_SHOWN_MAX_BYTES],
+                "\": why; using default 6G",
+            ),
+            (&long, "\"... (5000 bytes): why; using default 6G"),
+        ];
+        for (value, end) in cases {
+            let line = BadValue {
+                variable: "QVSHIM_BUDGET",
+                value,
+                reason: "why",
+                default: "6G",
+            }
+            .to_string();
+            assert!(line.ends_with(end), "{} bytes gave {line:?}", value.len());
+            // Room left for the "[qvshim] ERROR " prefix and the longest reason and default.
+            assert!(
+                line.len() + 200 <= crate::log::LINE_MAX_BYTES,
+                "{} bytes gave a {}-byte line",
+                value.len(),
+                line.len()
             );
         }
     }
