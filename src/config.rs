@@ -30,6 +30,13 @@ pub const DEFAULT_SYSTEM_RESERVE_BYTES: u64 = 512 << 20;
 /// would make the monitor blind.
 pub const MIN_INTERVAL_MS: u64 = 10;
 pub const MAX_INTERVAL_MS: u64 = 3_600_000;
+/// Silent by default: only what warrants a warning (a bad value, a refusal, a level reached)
+/// reaches stderr; the start and exit lines are asked for with QVSHIM_LOG=info.
+pub const DEFAULT_LOG_LEVEL: Level = Level::Warn;
+/// A log file was asked for, so it gets the start and exit lines unless QVSHIM_LOG says otherwise.
+pub const DEFAULT_LOG_FILE_LEVEL: Level = Level::Info;
+/// How the default log level is named in a bad value's line.
+const DEFAULT_LOG_LEVEL_TEXT: &str = "warn (info with QVSHIM_LOG_FILE)";
 
 /// What `QVSHIM_BUDGET` asked for, before the machine's memory is known.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -50,6 +57,8 @@ pub struct Settings {
     pub warn_percent: u8,
     pub critical_percent: u8,
     pub log_level: Level,
+    /// QVSHIM_LOG named a level; otherwise the default depends on where the log goes.
+    pub log_level_chosen: bool,
     /// QVSHIM_INTERVAL: how often the monitor reads the machine at the normal level.
     pub interval_ms: u64,
     /// QVSHIM_PURGE_INTERVAL: how often purges repeat while a pool is above normal.
@@ -75,7 +84,8 @@ impl Default for Settings {
             reserve_bytes: DEFAULT_RESERVE_BYTES,
             warn_percent: DEFAULT_WARN_PERCENT,
             critical_percent: DEFAULT_CRITICAL_PERCENT,
-            log_level: Level::Info,
+            log_level: DEFAULT_LOG_LEVEL,
+            log_level_chosen: false,
             interval_ms: DEFAULT_INTERVAL_MS,
             purge_interval_ms: DEFAULT_PURGE_INTERVAL_MS,
             system_reserve_bytes: DEFAULT_SYSTEM_RESERVE_BYTES,
@@ -432,9 +442,9 @@ impl Settings {
             })
         };
 
-        if let Some((value, bad)) = read("QVSHIM_LOG", "info") {
+        if let Some((value, bad)) = read("QVSHIM_LOG", DEFAULT_LOG_LEVEL_TEXT) {
             match parse_log_level(value) {
-                Ok(level) => s.log_level = level,
+                Ok(level) => (s.log_level, s.log_level_chosen) = (level, true),
                 Err(reason) => report(bad(reason)),
             }
         }
@@ -658,7 +668,7 @@ mod tests {
             ),
             (
                 &[("QVSHIM_LOG", "loud")],
-                &["QVSHIM_LOG=\"loud\": not one of off, error, warn, info, debug; using default info"],
+                &["QVSHIM_LOG=\"loud\": not one of off, error, warn, info, debug; using default warn (info with QVSHIM_LOG_FILE)"],
             ),
             (
                 &[("QVSHIM_WARN", "95")],

@@ -43,10 +43,10 @@ fn env_bytes(name: &str) -> Option<&'static [u8]> {
     Some(unsafe { CStr::from_ptr(value) }.to_bytes())
 }
 
-/// Opens QVSHIM_LOG_FILE for appending and makes it the log's destination.
-fn open_log_file() {
+/// Opens QVSHIM_LOG_FILE for appending and makes it the log's destination; true when it is.
+fn open_log_file() -> bool {
     let Some(path) = env_bytes("QVSHIM_LOG_FILE") else {
-        return;
+        return false;
     };
     let mut buf = [0u8; 4096];
     let opened = match buf.get_mut(..path.len()) {
@@ -57,16 +57,22 @@ fn open_log_file() {
         None => None,
     };
     match opened {
-        Some(fd) => log::set_fd(fd),
-        None => log::write_error_always(format_args!(
-            "{}",
-            BadValue {
-                variable: "QVSHIM_LOG_FILE",
-                value: path,
-                reason: "cannot be opened for appending",
-                default: "stderr",
-            }
-        )),
+        Some(fd) => {
+            log::set_fd(fd);
+            true
+        }
+        None => {
+            log::write_error_always(format_args!(
+                "{}",
+                BadValue {
+                    variable: "QVSHIM_LOG_FILE",
+                    value: path,
+                    reason: "cannot be opened for appending",
+                    default: "stderr",
+                }
+            ));
+            false
+        }
     }
 }
 
@@ -117,10 +123,13 @@ fn init() {
     // SAFETY: a plain allocation and its free.
     unsafe { tikv_jemalloc_sys::free(tikv_jemalloc_sys::malloc(1)) };
 
-    open_log_file();
-    let settings = Settings::load(env_bytes, |bad| {
+    let to_file = open_log_file();
+    let mut settings = Settings::load(env_bytes, |bad| {
         log::write_error_always(format_args!("{bad}"))
     });
+    if to_file && !settings.log_level_chosen {
+        settings.log_level = config::DEFAULT_LOG_FILE_LEVEL;
+    }
     log::set_level(settings.log_level);
     apply(&settings);
     let host = ledger::host();

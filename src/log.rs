@@ -43,7 +43,7 @@ pub const LINES_PER_SECOND: u64 = 20;
 
 const STDERR_FD: i32 = 2;
 
-static MAX_LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
+static MAX_LEVEL: AtomicU8 = AtomicU8::new(Level::Warn as u8);
 static FD: AtomicI32 = AtomicI32::new(STDERR_FD);
 static WINDOW_SECOND: AtomicU64 = AtomicU64::new(0);
 static WINDOW_LINES: AtomicU64 = AtomicU64::new(0);
