@@ -264,6 +264,20 @@ def test_exit_line_follows_stderr_the_program_redirected_on_purpose(quiet_prog, 
         f" the file holds {redirected!r}{result.describe()}")
 
 
+def test_a_reader_that_went_away_never_kills_the_program_with_sigpipe(shim_library):
+    # `true` writes nothing itself; the shim's start and exit lines meet a pipe nobody reads.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(["true"], env=shimrun.shim_env({"QVSHIM_LOG": "info"}), stderr=write_end,
+                              stdin=subprocess.DEVNULL, timeout=RUN_DEADLINE_SECONDS)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0, (
+        f"expected `true` to end with status 0 although its stderr pipe has no reader (the shim's lines are "
+        f"lost, never a SIGPIPE), got status {done.returncode}")
+
+
 # ---------------------------------------------------------------------------------------------
 # A bad value's line names the variable, (the start of) the value and the default, whatever the
 # value's length.
