@@ -104,7 +104,9 @@ fn open_log(buf: &[u8]) -> Result<i32, &'static str> {
         // SAFETY: __errno_location always returns this thread's valid errno slot.
         return Err(match unsafe { *libc::__errno_location() } {
             libc::ELOOP => "a symbolic link (the log never follows one)",
-            libc::ENXIO => "a FIFO nobody reads, or a socket (refused rather than wait)",
+            libc::ENXIO => {
+                "a FIFO nobody reads, a socket or an absent device (refused rather than wait)"
+            }
             libc::EISDIR => "a directory",
             libc::ENOENT => "no such file or directory",
             libc::EACCES | libc::EPERM => "permission denied",
