@@ -80,19 +80,37 @@ subprocess.run(["sh", "-c", "echo shell child; echo shell child err >&2; ls / > 
 print("parent done")
 """
 
+def launched(prog: Path) -> list:
+    """`python -m qvshim run` of a script that starts children: the launcher preloads the shim."""
+    script = prog.parent / "quiet_children.py"
+    script.write_text(CHILDREN)
+    return [sys.executable, "-m", "qvshim", "run", script]
+
+
+def launched_without(prog: Path) -> list:
+    launched(prog)
+    return [sys.executable, prog.parent / "quiet_children.py"]
+
+
+PYTHON_PACKAGE = {"PYTHONPATH": str(shimrun.REPO / "python")}
+
 QUIET_ROWS = [
-    # (id, argv given the C program, environment)
-    ("c-program", lambda prog: [prog, "plain"], {}),
-    ("python-c", lambda prog: [sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr)"], {}),
-    ("python-children", lambda prog: [sys.executable, "-c", CHILDREN], {}),
-    ("c-program-warn", lambda prog: [prog, "plain"], {"QVSHIM_LOG": "warn"}),
+    # (id, argv under the shim given the C program, the same without it (None: the same argv),
+    #  environment, whether the test preloads the shim itself)
+    ("c-program", lambda prog: [prog, "plain"], None, {}, True),
+    ("python-c", lambda prog: [sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr)"],
+     None, {}, True),
+    ("python-children", lambda prog: [sys.executable, "-c", CHILDREN], None, {}, True),
+    ("c-program-warn", lambda prog: [prog, "plain"], None, {"QVSHIM_LOG": "warn"}, True),
+    ("qvshim-run-with-children", launched, launched_without, PYTHON_PACKAGE, False),
 ]
 
 
-@pytest.mark.parametrize("name,argv,env", QUIET_ROWS, ids=[r[0] for r in QUIET_ROWS])
-def test_default_run_prints_exactly_what_the_program_prints_without_the_shim(name, argv, env, quiet_prog):
-    without = run(argv(quiet_prog), env, preload=False)
-    under = run(argv(quiet_prog), env)
+@pytest.mark.parametrize("name,argv,argv_without,env,preload", QUIET_ROWS, ids=[r[0] for r in QUIET_ROWS])
+def test_default_run_prints_exactly_what_the_program_prints_without_the_shim(name, argv, argv_without, env,
+                                                                            preload, quiet_prog):
+    without = run((argv_without or argv)(quiet_prog), env, preload=False)
+    under = run(argv(quiet_prog), env, preload=preload)
     assert under.returncode == without.returncode == 0, (
         f"expected status 0 with and without the shim{without.describe()}{under.describe()}")
     assert (under.stdout, under.stderr) == (without.stdout, without.stderr), (
