@@ -28,7 +28,7 @@ DEFAULT_TEXT = {
     "QVSHIM_RESERVE": "64M",
     "QVSHIM_WARN": "70%?",
     "QVSHIM_CRITICAL": "90%?",
-    "QVSHIM_LOG": "info",
+    "QVSHIM_LOG": re.escape("warn (info with QVSHIM_LOG_FILE)"),
     "QVSHIM_LOG_FILE": ".*stderr.*",
 }
 

@@ -30,6 +30,13 @@ pub const DEFAULT_SYSTEM_RESERVE_BYTES: u64 = 512 << 20;
 /// would make the monitor blind.
 pub const MIN_INTERVAL_MS: u64 = 10;
 pub const MAX_INTERVAL_MS: u64 = 3_600_000;
+/// Silent by default: only what warrants a warning (a bad value, a refusal, a level reached)
+/// reaches stderr; the start and exit lines are asked for with QVSHIM_LOG=info.
+pub const DEFAULT_LOG_LEVEL: Level = Level::Warn;
+/// A log file was asked for, so it gets the start and exit lines unless QVSHIM_LOG says otherwise.
+pub const DEFAULT_LOG_FILE_LEVEL: Level = Level::Info;
+/// How the default log level is named in a bad value's line.
+const DEFAULT_LOG_LEVEL_TEXT: &str = "warn (info with QVSHIM_LOG_FILE)";
 
 /// What `QVSHIM_BUDGET` asked for, before the machine's memory is known.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -50,6 +57,8 @@ pub struct Settings {
     pub warn_percent: u8,
     pub critical_percent: u8,
     pub log_level: Level,
+    /// QVSHIM_LOG named a level; otherwise the default depends on where the log goes.
+    pub log_level_chosen: bool,
     /// QVSHIM_INTERVAL: how often the monitor reads the machine at the normal level.
     pub interval_ms: u64,
     /// QVSHIM_PURGE_INTERVAL: how often purges repeat while a pool is above normal.
@@ -75,7 +84,8 @@ impl Default for Settings {
             reserve_bytes: DEFAULT_RESERVE_BYTES,
             warn_percent: DEFAULT_WARN_PERCENT,
             critical_percent: DEFAULT_CRITICAL_PERCENT,
-            log_level: Level::Info,
+            log_level: DEFAULT_LOG_LEVEL,
+            log_level_chosen: false,
             interval_ms: DEFAULT_INTERVAL_MS,
             purge_interval_ms: DEFAULT_PURGE_INTERVAL_MS,
             system_reserve_bytes: DEFAULT_SYSTEM_RESERVE_BYTES,
@@ -97,16 +107,21 @@ pub struct BadValue<'a> {
     pub default: &'static str,
 }
 
+/// A bad value longer than this is shown by its first this many bytes and its length, so that
+/// the line always fits a log line and still names the default.
+pub const BAD_VALUE_SHOWN_MAX_BYTES: usize = 200;
+
 impl fmt::Display for BadValue<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}=\"{}\": {}; using default {}",
-            self.variable,
-            Printable(self.value),
-            self.reason,
-            self.default
-        )
+        let shown = self
+            .value
+            .get(..BAD_VALUE_SHOWN_MAX_BYTES)
+            .unwrap_or(self.value);
+        write!(f, "{}=\"{}\"", self.variable, Printable(shown))?;
+        if shown.len() < self.value.len() {
+            write!(f, "... ({} bytes)", self.value.len())?;
+        }
+        write!(f, ": {}; using default {}", self.reason, self.default)
     }
 }
 
@@ -427,9 +442,9 @@ impl Settings {
             })
         };
 
-        if let Some((value, bad)) = read("QVSHIM_LOG", "info") {
+        if let Some((value, bad)) = read("QVSHIM_LOG", DEFAULT_LOG_LEVEL_TEXT) {
             match parse_log_level(value) {
-                Ok(level) => s.log_level = level,
+                Ok(level) => (s.log_level, s.log_level_chosen) = (level, true),
                 Err(reason) => report(bad(reason)),
             }
         }
@@ -653,7 +668,7 @@ mod tests {
             ),
             (
                 &[("QVSHIM_LOG", "loud")],
-                &["QVSHIM_LOG=\"loud\": not one of off, error, warn, info, debug; using default info"],
+                &["QVSHIM_LOG=\"loud\": not one of off, error, warn, info, debug; using default warn (info with QVSHIM_LOG_FILE)"],
             ),
             (
                 &[("QVSHIM_WARN", "95")],
@@ -689,6 +704,37 @@ mod tests {
             assert!(
                 s.warn_percent < s.critical_percent,
                 "env {env:?} gave {s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn long_bad_values_are_shortened_and_the_line_fits_a_log_line() {
+        const LONG_BYTES: usize = 5000;
+        let long = vec![b'9'; LONG_BYTES];
+        let cases: &[(&[u8], &str)] = &[
+            (b"lots", "QVSHIM_BUDGET=\"lots\": why; using default 6G"),
+            (
+                &long[..BAD_VALUE_SHOWN_MAX_BYTES],
+                "\": why; using default 6G",
+            ),
+            (&long, "\"... (5000 bytes): why; using default 6G"),
+        ];
+        for (value, end) in cases {
+            let line = BadValue {
+                variable: "QVSHIM_BUDGET",
+                value,
+                reason: "why",
+                default: "6G",
+            }
+            .to_string();
+            assert!(line.ends_with(end), "{} bytes gave {line:?}", value.len());
+            // Room left for the "[qvshim] ERROR " prefix and the longest reason and default.
+            assert!(
+                line.len() + 200 <= crate::log::LINE_MAX_BYTES,
+                "{} bytes gave a {}-byte line",
+                value.len(),
+                line.len()
             );
         }
     }

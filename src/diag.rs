@@ -1202,7 +1202,7 @@ pub fn report_exit_once() {
     // Written past the log's rate limit: a busy last second must not swallow the summary.
     if !EXIT_REPORTED.swap(true, Ordering::AcqRel) && crate::log::enabled(crate::log::Level::Info) {
         let line = format!("[qvshim] INFO {}\n", exit_line());
-        crate::log::write_all(crate::log::fd(), line.as_bytes());
+        crate::log::write_to_log(line.as_bytes());
     }
 }
 

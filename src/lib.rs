@@ -43,45 +43,91 @@ fn env_bytes(name: &str) -> Option<&'static [u8]> {
     Some(unsafe { CStr::from_ptr(value) }.to_bytes())
 }
 
-/// Opens QVSHIM_LOG_FILE for appending and makes it the log's destination.
-fn open_log_file() {
+/// The longest QVSHIM_LOG_FILE path opened (PATH_MAX, with its NUL).
+const LOG_PATH_MAX_BYTES: usize = 4096;
+/// A log file the library creates is the user's alone: lines can say what the program does.
+const LOG_FILE_MODE: libc::mode_t = 0o600;
+
+/// Opens QVSHIM_LOG_FILE and makes it the log's destination; true when it is. A path that is
+/// refused gets one line (on stderr) naming the variable, and logging stays on stderr.
+fn open_log_file() -> bool {
     let Some(path) = env_bytes("QVSHIM_LOG_FILE") else {
-        return;
+        return false;
     };
-    let mut buf = [0u8; 4096];
+    let mut buf = [0u8; LOG_PATH_MAX_BYTES];
     let opened = match buf.get_mut(..path.len()) {
         Some(dst) => {
             dst.copy_from_slice(path);
-            open_append(&buf)
+            open_log(&buf)
         }
-        None => None,
+        None => Err("longer than PATH_MAX"),
     };
-    match opened {
-        Some(fd) => log::set_fd(fd),
-        None => log::write_error_always(format_args!(
-            "{}",
-            BadValue {
-                variable: "QVSHIM_LOG_FILE",
-                value: path,
-                reason: "cannot be opened for appending",
-                default: "stderr",
-            }
-        )),
-    }
+    let reason = match opened {
+        Ok(fd) if log::use_file(fd) => return true,
+        Ok(_) => "cannot be opened for appending",
+        Err(reason) => reason,
+    };
+    log::write_error_always(format_args!(
+        "{}",
+        BadValue {
+            variable: "QVSHIM_LOG_FILE",
+            value: path,
+            reason,
+            default: "stderr",
+        }
+    ));
+    false
 }
 
-/// Opens the NUL-terminated path in `buf` for appending; the fd stays open for the process.
-fn open_append(buf: &[u8]) -> Option<i32> {
-    let cpath = CStr::from_bytes_until_nul(buf).ok()?;
+/// Opens the NUL-terminated path in `buf` for appending, the way a file another user may have
+/// planted must be opened: never through a symbolic link (O_NOFOLLOW), never waiting for a
+/// FIFO's reader (O_NONBLOCK: a FIFO nobody reads is refused, before `main`, instead of hanging
+/// there), created mode 0600, and only a regular file, a FIFO or a character device. The
+/// descriptor stays open for the process.
+fn open_log(buf: &[u8]) -> Result<i32, &'static str> {
+    let cpath = CStr::from_bytes_until_nul(buf).map_err(|_| "longer than PATH_MAX")?;
     // SAFETY: cpath is NUL-terminated.
     let fd = unsafe {
         libc::open(
             cpath.as_ptr(),
-            libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_CLOEXEC,
-            0o644,
+            libc::O_WRONLY
+                | libc::O_APPEND
+                | libc::O_CREAT
+                | libc::O_CLOEXEC
+                | libc::O_NOFOLLOW
+                | libc::O_NONBLOCK
+                | libc::O_NOCTTY,
+            LOG_FILE_MODE,
         )
     };
-    (fd >= 0).then_some(fd)
+    if fd < 0 {
+        // SAFETY: __errno_location always returns this thread's valid errno slot.
+        return Err(match unsafe { *libc::__errno_location() } {
+            libc::ELOOP => "a symbolic link (the log never follows one)",
+            libc::ENXIO => {
+                "a FIFO nobody reads, a socket or an absent device (refused rather than wait)"
+            }
+            libc::EISDIR => "a directory",
+            libc::ENOENT => "no such file or directory",
+            libc::EACCES | libc::EPERM => "permission denied",
+            _ => "cannot be opened for appending",
+        });
+    }
+    // SAFETY: an all-zero stat is a valid plain C struct; fstat only writes it.
+    let mut st: libc::stat = unsafe { core::mem::zeroed() };
+    // SAFETY: fd is open and st is a valid out-pointer.
+    let kind = if unsafe { libc::fstat(fd, &mut st) } == 0 {
+        st.st_mode & libc::S_IFMT
+    } else {
+        0
+    };
+    if matches!(kind, libc::S_IFREG | libc::S_IFIFO | libc::S_IFCHR) {
+        Ok(fd)
+    } else {
+        // SAFETY: fd was opened above and is not kept.
+        unsafe { libc::close(fd) };
+        Err("not a regular file, FIFO or character device")
+    }
 }
 
 extern "C" fn after_fork_child() {
@@ -117,11 +163,18 @@ fn init() {
     // SAFETY: a plain allocation and its free.
     unsafe { tikv_jemalloc_sys::free(tikv_jemalloc_sys::malloc(1)) };
 
-    open_log_file();
-    let settings = Settings::load(env_bytes, |bad| {
+    log::check_stderr_at_load();
+    let to_file = open_log_file();
+    let mut settings = Settings::load(env_bytes, |bad| {
         log::write_error_always(format_args!("{bad}"))
     });
+    if to_file && !settings.log_level_chosen {
+        settings.log_level = config::DEFAULT_LOG_FILE_LEVEL;
+    }
     log::set_level(settings.log_level);
+    if !to_file && settings.log_level >= log::Level::Info {
+        log::keep_stderr_copy();
+    }
     apply(&settings);
     let host = ledger::host();
     qlog!(

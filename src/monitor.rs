@@ -479,6 +479,90 @@ impl core::fmt::Display for PoolName {
     }
 }
 
+/// How a pool's level moved between two looks of the monitor, as its log line tells it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct LevelChange {
+    old: u8,
+    new: u8,
+    /// Level changes the ledger counted since the last look (more than one when the pool
+    /// moved and came back before the monitor looked).
+    changes: u64,
+}
+
+impl LevelChange {
+    /// Rises to warn or critical are warnings; falls, and a return to normal, are information.
+    fn log_level(self) -> crate::log::Level {
+        if self.new > self.old || (self.new == self.old && self.new > LEVEL_NORMAL) {
+            crate::log::Level::Warn
+        } else {
+            crate::log::Level::Info
+        }
+    }
+}
+
+impl core::fmt::Display for LevelChange {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let (old, new) = (level_name(self.old), level_name(self.new));
+        if self.old != self.new {
+            return write!(f, "{old} -> {new}");
+        }
+        // Same level, yet it changed: it left and came back between two looks.
+        if self.new == LEVEL_NORMAL {
+            write!(f, "rose above normal and fell back to normal")?;
+        } else {
+            write!(f, "left {new} and came back to {new}")?;
+        }
+        write!(f, " ({} changes since the last look)", self.changes)
+    }
+}
+
+#[cfg(test)]
+mod level_change_tests {
+    use super::*;
+    use crate::log::Level;
+
+    #[test]
+    fn level_lines_never_name_the_same_level_twice_and_falls_are_info() {
+        let cases: &[(u8, u8, u64, Level, &str)] = &[
+            (LEVEL_NORMAL, LEVEL_WARN, 1, Level::Warn, "normal -> warn"),
+            (
+                LEVEL_NORMAL,
+                LEVEL_CRITICAL,
+                2,
+                Level::Warn,
+                "normal -> critical",
+            ),
+            (
+                LEVEL_CRITICAL,
+                LEVEL_WARN,
+                1,
+                Level::Info,
+                "critical -> warn",
+            ),
+            (LEVEL_WARN, LEVEL_NORMAL, 1, Level::Info, "warn -> normal"),
+            (
+                LEVEL_NORMAL,
+                LEVEL_NORMAL,
+                2,
+                Level::Info,
+                "rose above normal and fell back to normal (2 changes since the last look)",
+            ),
+            (
+                LEVEL_WARN,
+                LEVEL_WARN,
+                2,
+                Level::Warn,
+                "left warn and came back to warn (2 changes since the last look)",
+            ),
+        ];
+        for &(old, new, changes, level, text) in cases {
+            let change = LevelChange { old, new, changes };
+            assert_eq!(change.to_string(), text, "{change:?}");
+            assert_eq!(change.log_level(), level, "{change:?}");
+        }
+    }
+}
+
 /// Handles what changed in one pool since the last look.
 fn check_pool(index: usize, seen: &mut Seen) {
     let Some(pool) = ledger::pool(index) else {
@@ -490,6 +574,7 @@ fn check_pool(index: usize, seen: &mut Seen) {
     let rose = level > seen.level || (level == seen.level && changes != seen.level_changes);
     if level != seen.level || changes != seen.level_changes {
         let old = seen.level;
+        let old_changes = seen.level_changes;
         seen.level = level;
         seen.level_changes = changes;
         if rose && level > LEVEL_NORMAL {
@@ -499,16 +584,24 @@ fn check_pool(index: usize, seen: &mut Seen) {
                 .fetch_add(told.count(), Ordering::Relaxed);
         }
         let live = ledger::totals(index).live;
-        qlog!(
-            Warn,
-            "{} level {} -> {}: live {} of budget {} ({}%)",
-            PoolName(index),
-            level_name(old),
-            level_name(level),
-            Bytes(live),
-            Bytes(pool.effective()),
-            percent(live, pool.effective())
-        );
+        let change = LevelChange {
+            old,
+            new: level,
+            changes: changes.wrapping_sub(old_changes),
+        };
+        if crate::log::enabled(change.log_level()) {
+            crate::log::write_line(
+                change.log_level(),
+                format_args!(
+                    "{} level {}: live {} of budget {} ({}%)",
+                    PoolName(index),
+                    change,
+                    Bytes(live),
+                    Bytes(pool.effective()),
+                    percent(live, pool.effective())
+                ),
+            );
+        }
         runtime::callbacks::call_all(index, old, level);
         if rose && level > LEVEL_NORMAL {
             purge(index, level, PURGE_ON_RISE);

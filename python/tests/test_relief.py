@@ -67,7 +67,8 @@ def test_critical_pressure_unloads_idle_models(tmp_path, library):
 def test_ctrl_c_ends_with_the_shims_exit_summary(tmp_path, library):
     script = tmp_path / "serve.py"
     script.write_text("import time\nprint('serving', flush=True)\nwhile True:\n    time.sleep(0.05)\n")
-    child = subprocess.Popen([sys.executable, "-m", "qvshim", "run", str(script)], env=plain_env(),
+    # QVSHIM_LOG=info asks for the exit summary (the shim is silent by default).
+    child = subprocess.Popen([sys.executable, "-m", "qvshim", "run", str(script)], env=plain_env(QVSHIM_LOG="info"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "serving"

@@ -55,6 +55,7 @@ def run_dump(tmp_path, fmt, sig="SIGUSR2", **variables):
     r = run_python(
         DUMP_PROGRAM.replace("sys.argv[1] if len(sys.argv) > 1 else \"SIGUSR2\"", repr(sig)),
         QVSHIM_BUDGET="256M",
+        QVSHIM_LOG="info",  # the "dump written to" line is INFO
         QVSHIM_DUMP_FILE=str(path),
         QVSHIM_DUMP_FORMAT=fmt,
         **variables,
@@ -154,7 +155,7 @@ try:
 except MemoryError:
     print("refused")
 """
-    r = run_python(code, QVSHIM_BUDGET="64M")
+    r = run_python(code, QVSHIM_BUDGET="64M", QVSHIM_LOG="info")  # the exit line is INFO
     assert r.returncode == 0 and "refused" in r.stdout, r.stderr
     lines = EXIT_LINE.findall(r.stderr)
     assert len(lines) == 1, f"expected exactly one exit line in:\n{r.stderr}"
@@ -170,7 +171,7 @@ time.sleep(0.3)
 os.kill(os.getpid(), signal.SIGINT)      # as Ctrl+C: KeyboardInterrupt, unhandled
 time.sleep(5)
 """
-    r = run_python(code, QVSHIM_BUDGET="64M")
+    r = run_python(code, QVSHIM_BUDGET="64M", QVSHIM_LOG="info")  # the exit line is INFO
     assert r.returncode == -signal.SIGINT, r.returncode
     assert "KeyboardInterrupt" in r.stderr
     assert len(EXIT_LINE.findall(r.stderr)) == 1, r.stderr
@@ -185,7 +186,7 @@ os.kill(os.getpid(), signal.SIGUSR2)
 time.sleep(0.3)
 """
     path = tmp_path / "dump.json"
-    r = run_python(code, QVSHIM_BUDGET="64M", QVSHIM_PURGE_INTERVAL="200ms",
+    r = run_python(code, QVSHIM_BUDGET="64M", QVSHIM_PURGE_INTERVAL="200ms", QVSHIM_LOG="info",
                    QVSHIM_DUMP_FILE=str(path), QVSHIM_DUMP_FORMAT="json")
     assert r.returncode == 0, r.stderr
     purges = json_dump(path.read_text())["purges"]

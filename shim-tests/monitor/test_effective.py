@@ -87,7 +87,7 @@ def test_effective_budget_shrinks_while_another_process_holds_memory(lib):
     # A system reserve that leaves 2.5 GiB of the machine's MemAvailable to the process, so a
     # 1 GiB neighbour makes the machine, not the 6 GiB budget, the limit.
     reserve = read_meminfo("MemAvailable") - int(2.5 * GIB)
-    w = Watched(QVSHIM_SYSTEM_RESERVE=reserve, QVSHIM_INTERVAL="100ms")
+    w = Watched(QVSHIM_SYSTEM_RESERVE=reserve, QVSHIM_INTERVAL="100ms", QVSHIM_LOG="info")
     hog = None
 
     def look():
@@ -131,7 +131,7 @@ def test_effective_budget_shrinks_while_another_process_holds_memory(lib):
 
 
 def test_effective_budget_shrinks_for_anonymous_memory_the_ledger_cannot_see(lib):
-    w = Watched(QVSHIM_BUDGET="1G", QVSHIM_INTERVAL="100ms")
+    w = Watched(QVSHIM_BUDGET="1G", QVSHIM_INTERVAL="100ms", QVSHIM_LOG="info")
     try:
         before = settle(w.ask, lambda seen: seen["reason"] == "budget")
         assert before["reason"] == "budget" and before["effective"] == GIB, before
@@ -156,7 +156,7 @@ os.kill(os.getpid(), signal.SIGUSR2)
 time.sleep(0.3)
 """
     path = tmp_path / "dump.json"
-    r = run_python(code, QVSHIM_BUDGET="1G", QVSHIM_INTERVAL="100ms",
+    r = run_python(code, QVSHIM_BUDGET="1G", QVSHIM_INTERVAL="100ms", QVSHIM_LOG="info",
                    QVSHIM_DUMP_FILE=str(path), QVSHIM_DUMP_FORMAT="json")
     assert r.returncode == 0, r.stderr
     d = json.loads(path.read_text())

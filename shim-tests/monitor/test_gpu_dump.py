@@ -57,7 +57,7 @@ def fake_driver(lib):
 
 def test_dump_lists_every_active_pool_with_its_driver_allocations(fake_driver, tmp_path):
     out = tmp_path / "dump.json"
-    env = shim_env(QVSHIM_GPU_BUDGET="512M")
+    env = shim_env(QVSHIM_GPU_BUDGET="512M", QVSHIM_LOG="info")  # the exit line is INFO
     env["LD_LIBRARY_PATH"] = str(fake_driver)
     r = subprocess.run([PYTHON, "-c", PROGRAM, str(out)], env=env, capture_output=True,
                        text=True, timeout=60)

@@ -21,7 +21,7 @@ print("finished", i + 1)
 
 
 def test_gc_disabled_garbage_cycles_finish_because_the_shim_asks_python_to_collect(lib):
-    r = run_python(GARBAGE_CYCLES, QVSHIM_BUDGET="128M")
+    r = run_python(GARBAGE_CYCLES, QVSHIM_BUDGET="128M", QVSHIM_LOG="info")  # the relief line is INFO
     assert r.returncode == 0, f"expected the program to finish; stderr:\n{r.stderr[-3000:]}"
     assert "finished 3000" in r.stdout
     assert "gc collected" in r.stderr, "expected the shim's relief log line"
@@ -55,7 +55,7 @@ while relief_runs() == 0 and time.time() < deadline:
     time.sleep(0.05)
 print("done")
 """
-    r = run_python(code, QVSHIM_BUDGET="100M")
+    r = run_python(code, QVSHIM_BUDGET="100M", QVSHIM_LOG="info")
     assert r.returncode == 0, r.stderr
     lines = [l for l in r.stderr.splitlines() if "gc collected" in l]
     assert lines, f"no relief line in:\n{r.stderr}"
@@ -88,7 +88,7 @@ print(calls)
 
 
 def test_critical_empties_torch_cache_and_calls_the_companion(lib):
-    r = run_python(FAKE_TORCH_AND_COMPANION, QVSHIM_BUDGET="100M")
+    r = run_python(FAKE_TORCH_AND_COMPANION, QVSHIM_BUDGET="100M", QVSHIM_LOG="info")
     assert r.returncode == 0, r.stderr
     assert "'empty_cache'" in r.stdout, f"torch.cuda.empty_cache not called: {r.stdout}"
     assert "('on_pressure', 'critical', 0)" in r.stdout or "('on_pressure', 'warn', 0)" in r.stdout
@@ -136,14 +136,16 @@ print("app went on", n > 0)
 
 
 def test_usr1_handler_receives_the_signal_on_a_level_rise(c_programs):
-    r = run_program(c_programs["level_signal"], "handler", QVSHIM_BUDGET="64M", QVSHIM_SIGNAL="USR1")
+    r = run_program(c_programs["level_signal"], "handler", QVSHIM_BUDGET="64M", QVSHIM_SIGNAL="USR1",
+                    QVSHIM_LOG="info")
     assert r.returncode == 0, f"stdout {r.stdout!r} stderr {r.stderr}"
     assert "received SIGUSR1" in r.stdout
     assert "raised signal 10 (USR1) to the process" in r.stderr
 
 
 def test_usr1_without_a_handler_is_not_raised_and_does_not_kill(c_programs):
-    r = run_program(c_programs["level_signal"], "none", QVSHIM_BUDGET="64M", QVSHIM_SIGNAL="USR1")
+    r = run_program(c_programs["level_signal"], "none", QVSHIM_BUDGET="64M", QVSHIM_SIGNAL="USR1",
+                    QVSHIM_LOG="info")
     assert r.returncode == 0, f"killed or failed: rc {r.returncode}, stderr {r.stderr}"
     assert "survived" in r.stdout
     assert "not raised: the process has no handler for it" in r.stderr
@@ -191,7 +193,7 @@ print(errors or "finished", python["nudge_thread_runs"])
 
 
 def test_relief_runs_while_the_main_thread_is_blocked_in_join(lib):
-    r = run_python(JOIN_PROGRAM, QVSHIM_BUDGET="128M")
+    r = run_python(JOIN_PROGRAM, QVSHIM_BUDGET="128M", QVSHIM_LOG="info")
     assert r.returncode == 0, r.stderr
     result, nudge_thread_runs = r.stdout.rsplit(None, 1)
     assert result == "finished", f"the worker ran out of budget: {r.stdout}\n{r.stderr[-2000:]}"

@@ -123,6 +123,7 @@ def test_web_ui_serves_every_mode_under_the_shim_and_stops_on_ctrl_c(tiny_models
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "PYTHONMALLOC")}
     env["PYTHONPATH"] = os.path.join(REPO_DIR, "python")
     env["QVSHIM_BUDGET"] = "4G"
+    env["QVSHIM_LOG"] = "info"  # the start line is asserted below; the shim is silent by default
     command = [sys.executable, "-m", "qvshim", "run", os.path.join(REPO_DIR, "examples", "qwen_tts_webui.py"),
                "--custom-voice", tiny_models["custom_voice"], "--base", tiny_models["voice_clone"],
                "--voice-design", tiny_models["voice_design"], "--device", "cpu", "--port", str(port),
