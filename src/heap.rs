@@ -12,6 +12,7 @@ use core::ptr;
 use tikv_jemalloc_sys as je;
 
 use crate::ledger;
+use crate::neighbours::{self, Name};
 use crate::tracker::{self, TRACK_MIN_BYTES};
 
 /// glibc's malloc alignment on x86-64 and aarch64: what malloc guarantees without flags.
@@ -142,8 +143,16 @@ pub fn malloc(size: usize) -> *mut c_void {
 }
 
 /// Kept out of line so the fast path above compiles to a short function with few saved registers.
+/// In pass-through (another allocator is the process's, [`neighbours`]) no thread is slotted, so
+/// every malloc comes here and goes on to that allocator.
 #[inline(never)]
 fn malloc_slow(size: usize) -> *mut c_void {
+    if let Some(address) = neighbours::next(Name::Malloc) {
+        // SAFETY: the address is another definition of malloc, found by its name.
+        let next =
+            unsafe { core::mem::transmute::<usize, extern "C" fn(usize) -> *mut c_void>(address) };
+        return next(size);
+    }
     alloc(size, MALLOC_ALIGNMENT, false)
 }
 
@@ -250,6 +259,14 @@ fn uncharge_tracked_slotted(thread: ledger::SlottedFree, p: *mut c_void, freed: 
 /// `p` is a live block from this module not freed before.
 #[inline(never)]
 unsafe fn free_slow(p: *mut c_void) {
+    if let Some(address) = neighbours::next(Name::Free) {
+        // SAFETY: the address is another definition of free, found by its name; in
+        // pass-through every block the caller holds is that allocator's.
+        let next =
+            unsafe { core::mem::transmute::<usize, unsafe extern "C" fn(*mut c_void)>(address) };
+        // SAFETY: forwarded caller's contract.
+        return unsafe { next(p) };
+    }
     let thread = ledger::host_thread();
     let Some(before) = thread.deallocated_total() else {
         // SAFETY: forwarded caller's contract.
