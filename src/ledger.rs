@@ -612,16 +612,23 @@ impl HostThread {
     /// Takes back a charge whose allocation failed.
     #[inline]
     pub fn cancel(self, bytes: u64) {
+        self.uncount_alloc();
         match self.slot {
-            Some(slot) => {
-                slot.allocs
-                    .store(slot.allocs.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
-                slot.add_credit(bytes as i64);
-            }
+            Some(slot) => slot.add_credit(bytes as i64),
+            None => host().release(bytes),
+        }
+    }
+
+    /// Takes back the allocation a charge counted, keeping its bytes: for a realloc that grew,
+    /// which is not a new allocation.
+    #[inline]
+    pub fn uncount_alloc(self) {
+        match self.slot {
+            Some(slot) => slot
+                .allocs
+                .store(slot.allocs.load(Ordering::Relaxed) - 1, Ordering::Relaxed),
             None => {
-                let pool = host();
-                pool.direct_allocs.fetch_sub(1, Ordering::Relaxed);
-                pool.release(bytes);
+                host().direct_allocs.fetch_sub(1, Ordering::Relaxed);
             }
         }
     }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod diag;
 pub mod gpu;
 pub mod heap;
+pub mod heap_stats;
 pub mod interpose;
 pub mod jemalloc;
 pub mod ledger;

@@ -3,16 +3,17 @@
 //! would later hand our `free` a pointer jemalloc does not know.
 //!
 //! C++'s operator new and delete reach these through libstdc++. Nothing here allocates, locks
-//! or panics.
+//! or panics, but the statistics calls (`mallinfo`, `malloc_stats`, ...), which read jemalloc's.
 //!
 //! When the process's malloc is not the shim's ([`crate::neighbours`]: another allocator
 //! preloaded first, or the library dlopened), each export passes the call on to what the
 //! caller would have reached without the shim. malloc and free make that check on their slow
 //! paths (in pass-through no call takes their fast paths); every other export makes it first.
 
-use core::ffi::c_void;
+use core::ffi::{c_int, c_void};
 
 use crate::heap;
+use crate::heap_stats::{self, Mallinfo, Mallinfo2};
 use crate::neighbours::{self, Name};
 
 /// In pass-through, returns from the export with what the function of the same name elsewhere
@@ -248,4 +249,44 @@ pub unsafe extern "C" fn __posix_memalign(out: *mut *mut c_void, align: usize, s
     );
     // SAFETY: forwarded caller's contract.
     unsafe { heap::posix_memalign(out, align, size) }
+}
+
+// The statistics and tuning calls: glibc's would describe a heap the process does not use.
+
+#[no_mangle]
+pub extern "C" fn mallinfo2() -> Mallinfo2 {
+    pass_through!(Mallinfo2, extern "C" fn() -> Mallinfo2,);
+    heap_stats::mallinfo2()
+}
+
+#[no_mangle]
+pub extern "C" fn mallinfo() -> Mallinfo {
+    pass_through!(Mallinfo, extern "C" fn() -> Mallinfo,);
+    heap_stats::mallinfo()
+}
+
+#[no_mangle]
+pub extern "C" fn mallopt(param: c_int, value: c_int) -> c_int {
+    pass_through!(Mallopt, extern "C" fn(c_int, c_int) -> c_int, param, value);
+    heap_stats::mallopt(param, value)
+}
+
+#[no_mangle]
+pub extern "C" fn malloc_stats() {
+    pass_through!(MallocStats, extern "C" fn(),);
+    heap_stats::malloc_stats()
+}
+
+/// # Safety
+/// `stream` is a valid open `FILE *` (glibc's contract).
+#[no_mangle]
+pub unsafe extern "C" fn malloc_info(options: c_int, stream: *mut libc::FILE) -> c_int {
+    pass_through!(
+        MallocInfo,
+        unsafe extern "C" fn(c_int, *mut libc::FILE) -> c_int,
+        options,
+        stream
+    );
+    // SAFETY: forwarded caller's contract.
+    unsafe { heap_stats::malloc_info(options, stream) }
 }
