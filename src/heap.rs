@@ -12,6 +12,7 @@ use core::ptr;
 use tikv_jemalloc_sys as je;
 
 use crate::ledger;
+use crate::neighbours::{self, Name};
 use crate::tracker::{self, TRACK_MIN_BYTES};
 
 /// glibc's malloc alignment on x86-64 and aarch64: what malloc guarantees without flags.
@@ -142,18 +143,59 @@ pub fn malloc(size: usize) -> *mut c_void {
 }
 
 /// Kept out of line so the fast path above compiles to a short function with few saved registers.
+/// In pass-through (another allocator is the process's, [`neighbours`]) no thread is slotted, so
+/// every malloc comes here and goes on to that allocator.
 #[inline(never)]
 fn malloc_slow(size: usize) -> *mut c_void {
+    if let Some(address) = neighbours::next(Name::Malloc) {
+        // SAFETY: the address is another definition of malloc, found by its name.
+        let next =
+            unsafe { core::mem::transmute::<usize, extern "C" fn(usize) -> *mut c_void>(address) };
+        return next(size);
+    }
     alloc(size, MALLOC_ALIGNMENT, false)
+}
+
+/// No machine this runs on has more virtual address space than this (x86-64 with five-level
+/// paging: 2^57 bytes; aarch64's largest is 2^52). A request past it cannot be served whatever
+/// the budget: it fails with ENOMEM and is not counted as a refusal by the budget.
+pub const ADDRESS_SPACE_MAX_BYTES: usize = 1 << 57;
+
+/// Alignments past this make jemalloc reserve about `size + align` bytes of address space for
+/// the block (it maps the span and trims it): [`alloc`] checks that span against the budget.
+const ALIGN_RESERVES_SPAN_MIN_BYTES: usize = 64 << 10;
+
+/// Whether an allocation of `size` bytes aligned to `align` may go ahead: false (ENOMEM, nothing
+/// reserved) when the span jemalloc would reserve for it cannot fit in the address space, or
+/// cannot fit in the host budget (then counted as a refusal, like any request over budget).
+#[cold]
+#[inline(never)]
+fn aligned_span_fits(size: usize, align: usize) -> bool {
+    let span = size.saturating_add(align);
+    if span > ADDRESS_SPACE_MAX_BYTES {
+        return false;
+    }
+    let pool = ledger::host();
+    if span as u64 > pool.effective().saturating_add(pool.reserve()) {
+        pool.record_refusal(span as u64);
+        return false;
+    }
+    true
 }
 
 /// Allocates `size` bytes aligned to `align` (a power of two), zeroed when `zero`.
 /// Null with errno ENOMEM when the budget or jemalloc refuses.
 #[inline(always)]
 pub fn alloc(size: usize, align: usize, zero: bool) -> *mut c_void {
+    if size > ADDRESS_SPACE_MAX_BYTES
+        || (align > ALIGN_RESERVES_SPAN_MIN_BYTES && !aligned_span_fits(size, align))
+    {
+        set_errno(libc::ENOMEM);
+        return ptr::null_mut();
+    }
     let estimate = usable_size_aligned(size, align);
     if estimate == 0 {
-        ledger::host().record_refusal(size as u64);
+        // No size class holds it: no machine could serve it, so not a refusal by the budget.
         set_errno(libc::ENOMEM);
         return ptr::null_mut();
     }
@@ -250,6 +292,14 @@ fn uncharge_tracked_slotted(thread: ledger::SlottedFree, p: *mut c_void, freed: 
 /// `p` is a live block from this module not freed before.
 #[inline(never)]
 unsafe fn free_slow(p: *mut c_void) {
+    if let Some(address) = neighbours::next(Name::Free) {
+        // SAFETY: the address is another definition of free, found by its name; in
+        // pass-through every block the caller holds is that allocator's.
+        let next =
+            unsafe { core::mem::transmute::<usize, unsafe extern "C" fn(*mut c_void)>(address) };
+        // SAFETY: forwarded caller's contract.
+        return unsafe { next(p) };
+    }
     let thread = ledger::host_thread();
     let Some(before) = thread.deallocated_total() else {
         // SAFETY: forwarded caller's contract.
@@ -331,9 +381,13 @@ pub unsafe fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         unsafe { free(p) };
         return ptr::null_mut();
     }
-    let estimate = usable_size_for(size) as u64;
+    let estimate = if size > ADDRESS_SPACE_MAX_BYTES {
+        0
+    } else {
+        usable_size_for(size) as u64
+    };
     if estimate == 0 {
-        ledger::host().record_refusal(size as u64);
+        // No machine could serve it: not a refusal by the budget.
         set_errno(libc::ENOMEM);
         return ptr::null_mut();
     }
@@ -360,6 +414,11 @@ pub unsafe fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         }
         set_errno(libc::ENOMEM);
         return ptr::null_mut();
+    }
+    // A realloc is neither a new allocation nor a free in the counts (docs/C_API.md): the
+    // charge for its growth counted one, taken back now that the realloc succeeded.
+    if grow > 0 {
+        thread.uncount_alloc();
     }
     // An in-place resize can keep a size other than the estimate: settle on the truth.
     // SAFETY: q is the live result of realloc.

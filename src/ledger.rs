@@ -27,6 +27,8 @@
 
 use core::cell::Cell;
 use core::ptr;
+#[cfg(target_arch = "x86_64")]
+use core::sync::atomic::AtomicIsize;
 use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use crossbeam_utils::CachePadded;
@@ -396,10 +398,12 @@ struct ThreadCache {
 const THREAD_CACHE_BYTES: usize = 40;
 const _: () = assert!(core::mem::size_of::<ThreadCache>() == THREAD_CACHE_BYTES);
 
-// On x86-64 the thread cache is an initial-exec TLS symbol: its address is the thread pointer
-// plus a constant from the GOT, two instructions, where Rust's thread_local! in a shared library
-// calls __tls_get_addr on every access. The library's jemalloc already uses initial-exec TLS,
-// so this adds no new requirement on how the library is loaded.
+// On x86-64 the thread cache is a TLS symbol reached through its TLS descriptor until the
+// constructor knows the library sits in the static TLS block, and from then on as the thread
+// pointer plus the offset that descriptor gave (two instructions, as initial-exec costs), where
+// Rust's thread_local! in a shared library calls __tls_get_addr on every access. Unlike an
+// initial-exec access, nothing forces the whole TLS block (jemalloc's included) into the static
+// block, which made a dlopen of the library fail ("cannot allocate memory in static TLS block").
 #[cfg(target_arch = "x86_64")]
 core::arch::global_asm!(
     ".pushsection .tbss,\"awT\",@nobits",
@@ -412,20 +416,80 @@ core::arch::global_asm!(
     ".popsection",
 );
 
+/// The thread cache's offset from the thread pointer once it is known to be the same in every
+/// thread (the library's TLS is in the static block); 0 until then, and for good when the
+/// library does not govern the heap.
+#[cfg(target_arch = "x86_64")]
+static STATIC_TLS_OFFSET: AtomicIsize = AtomicIsize::new(0);
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn thread_pointer() -> usize {
+    let tp: usize;
+    // SAFETY: fs:0 holds the thread pointer itself (the x86-64 TLS ABI); reading it has no
+    // side effect.
+    unsafe {
+        core::arch::asm!(
+            "mov {tp}, qword ptr fs:[0]",
+            tp = out(reg) tp,
+            options(pure, readonly, nostack, preserves_flags)
+        );
+    }
+    tp
+}
+
 /// The calling thread's cache: valid until the thread has fully exited (after its destructors).
+/// Once [`fix_static_tls_offset`] ran, the thread pointer plus a constant: what an initial-exec
+/// access costs, without the descriptor's call.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn thread_cache() -> Option<&'static ThreadCache> {
+    let offset = STATIC_TLS_OFFSET.load(Ordering::Relaxed);
+    if offset == 0 {
+        return thread_cache_by_descriptor();
+    }
+    let p = thread_pointer().wrapping_add_signed(offset) as *const ThreadCache;
+    // SAFETY: the offset is the thread cache's in the static TLS block, the same in every
+    // thread; all-zero makes a valid ThreadCache (state FRESH, null pointers).
+    unsafe { p.as_ref() }
+}
+
+/// Records the thread cache's offset from the thread pointer for [`thread_cache`]. Called only
+/// when the library governs the heap: its malloc is the global one, so it was loaded with the
+/// program (preloaded or needed), and glibc puts every module loaded at start in the static TLS
+/// block, at one offset for all threads. A dlopened library's TLS is allocated per thread.
+#[cfg(target_arch = "x86_64")]
+fn fix_static_tls_offset() {
+    if let Some(t) = thread_cache_by_descriptor() {
+        let address = t as *const ThreadCache as usize;
+        STATIC_TLS_OFFSET.store(
+            address.wrapping_sub(thread_pointer()) as isize,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn fix_static_tls_offset() {}
+
+/// The calling thread's cache through its TLS descriptor: before [`fix_static_tls_offset`], or
+/// when the library was dlopened.
+#[cfg(target_arch = "x86_64")]
+#[cold]
+#[inline(never)]
+fn thread_cache_by_descriptor() -> Option<&'static ThreadCache> {
     let p: *const ThreadCache;
-    // SAFETY: reads the GOT's TLS offset of a 40-byte, zero-initialised .tbss object and adds
-    // the thread pointer: the result is this thread's copy, which all-zero makes a valid
-    // ThreadCache (state FRESH, null pointers).
+    // SAFETY: a TLS descriptor call for a 40-byte, zero-initialised .tbss object: the resolver
+    // returns its offset from the thread pointer in rax and preserves every other register
+    // (the TLSDESC ABI); adding the thread pointer gives this thread's copy, which all-zero
+    // makes a valid ThreadCache (state FRESH, null pointers).
     unsafe {
         core::arch::asm!(
-            "mov {p}, qword ptr [rip + qvshim_thread_cache@GOTTPOFF]",
-            "add {p}, qword ptr fs:[0]",
-            p = out(reg) p,
-            options(pure, readonly, nostack)
+            "leaq qvshim_thread_cache@TLSDESC(%rip), %rax",
+            "call *qvshim_thread_cache@TLSCALL(%rax)",
+            "addq %fs:0, %rax",
+            out("rax") p,
+            options(att_syntax, pure, readonly)
         );
         p.as_ref()
     }
@@ -548,16 +612,23 @@ impl HostThread {
     /// Takes back a charge whose allocation failed.
     #[inline]
     pub fn cancel(self, bytes: u64) {
+        self.uncount_alloc();
         match self.slot {
-            Some(slot) => {
-                slot.allocs
-                    .store(slot.allocs.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
-                slot.add_credit(bytes as i64);
-            }
+            Some(slot) => slot.add_credit(bytes as i64),
+            None => host().release(bytes),
+        }
+    }
+
+    /// Takes back the allocation a charge counted, keeping its bytes: for a realloc that grew,
+    /// which is not a new allocation.
+    #[inline]
+    pub fn uncount_alloc(self) {
+        match self.slot {
+            Some(slot) => slot
+                .allocs
+                .store(slot.allocs.load(Ordering::Relaxed) - 1, Ordering::Relaxed),
             None => {
-                let pool = host();
-                pool.direct_allocs.fetch_sub(1, Ordering::Relaxed);
-                pool.release(bytes);
+                host().direct_allocs.fetch_sub(1, Ordering::Relaxed);
             }
         }
     }
@@ -757,8 +828,10 @@ extern "C" fn thread_exit(value: *mut libc::c_void) {
     }
 }
 
-/// Creates the thread-exit key. Called once from the library's constructor.
+/// Creates the thread-exit key. Called once from the library's constructor, and only when the
+/// library governs the heap.
 pub fn init_threads() {
+    fix_static_tls_offset();
     let mut key: libc::pthread_key_t = 0;
     // SAFETY: key is a valid out-pointer; thread_exit has the destructor's C signature.
     if unsafe { libc::pthread_key_create(&mut key, Some(thread_exit)) } == 0 {

@@ -8,11 +8,13 @@ pub mod config;
 pub mod diag;
 pub mod gpu;
 pub mod heap;
+pub mod heap_stats;
 pub mod interpose;
 pub mod jemalloc;
 pub mod ledger;
 pub mod log;
 pub mod monitor;
+pub mod neighbours;
 pub mod runtime;
 pub mod system;
 pub mod tracker;
@@ -188,7 +190,11 @@ fn init() {
         Bytes(host.reserve())
     );
     runtime::python::count_arenas_before_start();
-    ledger::init_threads();
+    // Threads take credit slots only when the heap is the shim's; otherwise every malloc and
+    // free takes the slow path, which passes it on (src/neighbours.rs).
+    if neighbours::decide_at_load() {
+        ledger::init_threads();
+    }
     // SAFETY: registering a plain extern "C" handler with no prepare/parent step.
     unsafe { libc::pthread_atfork(None, None, Some(after_fork_child)) };
     if let Some(signal) = settings.dump_signal {

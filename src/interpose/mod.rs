@@ -2,4 +2,5 @@
 //! function is a one-line forward: the checks and accounting live in `heap`, `gpu` and `ledger`.
 
 pub mod cuda;
+pub mod dlopen;
 pub mod malloc;
