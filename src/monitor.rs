@@ -5,6 +5,8 @@
 //! The allocation path and signal handlers only [`ring`] the doorbell (an atomic add and a
 //! futex wake: async-signal-safe, no allocation, no lock). The thread runs with every signal
 //! blocked so the host's signal delivery is unchanged, and it is started again in a fork child.
+//! It never keeps the process alive: when no thread of the program is left, it ends the process
+//! the way glibc would have (see [`program_threads_left`]).
 //! It never panics: a panic would abort the host (panic = "abort").
 
 use core::cell::Cell;
@@ -563,6 +565,82 @@ fn sample_interval_ms(level: u8, running_ms: u64) -> u64 {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The process's end.
+//
+// glibc ends a process with exit(0) when its last thread ends (main called pthread_exit, then
+// the last worker returned). It counts every thread pthread_create made, the shim's own among
+// them, so while the monitor lives that moment never comes: the process would live on with only
+// the shim's threads, which block every signal, so not even SIGTERM could end it. The monitor
+// stands in for glibc: when no thread but the shim's is left, it calls exit(0).
+
+/// Threads the shim started that run now (the monitor, the Python nudge thread). Counted only
+/// once pthread_create has returned, so the count is never ahead of the kernel's: a mistake
+/// can only make the program look as if it had one thread more, never one less.
+static SHIM_THREADS: AtomicU32 = AtomicU32::new(0);
+/// Set when a thread of the program ends (the ledger's thread-exit destructor): the monitor
+/// looks at the thread count again over the next moments, while the thread finishes dying.
+static THREAD_ENDED: AtomicBool = AtomicBool::new(false);
+/// After a thread ended, how long the monitor waits before each new look (the thread runs its
+/// destructors before the kernel removes it).
+pub const THREAD_END_RECHECK_MS: [u64; 7] = [1, 2, 5, 10, 20, 50, 100];
+/// The program's threads are counted at least this often, whatever QVSHIM_INTERVAL says: a
+/// thread that never allocated ends without ringing the doorbell.
+pub const THREAD_COUNT_EVERY_MS: u64 = 1000;
+
+/// Called by a thread of the program as it ends (from a pthread key destructor): the monitor
+/// looks whether any is left. Async-signal-safe, no allocation.
+pub fn thread_ended() {
+    THREAD_ENDED.store(true, Ordering::Release);
+    ring();
+}
+
+/// What `/proc/self/stat` says: the process id, the main thread's state letter, and the
+/// number of threads (a main thread that called pthread_exit is a zombie and still counted).
+pub fn parse_stat_threads(text: &[u8]) -> Option<(u64, u8, u64)> {
+    let pid = system::parse_u64(text)?;
+    // The command name is in parentheses and may itself hold ')' or spaces.
+    let close = text.iter().rposition(|&b| b == b')')?;
+    let rest = text.get(close + 1..)?;
+    let mut fields = rest.split(|&b| b == b' ').filter(|field| !field.is_empty());
+    let state = *fields.next()?.first()?;
+    // num_threads is the 20th field, the 17th after the state.
+    let threads = system::parse_u64(fields.nth(16)?)?;
+    Some((pid, state, threads))
+}
+
+/// How many threads of the program are alive: the kernel's count less the shim's threads and a
+/// main thread that is a zombie. None when /proc cannot tell (then the process is never ended
+/// by the shim).
+pub fn program_threads_left() -> Option<u64> {
+    let mut buf = [0u8; 1024];
+    let (pid, state, threads) =
+        parse_stat_threads(system::read_file(c"/proc/self/stat", &mut buf)?)?;
+    // SAFETY: getpid has no preconditions.
+    if pid != unsafe { libc::getpid() } as u64 {
+        return None;
+    }
+    let zombie_main = u64::from(state == b'Z');
+    Some(
+        threads
+            .saturating_sub(zombie_main)
+            .saturating_sub(SHIM_THREADS.load(Ordering::Acquire) as u64),
+    )
+}
+
+/// Ends the process as glibc would have when its last thread ended: exit(0), so atexit
+/// handlers run and stdio is flushed. Only called when no thread of the program is left, so
+/// nothing of the program runs at the same time.
+fn end_like_the_last_thread() -> ! {
+    qlog!(
+        Info,
+        "the program's last thread ended; ending the process with status 0 as glibc would"
+    );
+    // SAFETY: exit may be called from any thread; no thread of the program is left to race
+    // with the handlers it runs.
+    unsafe { libc::exit(0) }
+}
+
 fn run() {
     let _ = ON_MONITOR.try_with(|c| c.set(true));
     let mut seen = [Seen::default(); MAX_POOLS];
@@ -570,8 +648,24 @@ fn run() {
     let mut never_sampled = true;
     let started_ms = now_ms();
     let mut last_purge_ms = now_ms();
+    // Where the looks after a thread's end are in THREAD_END_RECHECK_MS (past its end: none
+    // due).
+    let mut recheck = THREAD_END_RECHECK_MS.len();
+    let mut last_count_ms = 0u64;
     loop {
         let bell = DOORBELL.load(Ordering::Acquire);
+        if THREAD_ENDED.swap(false, Ordering::AcqRel) {
+            recheck = 0;
+        }
+        let counted_ms = now_ms();
+        if recheck < THREAD_END_RECHECK_MS.len()
+            || counted_ms >= last_count_ms.saturating_add(THREAD_COUNT_EVERY_MS)
+        {
+            last_count_ms = counted_ms;
+            if program_threads_left() == Some(0) {
+                end_like_the_last_thread();
+            }
+        }
         for (index, pool_seen) in seen.iter_mut().enumerate().take(ledger::pool_count()) {
             check_pool(index, pool_seen);
         }
@@ -607,6 +701,12 @@ fn run() {
             let purge_due = last_purge_ms.saturating_add(purge_interval);
             timeout = timeout.min(purge_due.saturating_sub(now).max(1));
         }
+        let count_due_ms = last_count_ms.saturating_add(THREAD_COUNT_EVERY_MS);
+        timeout = timeout.min(count_due_ms.saturating_sub(now).max(1));
+        if let Some(&next_look_ms) = THREAD_END_RECHECK_MS.get(recheck) {
+            timeout = timeout.min(next_look_ms);
+            recheck += 1;
+        }
         wait(bell, timeout);
     }
 }
@@ -616,7 +716,8 @@ fn run() {
 pub const MONITOR_STACK_BYTES: usize = 1 << 20;
 
 /// Starts a detached thread running `entry` with every signal blocked, named `name`, with a
-/// stack of `stack_bytes`.
+/// stack of `stack_bytes`. The thread must never end: it is counted as the shim's for good (see
+/// [`program_threads_left`]).
 ///
 /// A raw pthread, not `std::thread`: Rust's thread start registers a thread-local destructor
 /// through `__cxa_thread_atexit_impl`, which callocs through the host's malloc, so the shim's
@@ -644,6 +745,9 @@ pub fn spawn_thread(
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
         libc::pthread_attr_destroy(&mut attr);
         if created {
+            // Counted after the create: until now the kernel already counts the thread and
+            // the program looks one thread larger, never smaller.
+            SHIM_THREADS.fetch_add(1, Ordering::AcqRel);
             libc::pthread_setname_np(thread, name.as_ptr());
         }
         created
@@ -667,6 +771,9 @@ pub fn start() {
 
 /// In a fork child the monitor thread did not survive: start a new one.
 pub fn after_fork_child() {
+    // Only the forking thread lives on in the child: none of the shim's.
+    SHIM_THREADS.store(0, Ordering::Relaxed);
+    THREAD_ENDED.store(false, Ordering::Relaxed);
     DOORBELL.store(0, Ordering::Relaxed);
     DUMP_REQUESTED.store(false, Ordering::Relaxed);
     DUMP_WRITING.store(false, Ordering::Relaxed);
@@ -770,6 +877,32 @@ mod tests {
         for &(before, psi, after) in cases {
             assert_eq!(stalls_after(before, psi), after, "from {before} at {psi}");
         }
+    }
+
+    #[test]
+    fn stat_gives_the_pid_the_main_threads_state_and_the_thread_count() {
+        let tail = "0 -1 4227084 302 0 0 0 1 8 0 0 20 0 2 0 77122 0 0";
+        // (a /proc/self/stat line, what it says)
+        let cases: &[(String, Option<(u64, u8, u64)>)] = &[
+            (
+                format!("30339 (lt) Z 30337 30337 8767 {tail}"),
+                Some((30339, b'Z', 2)),
+            ),
+            (
+                format!("7 (a) b) (c) S 1 30337 8767 {tail}"),
+                Some((7, b'S', 2)),
+            ),
+            ("30339 (lt) Z 30337".into(), None),
+            ("".into(), None),
+        ];
+        for (line, want) in cases {
+            assert_eq!(parse_stat_threads(line.as_bytes()), *want, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn this_test_process_has_threads_of_its_own() {
+        assert!(program_threads_left().is_some_and(|n| n >= 1));
     }
 
     #[test]

@@ -1,0 +1,192 @@
+"""The shim never keeps a process alive and never takes a signal that is not its own.
+
+Threads (shim-tests/guest/c/lifetime_threads.c): when the program's last thread ends, the process
+ends as glibc would end it without the library (exit(0): atexit handlers run, status 0), also in
+a fork child; SIGTERM, SIGINT, SIGHUP and SIGQUIT end it exactly as without the library whatever
+state its threads are in. Every case runs twice, with and without the library, and the two runs
+must agree with each other and with the row.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import shimrun
+
+GUEST_C = Path(__file__).resolve().parent / "c"
+
+# A process that should end does so within this (a deadline, not a timing assertion: a hung
+# process is what the rows are about).
+END_DEADLINE_SECONDS = 30
+# How long the test waits for a line the program or the shim prints.
+SEEN_DEADLINE_SECONDS = 30
+POLL_SECONDS = 0.01
+
+THE_FOUR = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+def _build(name: str) -> Path:
+    return shimrun.build(GUEST_C / f"{name}.c")
+
+
+def _child_setup(ignore: tuple[int, ...] = ()):
+    """The child starts with the four signals at their default action and unblocked (a test
+    runner started in the background inherits SIGINT/SIGQUIT ignored), no core files, and
+    `ignore` set to SIG_IGN."""
+    def setup():
+        for sig in THE_FOUR:
+            signal.signal(sig, signal.SIG_DFL)
+        for sig in ignore:
+            signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    return setup
+
+
+def _wait_for(what: str, path: Path, proc: subprocess.Popen) -> bool:
+    """Polls `path` until it holds `what`, the process ends, or the deadline passes."""
+    def holds() -> bool:
+        try:
+            return what in path.read_text(errors="replace")
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + SEEN_DEADLINE_SECONDS
+    while time.monotonic() < deadline:
+        if holds():
+            return True
+        if proc.poll() is not None:
+            return holds()
+        time.sleep(POLL_SECONDS)
+    return False
+
+
+def _app_threads(pid: int) -> int | None:
+    """Threads of `pid` that belong to the program: neither a zombie (a main thread that
+    called pthread_exit) nor one of the shim's (named qvshim-*). None once the process is
+    gone."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    count = 0
+    for tid in tasks:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        state = stat[stat.rindex(")") + 2:][:1]
+        if state not in ("Z", "X") and not comm.startswith("qvshim"):
+            count += 1
+    return count
+
+
+def _wait_no_app_threads(proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + SEEN_DEADLINE_SECONDS
+    while time.monotonic() < deadline and proc.poll() is None:
+        if not _app_threads(proc.pid):
+            return
+        time.sleep(POLL_SECONDS)
+
+
+def _status_text(status: int | None) -> str:
+    if status is None:
+        return f"still running after {END_DEADLINE_SECONDS} s (killed by the test)"
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exit {status}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Threads and the process's end.
+
+@dataclass(frozen=True)
+class EndRow:
+    """One case of lifetime_threads.c: the signal sent (None: none), when (after the program
+    printed "ready", or once no thread of the program is left after it printed "leaving"),
+    the status both runs must end with, and how many "atexit ran" lines they print."""
+
+    case: str
+    sig: int | None
+    status: int
+    atexit_lines: int
+    send_when: str = "ready"
+
+
+END_ROWS = [
+    EndRow("main_exits_worker_allocates", None, 0, 1),
+    EndRow("main_exits_worker_quiet", None, 0, 1),
+    EndRow("fork_child_thread_returns", None, 0, 2),
+    EndRow("fork_child_main_exits", None, 0, 2),
+    *[EndRow("signal_main_blocked", s, -s, 0) for s in THE_FOUR],
+    *[EndRow("signal_main_gone", s, -s, 0) for s in THE_FOUR],
+    *[EndRow("signal_all_gone", s, 0, 1, send_when="no_app_thread") for s in THE_FOUR],
+    *[EndRow("signal_pending_at_last_exit", s, 0, 1) for s in THE_FOUR],
+]
+
+
+@dataclass
+class Ended:
+    status: int | None
+    stdout: str
+    stderr: str
+
+    def describe(self, preload: bool) -> str:
+        return (f"\n  {'with' if preload else 'without'} the library: {_status_text(self.status)}"
+                f"\n  stdout: {self.stdout!r}\n  stderr: {self.stderr!r}")
+
+
+def _run_end_row(binary: Path, row: EndRow, preload: bool, tmp_path: Path) -> Ended:
+    tag = f"{row.case}-{row.sig}-{'shim' if preload else 'plain'}"
+    out, err = tmp_path / f"{tag}.out", tmp_path / f"{tag}.err"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        proc = subprocess.Popen([str(binary), row.case], env=shimrun.shim_env({}, preload=preload),
+                                stdin=subprocess.DEVNULL, stdout=o, stderr=e,
+                                preexec_fn=_child_setup())
+    status = None
+    try:
+        if row.sig is not None:
+            if row.send_when == "no_app_thread":
+                _wait_for("leaving", out, proc)
+                _wait_no_app_threads(proc)
+            else:
+                _wait_for("ready", out, proc)
+            try:
+                os.kill(proc.pid, row.sig)
+            except ProcessLookupError:
+                pass
+        status = proc.wait(timeout=END_DEADLINE_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return Ended(status, out.read_text(errors="replace"), err.read_text(errors="replace"))
+
+
+@pytest.mark.parametrize("row", END_ROWS, ids=lambda r: f"{r.case}-{r.sig or 'nosignal'}")
+def test_the_process_ends_as_without_the_library(row, shim_library, tmp_path):
+    binary = _build("lifetime_threads")
+    plain = _run_end_row(binary, row, False, tmp_path)
+    shim = _run_end_row(binary, row, True, tmp_path)
+    both = plain.describe(False) + shim.describe(True)
+    assert plain.status == row.status, (
+        f"the row expects {_status_text(row.status)} without the library (check the row):{both}")
+    assert shim.status == plain.status, (
+        f"expected {row.case} to end with {_status_text(plain.status)} under the library, as "
+        f"without it:{both}")
+    assert shim.stdout.count("atexit ran") == plain.stdout.count("atexit ran") == row.atexit_lines, (
+        f"expected {row.atexit_lines} 'atexit ran' line(s), with and without the library:{both}")
+    child_lines = [ln for ln in plain.stdout.splitlines() if ln.startswith("child ")]
+    assert [ln for ln in shim.stdout.splitlines() if ln.startswith("child ")] == child_lines, (
+        f"expected the fork child to end as without the library ({child_lines}):{both}")
