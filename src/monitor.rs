@@ -680,6 +680,7 @@ fn run() {
         {
             sample_host();
             runtime::python::probe();
+            diag::check_dump_signal();
             last_sample_ms = now;
             never_sampled = false;
         }

@@ -5,6 +5,11 @@ ends as glibc would end it without the library (exit(0): atexit handlers run, st
 a fork child; SIGTERM, SIGINT, SIGHUP and SIGQUIT end it exactly as without the library whatever
 state its threads are in. Every case runs twice, with and without the library, and the two runs
 must agree with each other and with the row.
+
+Signals (shim-tests/guest/c/lifetime_signals.c): QVSHIM_DUMP_SIGNAL and QVSHIM_SIGNAL take only
+signals meant for users (USR1, USR2, RTMIN..RTMAX); a refused value prints one line naming the
+variable, the value and the default even with QVSHIM_LOG=off; the dump signal is never taken
+from a program that ignores or handles it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import resource
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -190,3 +195,132 @@ def test_the_process_ends_as_without_the_library(row, shim_library, tmp_path):
     child_lines = [ln for ln in plain.stdout.splitlines() if ln.startswith("child ")]
     assert [ln for ln in shim.stdout.splitlines() if ln.startswith("child ")] == child_lines, (
         f"expected the fork child to end as without the library ({child_lines}):{both}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The dump signal and QVSHIM_SIGNAL.
+
+@dataclass(frozen=True)
+class SignalRow:
+    """One run of lifetime_signals.c under the library: its environment, the program's mode
+    (plain: takes nothing; handle: installs its own handler for `app_signal` after load),
+    signals it starts with ignored, the signal the test sends (None: none), whether a dump must
+    be written, the status, and text each line of which must be on stderr exactly once."""
+
+    env: dict = field(default_factory=dict)
+    mode: str = "plain"
+    app_signal: int = signal.SIGUSR2
+    ignored: tuple = ()
+    send: int | None = None
+    dump: bool = False
+    status: int = 0
+    lines: tuple = ()
+    wait_stderr: str | None = None
+
+
+RTMIN = signal.SIGRTMIN
+RTMAX = signal.SIGRTMAX
+REFUSED = "not a signal meant for users"
+
+
+def refused(variable: str, value: str, default: str) -> tuple[str, ...]:
+    return (f'{variable}="{value}": {REFUSED}', f"; using default {default}")
+
+
+SIGNAL_ROWS = {
+    # Signals not meant for users are refused, with one line even when logging is off, and act
+    # exactly as without the library.
+    "dump_segv_refused": SignalRow({"QVSHIM_DUMP_SIGNAL": "SEGV", "QVSHIM_LOG": "off"},
+                                   send=signal.SIGSEGV, status=-signal.SIGSEGV,
+                                   lines=refused("QVSHIM_DUMP_SIGNAL", "SEGV", "USR2")),
+    "dump_sigint_refused": SignalRow({"QVSHIM_DUMP_SIGNAL": "SIGINT", "QVSHIM_LOG": "off"},
+                                     send=signal.SIGINT, status=-signal.SIGINT,
+                                     lines=refused("QVSHIM_DUMP_SIGNAL", "SIGINT", "USR2")),
+    "dump_term_refused": SignalRow({"QVSHIM_DUMP_SIGNAL": "TERM"}, send=signal.SIGTERM,
+                                   status=-signal.SIGTERM,
+                                   lines=refused("QVSHIM_DUMP_SIGNAL", "TERM", "USR2")),
+    "dump_hup_number_refused": SignalRow({"QVSHIM_DUMP_SIGNAL": "1"}, send=signal.SIGHUP,
+                                         status=-signal.SIGHUP,
+                                         lines=refused("QVSHIM_DUMP_SIGNAL", "1", "USR2")),
+    "dump_quit_refused": SignalRow({"QVSHIM_DUMP_SIGNAL": "QUIT"}, send=signal.SIGQUIT,
+                                   status=-signal.SIGQUIT,
+                                   lines=refused("QVSHIM_DUMP_SIGNAL", "QUIT", "USR2")),
+    "dump_segv_number_refused": SignalRow({"QVSHIM_DUMP_SIGNAL": "11"},
+                                          lines=refused("QVSHIM_DUMP_SIGNAL", "11", "USR2")),
+    "dump_glibc_internal_refused": SignalRow({"QVSHIM_DUMP_SIGNAL": "32"},
+                                             lines=refused("QVSHIM_DUMP_SIGNAL", "32", "USR2")),
+    # Signals meant for users are taken, by name or number.
+    "dump_usr1": SignalRow({"QVSHIM_DUMP_SIGNAL": "USR1"}, send=signal.SIGUSR1, dump=True),
+    "dump_rtmin_plus_2": SignalRow({"QVSHIM_DUMP_SIGNAL": "SIGRTMIN+2"}, send=RTMIN + 2,
+                                   dump=True),
+    "dump_rtmax_minus_1": SignalRow({"QVSHIM_DUMP_SIGNAL": "rtmax-1"}, send=RTMAX - 1,
+                                    dump=True),
+    "dump_rt_number": SignalRow({"QVSHIM_DUMP_SIGNAL": str(RTMIN + 6)}, send=RTMIN + 6,
+                                dump=True),
+    # QVSHIM_SIGNAL obeys the same rule and never equals the dump signal.
+    "notify_term_refused": SignalRow({"QVSHIM_SIGNAL": "TERM", "QVSHIM_LOG": "off"},
+                                     lines=refused("QVSHIM_SIGNAL", "TERM", "off")),
+    "notify_equal_to_dump_refused": SignalRow(
+        {"QVSHIM_SIGNAL": "USR2", "QVSHIM_LOG": "off"},
+        lines=('QVSHIM_SIGNAL="USR2": the same signal as QVSHIM_DUMP_SIGNAL',
+               "; using default off")),
+    # The dump signal is never taken from the program.
+    "inherited_ignore_stays": SignalRow({"QVSHIM_DUMP_SIGNAL": "USR2"},
+                                        ignored=(signal.SIGUSR2,), send=signal.SIGUSR2,
+                                        lines=("QVSHIM_DUMP_SIGNAL: signal 12 (USR2) is ignored",
+                                               "dumps by signal are off"),
+                                        wait_stderr="dumps by signal are off"),
+    "app_handler_later_is_noticed": SignalRow({"QVSHIM_DUMP_SIGNAL": "USR1",
+                                               "QVSHIM_INTERVAL": "50ms"},
+                                              mode="handle", app_signal=signal.SIGUSR1,
+                                              send=signal.SIGUSR1,
+                                              lines=("QVSHIM_DUMP_SIGNAL: the program installed",
+                                                     "dumps by signal are off"),
+                                              wait_stderr="dumps by signal are off"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIGNAL_ROWS))
+def test_signals_are_the_programs_own(name, shim_library, tmp_path):
+    row = SIGNAL_ROWS[name]
+    binary = _build("lifetime_signals")
+    dump = tmp_path / "dump.txt"
+    out, err = tmp_path / "out", tmp_path / "err"
+    env = shimrun.shim_env({"QVSHIM_DUMP_FILE": str(dump), **row.env})
+    with open(out, "wb") as o, open(err, "wb") as e:
+        proc = subprocess.Popen([str(binary), row.mode, str(int(row.app_signal))], env=env,
+                                stdin=subprocess.PIPE, stdout=o, stderr=e,
+                                preexec_fn=_child_setup(row.ignored))
+    status = None
+    try:
+        _wait_for("ready", out, proc)
+        if row.wait_stderr:
+            _wait_for(row.wait_stderr, err, proc)
+        if row.send is not None:
+            os.kill(proc.pid, row.send)
+        if row.dump:
+            _wait_for("end of qvshim dump", dump, proc)
+        if row.mode == "handle":
+            _wait_for("app handler ran", out, proc)
+        try:
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        status = proc.wait(timeout=END_DEADLINE_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+    seen = (f"\n  env: {row.env}\n  result: {_status_text(status)}\n  stdout: {stdout!r}"
+            f"\n  stderr: {stderr!r}")
+    assert status == row.status, f"expected {_status_text(row.status)}:{seen}"
+    for text in row.lines:
+        hits = [ln for ln in stderr.splitlines() if text in ln]
+        assert len(hits) == 1, f"expected one stderr line with {text!r}:{seen}"
+    assert dump.exists() == row.dump, (
+        f"expected {'a' if row.dump else 'no'} dump at {dump}:{seen}")
+    if row.ignored:
+        assert f"signal {row.ignored[0]} ignored" in stdout, (
+            f"expected the program to see its inherited SIG_IGN kept:{seen}")
+    if row.mode == "handle":
+        assert "app handler ran" in stdout, f"expected the program's own handler to run:{seen}"
