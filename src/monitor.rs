@@ -584,15 +584,25 @@ static THREAD_ENDED: AtomicBool = AtomicBool::new(false);
 /// After a thread ended, how long the monitor waits before each new look (the thread runs its
 /// destructors before the kernel removes it).
 pub const THREAD_END_RECHECK_MS: [u64; 7] = [1, 2, 5, 10, 20, 50, 100];
+/// After a look at the count, threads that end within this long do not wake the monitor; it
+/// comes back to look when it is over. A program that churns through threads wakes it at most
+/// this often, not on every thread's end.
+pub const THREAD_LOOK_GAP_MS: u64 = 10;
+/// Until when (monotonic ms) a thread's end does not ring the doorbell.
+static QUIET_UNTIL_MS: AtomicU64 = AtomicU64::new(0);
 /// The program's threads are counted at least this often, whatever QVSHIM_INTERVAL says: a
 /// thread that never allocated ends without ringing the doorbell.
 pub const THREAD_COUNT_EVERY_MS: u64 = 1000;
 
 /// Called by a thread of the program as it ends (from a pthread key destructor): the monitor
-/// looks whether any is left. Async-signal-safe, no allocation.
+/// looks whether any is left, now or when the [`THREAD_LOOK_GAP_MS`] after its last look is
+/// over. Async-signal-safe, no allocation: an atomic store, the vDSO clock, and at most a
+/// futex wake.
 pub fn thread_ended() {
     THREAD_ENDED.store(true, Ordering::Release);
-    ring();
+    if now_ms() >= QUIET_UNTIL_MS.load(Ordering::Acquire) {
+        ring();
+    }
 }
 
 /// What `/proc/self/stat` says: the process id, the main thread's state letter, and the
@@ -654,16 +664,25 @@ fn run() {
     let mut last_count_ms = 0u64;
     loop {
         let bell = DOORBELL.load(Ordering::Acquire);
-        if THREAD_ENDED.swap(false, Ordering::AcqRel) {
-            recheck = 0;
-        }
         let counted_ms = now_ms();
+        let thread_ended = THREAD_ENDED.swap(false, Ordering::AcqRel);
+        if thread_ended {
+            recheck = 0;
+            QUIET_UNTIL_MS.store(
+                counted_ms.saturating_add(THREAD_LOOK_GAP_MS),
+                Ordering::Release,
+            );
+        }
         if recheck < THREAD_END_RECHECK_MS.len()
             || counted_ms >= last_count_ms.saturating_add(THREAD_COUNT_EVERY_MS)
         {
             last_count_ms = counted_ms;
-            if program_threads_left() == Some(0) {
-                end_like_the_last_thread();
+            match program_threads_left() {
+                Some(0) => end_like_the_last_thread(),
+                // Others live on beside the thread that ended: no quick looks (a program that
+                // churns through threads would have the monitor read /proc on every end).
+                Some(left) if left > 1 => recheck = THREAD_END_RECHECK_MS.len(),
+                _ => {}
             }
         }
         for (index, pool_seen) in seen.iter_mut().enumerate().take(ledger::pool_count()) {
@@ -704,6 +723,10 @@ fn run() {
         }
         let count_due_ms = last_count_ms.saturating_add(THREAD_COUNT_EVERY_MS);
         timeout = timeout.min(count_due_ms.saturating_sub(now).max(1));
+        if thread_ended {
+            // Threads that end in the quiet time after this look only set the flag.
+            timeout = timeout.min(THREAD_LOOK_GAP_MS + 1);
+        }
         if let Some(&next_look_ms) = THREAD_END_RECHECK_MS.get(recheck) {
             timeout = timeout.min(next_look_ms);
             recheck += 1;
