@@ -6,7 +6,7 @@
 //! futex wake: async-signal-safe, no allocation, no lock). The thread runs with every signal
 //! blocked so the host's signal delivery is unchanged, and it is started again in a fork child.
 //! It never keeps the process alive: when no thread of the program is left, it ends the process
-//! the way glibc would have (see [`program_threads_left`]).
+//! the way glibc would have (see [`program_threads`]).
 //! It never panics: a panic would abort the host (panic = "abort").
 
 use core::cell::Cell;
@@ -593,6 +593,9 @@ static QUIET_UNTIL_MS: AtomicU64 = AtomicU64::new(0);
 /// The program's threads are counted at least this often, whatever QVSHIM_INTERVAL says: a
 /// thread that never allocated ends without ringing the doorbell.
 pub const THREAD_COUNT_EVERY_MS: u64 = 1000;
+/// ... and this often once the main thread is gone (pthread_exit): then the end of any thread
+/// may be the process's.
+pub const THREAD_COUNT_MAIN_GONE_EVERY_MS: u64 = 100;
 
 /// Called by a thread of the program as it ends (from a pthread key destructor): the monitor
 /// looks whether any is left, now or when the [`THREAD_LOOK_GAP_MS`] after its last look is
@@ -605,37 +608,52 @@ pub fn thread_ended() {
     }
 }
 
-/// What `/proc/self/stat` says: the process id, the main thread's state letter, and the
-/// number of threads (a main thread that called pthread_exit is a zombie and still counted).
-pub fn parse_stat_threads(text: &[u8]) -> Option<(u64, u8, u64)> {
+/// The kernel's PF_EXITING in the flags of `/proc/self/stat`: the main thread is in its exit.
+const PF_EXITING: u64 = 0x4;
+
+/// What `/proc/self/stat` says: the process id, whether the main thread ended (a zombie, or
+/// exiting), and the number of threads (a main thread that called pthread_exit is a zombie and
+/// still counted).
+pub fn parse_stat_threads(text: &[u8]) -> Option<(u64, bool, u64)> {
     let pid = system::parse_u64(text)?;
     // The command name is in parentheses and may itself hold ')' or spaces.
     let close = text.iter().rposition(|&b| b == b')')?;
     let rest = text.get(close + 1..)?;
     let mut fields = rest.split(|&b| b == b' ').filter(|field| !field.is_empty());
     let state = *fields.next()?.first()?;
-    // num_threads is the 20th field, the 17th after the state.
-    let threads = system::parse_u64(fields.nth(16)?)?;
-    Some((pid, state, threads))
+    // flags is the 9th field, the 6th after the state; num_threads the 20th.
+    let flags = system::parse_u64(fields.nth(5)?)?;
+    let threads = system::parse_u64(fields.nth(10)?)?;
+    Some((pid, state == b'Z' || flags & PF_EXITING != 0, threads))
 }
 
-/// How many threads of the program are alive: the kernel's count less the shim's threads and a
-/// main thread that is a zombie. None when /proc cannot tell (then the process is never ended
+/// The program's threads, as the monitor counts them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProgramThreads {
+    /// Alive: the kernel's count less the shim's threads and a main thread that is a zombie.
+    pub left: u64,
+    /// The main thread ended (pthread_exit): a zombie, or on its way to being one. (In an
+    /// exit_group the other threads, the monitor among them, are killed before the main thread
+    /// exits, so the monitor never sees this and acts on it.)
+    pub main_gone: bool,
+}
+
+/// Counts the program's threads. None when /proc cannot tell (then the process is never ended
 /// by the shim).
-pub fn program_threads_left() -> Option<u64> {
+pub fn program_threads() -> Option<ProgramThreads> {
     let mut buf = [0u8; 1024];
-    let (pid, state, threads) =
+    let (pid, main_gone, threads) =
         parse_stat_threads(system::read_file(c"/proc/self/stat", &mut buf)?)?;
     // SAFETY: getpid has no preconditions.
     if pid != unsafe { libc::getpid() } as u64 {
         return None;
     }
-    let zombie_main = u64::from(state == b'Z');
-    Some(
-        threads
-            .saturating_sub(zombie_main)
+    Some(ProgramThreads {
+        left: threads
+            .saturating_sub(u64::from(main_gone))
             .saturating_sub(SHIM_THREADS.load(Ordering::Acquire) as u64),
-    )
+        main_gone,
+    })
 }
 
 /// Ends the process as glibc would have when its last thread ended: exit(0), so atexit
@@ -662,28 +680,35 @@ fn run() {
     // due).
     let mut recheck = THREAD_END_RECHECK_MS.len();
     let mut last_count_ms = 0u64;
+    let mut count_every_ms = THREAD_COUNT_EVERY_MS;
     loop {
         let bell = DOORBELL.load(Ordering::Acquire);
         let counted_ms = now_ms();
         let thread_ended = THREAD_ENDED.swap(false, Ordering::AcqRel);
-        if thread_ended {
+        // A sequence of quick looks runs to its end before another starts, so a program that
+        // churns through threads gets a few looks a second, not one per thread.
+        if thread_ended && recheck >= THREAD_END_RECHECK_MS.len() {
             recheck = 0;
+        }
+        if thread_ended {
             QUIET_UNTIL_MS.store(
                 counted_ms.saturating_add(THREAD_LOOK_GAP_MS),
                 Ordering::Release,
             );
         }
         if recheck < THREAD_END_RECHECK_MS.len()
-            || counted_ms >= last_count_ms.saturating_add(THREAD_COUNT_EVERY_MS)
+            || counted_ms >= last_count_ms.saturating_add(count_every_ms)
         {
             last_count_ms = counted_ms;
-            match program_threads_left() {
-                Some(0) => end_like_the_last_thread(),
-                // Others live on beside the thread that ended: no quick looks (a program that
-                // churns through threads would have the monitor read /proc on every end).
-                Some(left) if left > 1 => recheck = THREAD_END_RECHECK_MS.len(),
-                _ => {}
+            let count = program_threads();
+            if count.is_some_and(|c| c.left == 0) {
+                end_like_the_last_thread();
             }
+            count_every_ms = if count.is_some_and(|c| c.main_gone) {
+                THREAD_COUNT_MAIN_GONE_EVERY_MS
+            } else {
+                THREAD_COUNT_EVERY_MS
+            };
         }
         for (index, pool_seen) in seen.iter_mut().enumerate().take(ledger::pool_count()) {
             check_pool(index, pool_seen);
@@ -721,7 +746,7 @@ fn run() {
             let purge_due = last_purge_ms.saturating_add(purge_interval);
             timeout = timeout.min(purge_due.saturating_sub(now).max(1));
         }
-        let count_due_ms = last_count_ms.saturating_add(THREAD_COUNT_EVERY_MS);
+        let count_due_ms = last_count_ms.saturating_add(count_every_ms);
         timeout = timeout.min(count_due_ms.saturating_sub(now).max(1));
         if thread_ended {
             // Threads that end in the quiet time after this look only set the flag.
@@ -741,7 +766,7 @@ pub const MONITOR_STACK_BYTES: usize = 1 << 20;
 
 /// Starts a detached thread running `entry` with every signal blocked, named `name`, with a
 /// stack of `stack_bytes`. The thread must never end: it is counted as the shim's for good (see
-/// [`program_threads_left`]).
+/// [`program_threads`]).
 ///
 /// A raw pthread, not `std::thread`: Rust's thread start registers a thread-local destructor
 /// through `__cxa_thread_atexit_impl`, which callocs through the host's malloc, so the shim's
@@ -904,17 +929,27 @@ mod tests {
     }
 
     #[test]
-    fn stat_gives_the_pid_the_main_threads_state_and_the_thread_count() {
-        let tail = "0 -1 4227084 302 0 0 0 1 8 0 0 20 0 2 0 77122 0 0";
-        // (a /proc/self/stat line, what it says)
-        let cases: &[(String, Option<(u64, u8, u64)>)] = &[
+    fn stat_gives_the_pid_whether_main_ended_and_the_thread_count() {
+        // flags 0x400100: a live main thread; 0x40810c: one with PF_EXITING (0x4).
+        let live = "0 -1 4194560 302 0 0 0 1 8 0 0 20 0 3 0 77122 0 0";
+        let exiting = "0 -1 4227084 302 0 0 0 1 8 0 0 20 0 2 0 77122 0 0";
+        // (a /proc/self/stat line, (pid, main ended, threads))
+        let cases: &[(String, Option<(u64, bool, u64)>)] = &[
             (
-                format!("30339 (lt) Z 30337 30337 8767 {tail}"),
-                Some((30339, b'Z', 2)),
+                format!("30339 (lt) S 30337 30337 8767 {live}"),
+                Some((30339, false, 3)),
             ),
             (
-                format!("7 (a) b) (c) S 1 30337 8767 {tail}"),
-                Some((7, b'S', 2)),
+                format!("30339 (lt) Z 30337 30337 8767 {exiting}"),
+                Some((30339, true, 2)),
+            ),
+            (
+                format!("30339 (lt) R 30337 30337 8767 {exiting}"),
+                Some((30339, true, 2)),
+            ),
+            (
+                format!("7 (a) b) (c) S 1 30337 8767 {live}"),
+                Some((7, false, 3)),
             ),
             ("30339 (lt) Z 30337".into(), None),
             ("".into(), None),
@@ -926,7 +961,11 @@ mod tests {
 
     #[test]
     fn this_test_process_has_threads_of_its_own() {
-        assert!(program_threads_left().is_some_and(|n| n >= 1));
+        let count = program_threads();
+        assert!(
+            count.is_some_and(|c| c.left >= 1 && !c.main_gone),
+            "{count:?}"
+        );
     }
 
     #[test]
