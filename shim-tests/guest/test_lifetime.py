@@ -42,6 +42,18 @@ def _build(name: str) -> Path:
     return shimrun.build(GUEST_C / f"{name}.c")
 
 
+def _build_preload(name: str) -> Path:
+    """shim-tests/guest/c/<name>.c as a shared object for LD_PRELOAD."""
+    source = GUEST_C / f"{name}.c"
+    shimrun.BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    built = shimrun.BUILD_DIR / f"{name}.so"
+    if not built.exists() or built.stat().st_mtime < source.stat().st_mtime:
+        cmd = ["gcc", "-shared", "-fPIC", "-O0", "-Wall", "-o", str(built), str(source), "-ldl"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, f"expected {source.name} to compile:\n{done.stderr}"
+    return built
+
+
 def _child_setup(ignore: tuple[int, ...] = ()):
     """The child starts with the four signals at their default action and unblocked (a test
     runner started in the background inherits SIGINT/SIGQUIT ignored), no core files, and
@@ -205,7 +217,8 @@ class SignalRow:
     """One run of lifetime_signals.c under the library: its environment, the program's mode
     (plain: takes nothing; handle: installs its own handler for `app_signal` after load),
     signals it starts with ignored, the signal the test sends (None: none), whether a dump must
-    be written, the status, and text each line of which must be on stderr exactly once."""
+    be written, the status, and text each line of which must be on stderr exactly once.
+    `preload_first`: a library of guest/c preloaded before the shim."""
 
     env: dict = field(default_factory=dict)
     mode: str = "plain"
@@ -216,6 +229,7 @@ class SignalRow:
     status: int = 0
     lines: tuple = ()
     wait_stderr: str | None = None
+    preload_first: str | None = None
 
 
 RTMIN = signal.SIGRTMIN
@@ -277,6 +291,10 @@ SIGNAL_ROWS = {
                                               lines=("QVSHIM_DUMP_SIGNAL: the program installed",
                                                      "dumps by signal are off"),
                                               wait_stderr="dumps by signal are off"),
+    "handler_not_installed_is_named_with_logging_off": SignalRow(
+        {"QVSHIM_LOG": "off"}, preload_first="lifetime_sigaction_fails",
+        lines=("ERROR QVSHIM_DUMP_SIGNAL: the handler for signal 12 (USR2) could not be "
+               "installed", "dumps by signal are off")),
 }
 
 
@@ -287,6 +305,8 @@ def test_signals_are_the_programs_own(name, shim_library, tmp_path):
     dump = tmp_path / "dump.txt"
     out, err = tmp_path / "out", tmp_path / "err"
     env = shimrun.shim_env({"QVSHIM_DUMP_FILE": str(dump), **row.env})
+    if row.preload_first:
+        env["LD_PRELOAD"] = f"{_build_preload(row.preload_first)} {env['LD_PRELOAD']}"
     with open(out, "wb") as o, open(err, "wb") as e:
         proc = subprocess.Popen([str(binary), row.mode, str(int(row.app_signal))], env=env,
                                 stdin=subprocess.PIPE, stdout=o, stderr=e,
