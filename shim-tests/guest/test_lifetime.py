@@ -218,7 +218,8 @@ class SignalRow:
     (plain: takes nothing; handle: installs its own handler for `app_signal` after load),
     signals it starts with ignored, the signal the test sends (None: none), whether a dump must
     be written, the status, and text each line of which must be on stderr exactly once.
-    `preload_first`: a library of guest/c preloaded before the shim."""
+    `preload_first`/`preload_after`: a library of guest/c preloaded before/after the shim;
+    `stdout`: text the program's stdout must hold."""
 
     env: dict = field(default_factory=dict)
     mode: str = "plain"
@@ -230,6 +231,8 @@ class SignalRow:
     lines: tuple = ()
     wait_stderr: str | None = None
     preload_first: str | None = None
+    preload_after: str | None = None
+    stdout: str | None = None
 
 
 RTMIN = signal.SIGRTMIN
@@ -295,6 +298,11 @@ SIGNAL_ROWS = {
         {"QVSHIM_LOG": "off"}, preload_first="lifetime_sigaction_fails",
         lines=("ERROR QVSHIM_DUMP_SIGNAL: the handler for signal 12 (USR2) could not be "
                "installed", "dumps by signal are off")),
+    "handler_at_load_is_kept": SignalRow(
+        {"QVSHIM_DUMP_SIGNAL": "USR2"}, preload_after="lifetime_handles_usr2_at_load",
+        send=signal.SIGUSR2, stdout="early handler ran",
+        lines=("QVSHIM_DUMP_SIGNAL: the program handles signal 12 (USR2) itself and keeps it",
+               "dumps by signal are off")),
 }
 
 
@@ -307,6 +315,8 @@ def test_signals_are_the_programs_own(name, shim_library, tmp_path):
     env = shimrun.shim_env({"QVSHIM_DUMP_FILE": str(dump), **row.env})
     if row.preload_first:
         env["LD_PRELOAD"] = f"{_build_preload(row.preload_first)} {env['LD_PRELOAD']}"
+    if row.preload_after:
+        env["LD_PRELOAD"] = f"{env['LD_PRELOAD']} {_build_preload(row.preload_after)}"
     with open(out, "wb") as o, open(err, "wb") as e:
         proc = subprocess.Popen([str(binary), row.mode, str(int(row.app_signal))], env=env,
                                 stdin=subprocess.PIPE, stdout=o, stderr=e,
@@ -322,6 +332,8 @@ def test_signals_are_the_programs_own(name, shim_library, tmp_path):
             _wait_for("end of qvshim dump", dump, proc)
         if row.mode == "handle":
             _wait_for("app handler ran", out, proc)
+        if row.stdout:
+            _wait_for(row.stdout, out, proc)
         try:
             proc.stdin.close()
         except BrokenPipeError:
@@ -344,3 +356,5 @@ def test_signals_are_the_programs_own(name, shim_library, tmp_path):
             f"expected the program to see its inherited SIG_IGN kept:{seen}")
     if row.mode == "handle":
         assert "app handler ran" in stdout, f"expected the program's own handler to run:{seen}"
+    if row.stdout:
+        assert row.stdout in stdout, f"expected {row.stdout!r} on stdout:{seen}"
