@@ -287,7 +287,7 @@ pub fn parse_switch(text: &[u8]) -> Result<bool, &'static str> {
     }
 }
 
-/// Signals a user may name, with or without the `SIG` prefix.
+/// Names of signals, for messages.
 const SIGNAL_NAMES: [(&[u8], i32); 10] = [
     (b"USR1", libc::SIGUSR1),
     (b"USR2", libc::SIGUSR2),
@@ -301,7 +301,7 @@ const SIGNAL_NAMES: [(&[u8], i32); 10] = [
     (b"PWR", libc::SIGPWR),
 ];
 
-/// The name of a signal a user may name (`USR1` for 10), for messages.
+/// The name of a common signal (`USR1` for 10), for messages.
 pub fn signal_name(signal: i32) -> Option<&'static str> {
     SIGNAL_NAMES
         .iter()
@@ -309,34 +309,89 @@ pub fn signal_name(signal: i32) -> Option<&'static str> {
         .and_then(|(name, _)| core::str::from_utf8(name).ok())
 }
 
-/// Parses a signal: a name (`USR1`, `SIGUSR1`, any case), a number 1..64 other than SIGKILL
-/// and SIGSTOP (which no handler can catch), or `off` (None).
+/// A signal as a person names it: `USR1`, `RTMIN+2`, `RTMAX`, or its number.
+#[derive(Clone, Copy)]
+pub struct SignalName(pub i32);
+
+impl fmt::Display for SignalName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (min, max) = (libc::SIGRTMIN(), libc::SIGRTMAX());
+        match self.0 {
+            signal if signal == max => f.write_str("RTMAX"),
+            signal if (min..max).contains(&signal) => write!(f, "RTMIN+{}", signal - min),
+            signal => match signal_name(signal) {
+                Some(name) => f.write_str(name),
+                None => write!(f, "{signal}"),
+            },
+        }
+    }
+}
+
+/// True for the signals meant for users, the only ones the shim takes: SIGUSR1, SIGUSR2 and
+/// the real-time signals glibc leaves to programs (SIGRTMIN..SIGRTMAX). Every other signal has
+/// a meaning of its own (a fault, Ctrl-C, `kill`, a hangup) that the shim must never change.
+pub fn is_user_signal(signal: i32) -> bool {
+    signal == libc::SIGUSR1
+        || signal == libc::SIGUSR2
+        || (libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&signal)
+}
+
+const NOT_FOR_USERS: &str =
+    "not a signal meant for users (USR1, USR2, RTMIN+n, RTMAX-n or their numbers, or off)";
+
+/// A real-time signal by name: `RTMIN`, `RTMIN+n`, `RTMAX`, `RTMAX-n`.
+fn parse_realtime(name: &[u8]) -> Option<i32> {
+    let offset = |rest: &[u8], sign: u8| -> Option<i32> {
+        match rest.split_first() {
+            None => Some(0),
+            Some((&first, digits)) if first == sign && !digits.is_empty() => {
+                let n = parse_decimal(digits)?;
+                (digits.iter().all(u8::is_ascii_digit) && n <= 64.0).then_some(n as i32)
+            }
+            _ => None,
+        }
+    };
+    let (head, rest) = name.split_at(name.len().min(5));
+    if head.eq_ignore_ascii_case(b"RTMIN") {
+        Some(libc::SIGRTMIN() + offset(rest, b'+')?)
+    } else if head.eq_ignore_ascii_case(b"RTMAX") {
+        Some(libc::SIGRTMAX() - offset(rest, b'-')?)
+    } else {
+        None
+    }
+}
+
+/// Parses a signal meant for users ([`is_user_signal`]): a name (`USR1`, `SIGUSR2`,
+/// `RTMIN+2`, `SIGRTMAX-1`, any case), its number, or `off` (None). Anything else is refused.
 pub fn parse_signal(text: &[u8]) -> Result<Option<i32>, &'static str> {
-    const BAD: &str = "not a signal (e.g. USR1, SIGUSR2, 10, off)";
     let trimmed = trim(text);
     if trimmed.eq_ignore_ascii_case(b"off") {
         return Ok(None);
     }
-    if !trimmed.is_empty() && trimmed.iter().all(u8::is_ascii_digit) {
-        let number = parse_decimal(trimmed).ok_or(BAD)?;
-        if !(1.0..=64.0).contains(&number) {
-            return Err(BAD);
+    let signal = if !trimmed.is_empty() && trimmed.iter().all(u8::is_ascii_digit) {
+        let number = parse_decimal(trimmed).ok_or(NOT_FOR_USERS)?;
+        if number > 64.0 {
+            return Err(NOT_FOR_USERS);
         }
-        let number = number as i32;
-        if number == libc::SIGKILL || number == libc::SIGSTOP {
-            return Err("SIGKILL and SIGSTOP cannot be caught");
+        number as i32
+    } else {
+        let name = match trimmed.get(..3) {
+            Some(prefix) if prefix.eq_ignore_ascii_case(b"SIG") => trimmed.get(3..).unwrap_or(&[]),
+            _ => trimmed,
+        };
+        if name.eq_ignore_ascii_case(b"USR1") {
+            libc::SIGUSR1
+        } else if name.eq_ignore_ascii_case(b"USR2") {
+            libc::SIGUSR2
+        } else {
+            parse_realtime(name).ok_or(NOT_FOR_USERS)?
         }
-        return Ok(Some(number));
-    }
-    let name = match trimmed.get(..3) {
-        Some(prefix) if prefix.eq_ignore_ascii_case(b"SIG") => trimmed.get(3..).unwrap_or(&[]),
-        _ => trimmed,
     };
-    SIGNAL_NAMES
-        .iter()
-        .find(|(n, _)| name.eq_ignore_ascii_case(n))
-        .map(|(_, number)| Some(*number))
-        .ok_or(BAD)
+    if is_user_signal(signal) {
+        Ok(Some(signal))
+    } else {
+        Err(NOT_FOR_USERS)
+    }
 }
 
 /// Parses QVSHIM_DUMP_FORMAT: `text` (false) or `json` (true).
@@ -490,7 +545,8 @@ impl Settings {
                 Err(reason) => report(bad(reason)),
             }
         }
-        if let Some((value, bad)) = read("QVSHIM_SIGNAL", "off") {
+        let notify_signal = read("QVSHIM_SIGNAL", "off");
+        if let Some((value, bad)) = notify_signal {
             match parse_signal(value) {
                 Ok(signal) => s.notify_signal = signal,
                 Err(reason) => report(bad(reason)),
@@ -501,6 +557,15 @@ impl Settings {
                 Ok(signal) => s.dump_signal = signal,
                 Err(reason) => report(bad(reason)),
             }
+        }
+        // Every level change would otherwise write a dump.
+        if s.notify_signal.is_some() && s.notify_signal == s.dump_signal {
+            if let Some((_, bad)) = notify_signal {
+                report(bad(
+                    "the same signal as QVSHIM_DUMP_SIGNAL, which asks for the dump",
+                ));
+            }
+            s.notify_signal = None;
         }
         if let Some((value, bad)) = read("QVSHIM_DUMP_FORMAT", "text") {
             match parse_dump_format(value) {
@@ -773,16 +838,36 @@ mod tests {
         for (text, want) in intervals {
             assert_eq!(parse_interval_ms(text.as_bytes()), *want, "{text:?}");
         }
+        let rtmin = libc::SIGRTMIN();
+        let rtmax = libc::SIGRTMAX();
         let signals: &[(&str, Result<Option<i32>, &str>)] = &[
             ("USR1", Ok(Some(libc::SIGUSR1))),
             ("sigusr2", Ok(Some(libc::SIGUSR2))),
-            ("SIGHUP", Ok(Some(libc::SIGHUP))),
             ("10", Ok(Some(10))),
+            ("12", Ok(Some(12))),
+            ("RTMIN", Ok(Some(rtmin))),
+            ("SIGRTMIN+2", Ok(Some(rtmin + 2))),
+            ("rtmax-1", Ok(Some(rtmax - 1))),
+            ("SIGRTMAX", Ok(Some(rtmax))),
+            ("64", Ok(Some(64))),
             ("off", Ok(None)),
-            ("9", Err("SIGKILL and SIGSTOP cannot be caught")),
-            ("65", Err("not a signal (e.g. USR1, SIGUSR2, 10, off)")),
-            ("KILL", Err("not a signal (e.g. USR1, SIGUSR2, 10, off)")),
-            ("", Err("not a signal (e.g. USR1, SIGUSR2, 10, off)")),
+            ("SIGHUP", Err(NOT_FOR_USERS)),
+            ("INT", Err(NOT_FOR_USERS)),
+            ("TERM", Err(NOT_FOR_USERS)),
+            ("QUIT", Err(NOT_FOR_USERS)),
+            ("SEGV", Err(NOT_FOR_USERS)),
+            ("11", Err(NOT_FOR_USERS)),
+            ("9", Err(NOT_FOR_USERS)),
+            ("32", Err(NOT_FOR_USERS)),
+            ("33", Err(NOT_FOR_USERS)),
+            ("65", Err(NOT_FOR_USERS)),
+            ("RTMIN+40", Err(NOT_FOR_USERS)),
+            ("RTMAX-40", Err(NOT_FOR_USERS)),
+            ("RTMIN-1", Err(NOT_FOR_USERS)),
+            ("RTMIN+", Err(NOT_FOR_USERS)),
+            ("RTMINX", Err(NOT_FOR_USERS)),
+            ("KILL", Err(NOT_FOR_USERS)),
+            ("", Err(NOT_FOR_USERS)),
         ];
         for (text, want) in signals {
             assert_eq!(parse_signal(text.as_bytes()), *want, "{text:?}");
@@ -803,6 +888,17 @@ mod tests {
         assert_eq!(parse_dump_format(b"JSON"), Ok(true));
         assert_eq!(signal_name(libc::SIGUSR2), Some("USR2"));
         assert_eq!(signal_name(40), None);
+        let names = [
+            (libc::SIGUSR1, "USR1".to_string()),
+            (rtmin, "RTMIN+0".to_string()),
+            (rtmin + 3, "RTMIN+3".to_string()),
+            (rtmax, "RTMAX".to_string()),
+            (libc::SIGTERM, "TERM".to_string()),
+            (libc::SIGSEGV, "11".to_string()),
+        ];
+        for (signal, want) in names {
+            assert_eq!(SignalName(signal).to_string(), want, "signal {signal}");
+        }
         assert_eq!(parse_dump_format(b"xml"), Err("not text or json"));
     }
 
@@ -832,13 +928,55 @@ mod tests {
             lines,
             [
                 "QVSHIM_INTERVAL=\"1ms\": shorter than 10ms; using default 1s",
-                "QVSHIM_SIGNAL=\"KILL\": not a signal (e.g. USR1, SIGUSR2, 10, off); using default off",
+                "QVSHIM_SIGNAL=\"KILL\": not a signal meant for users (USR1, USR2, RTMIN+n, RTMAX-n or their numbers, or off); using default off",
             ]
         );
         assert_eq!(
             (s.interval_ms, s.notify_signal),
             (DEFAULT_INTERVAL_MS, None)
         );
+
+        // (environment, QVSHIM_SIGNAL and QVSHIM_DUMP_SIGNAL after load, lines printed)
+        type SignalCase<'a> = (
+            &'a [(&'a str, &'a str)],
+            (Option<i32>, Option<i32>),
+            &'a [&'a str],
+        );
+        let usr1 = Some(libc::SIGUSR1);
+        let usr2 = Some(libc::SIGUSR2);
+        let same = "the same signal as QVSHIM_DUMP_SIGNAL, which asks for the dump";
+        let cases: &[SignalCase] = &[
+            (&[("QVSHIM_SIGNAL", "USR1")], (usr1, usr2), &[]),
+            (
+                &[("QVSHIM_SIGNAL", "USR2")],
+                (None, usr2),
+                &[&format!(
+                    "QVSHIM_SIGNAL=\"USR2\": {same}; using default off"
+                )],
+            ),
+            (
+                &[("QVSHIM_SIGNAL", "10"), ("QVSHIM_DUMP_SIGNAL", "USR1")],
+                (None, usr1),
+                &[&format!("QVSHIM_SIGNAL=\"10\": {same}; using default off")],
+            ),
+            (
+                &[("QVSHIM_SIGNAL", "USR2"), ("QVSHIM_DUMP_SIGNAL", "off")],
+                (usr2, None),
+                &[],
+            ),
+            (
+                &[("QVSHIM_DUMP_SIGNAL", "SEGV")],
+                (None, usr2),
+                &[&format!(
+                    "QVSHIM_DUMP_SIGNAL=\"SEGV\": {NOT_FOR_USERS}; using default USR2"
+                )],
+            ),
+        ];
+        for (env, signals, want) in cases {
+            let (s, lines) = load_with(env);
+            assert_eq!((s.notify_signal, s.dump_signal), *signals, "{env:?}");
+            assert_eq!(lines, *want, "{env:?}");
+        }
     }
 
     #[test]

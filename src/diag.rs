@@ -1135,21 +1135,102 @@ extern "C" fn on_dump_signal(_signal: c_int) {
     unsafe { *libc::__errno_location() = errno };
 }
 
-/// Installs the dump signal's handler. Called once at load.
-pub fn install_dump_signal(signal: i32) {
+/// The signal whose handler is the shim's now (0: none, dumps by signal are off).
+static DUMP_SIGNAL: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(0);
+/// QVSHIM_DUMP_SIGNAL was set by the user: what becomes of it is said at WARN, not INFO.
+static DUMP_SIGNAL_CHOSEN: AtomicBool = AtomicBool::new(false);
+
+/// One line about the dump signal: a warning when the user chose it, else information (the
+/// default signal being the program's own is nothing to warn about).
+fn say_dump_signal(args: core::fmt::Arguments) {
+    let level = if DUMP_SIGNAL_CHOSEN.load(Ordering::Relaxed) {
+        crate::log::Level::Warn
+    } else {
+        crate::log::Level::Info
+    };
+    crate::log::write_line(level, args);
+}
+
+/// The handler the process has for `signal` now; None when it cannot be read.
+fn current_handler(signal: i32) -> Option<usize> {
+    // SAFETY: a zeroed sigaction is a valid out-value; a null new action only queries.
+    let mut current: libc::sigaction = unsafe { core::mem::zeroed() };
+    // SAFETY: current is a valid out-pointer.
+    (unsafe { libc::sigaction(signal, core::ptr::null(), &mut current) } == 0)
+        .then_some(current.sa_sigaction)
+}
+
+fn dump_handler() -> usize {
+    on_dump_signal as extern "C" fn(c_int) as usize
+}
+
+/// Installs the dump signal's handler, unless the program already ignores or handles the
+/// signal: it is never taken from the program (an inherited SIG_IGN stays SIG_IGN). `chosen`:
+/// QVSHIM_DUMP_SIGNAL was set. Called once at load.
+pub fn install_dump_signal(signal: i32, chosen: bool) {
+    use crate::config::SignalName;
+    DUMP_SIGNAL_CHOSEN.store(chosen, Ordering::Relaxed);
+    let name = SignalName(signal);
+    match current_handler(signal) {
+        Some(libc::SIG_DFL) => {}
+        Some(libc::SIG_IGN) => {
+            say_dump_signal(format_args!(
+                "QVSHIM_DUMP_SIGNAL: signal {signal} ({name}) is ignored by the process and \
+                 stays ignored; dumps by signal are off"
+            ));
+            return;
+        }
+        Some(_) => {
+            say_dump_signal(format_args!(
+                "QVSHIM_DUMP_SIGNAL: the program handles signal {signal} ({name}) itself and \
+                 keeps it; dumps by signal are off"
+            ));
+            return;
+        }
+        None => {}
+    }
     // SAFETY: a zeroed sigaction with a handler, an empty mask and SA_RESTART is valid;
     // on_dump_signal is async-signal-safe.
-    unsafe {
+    let installed = unsafe {
         let mut action: libc::sigaction = core::mem::zeroed();
-        action.sa_sigaction = on_dump_signal as extern "C" fn(c_int) as usize;
+        action.sa_sigaction = dump_handler();
         action.sa_flags = libc::SA_RESTART;
         libc::sigemptyset(&mut action.sa_mask);
-        if libc::sigaction(signal, &action, core::ptr::null_mut()) != 0 {
-            qlog!(
-                Error,
-                "could not install the dump handler for signal {signal}"
-            );
+        libc::sigaction(signal, &action, core::ptr::null_mut()) == 0
+    };
+    if installed {
+        DUMP_SIGNAL.store(signal, Ordering::Relaxed);
+    } else {
+        crate::log::write_error_always(format_args!(
+            "QVSHIM_DUMP_SIGNAL: the handler for signal {signal} ({name}) could not be \
+             installed ({}); dumps by signal are off",
+            std::io::Error::last_os_error()
+        ));
+    }
+}
+
+/// Notices, on the monitor thread, when the program installed its own action for the dump
+/// signal after load: says so once and leaves the signal to the program (never takes it back).
+pub fn check_dump_signal() {
+    let signal = DUMP_SIGNAL.load(Ordering::Relaxed);
+    if signal == 0 {
+        return;
+    }
+    match current_handler(signal) {
+        Some(handler) if handler != dump_handler() => {
+            DUMP_SIGNAL.store(0, Ordering::Relaxed);
+            let what = match handler {
+                libc::SIG_IGN => "ignores",
+                libc::SIG_DFL => "set the default action for",
+                _ => "installed its own handler for",
+            };
+            say_dump_signal(format_args!(
+                "QVSHIM_DUMP_SIGNAL: the program {what} signal {signal} ({}); qvshim leaves \
+                 it to the program; dumps by signal are off",
+                crate::config::SignalName(signal)
+            ));
         }
+        _ => {}
     }
 }
 

@@ -826,6 +826,8 @@ extern "C" fn thread_exit(value: *mut libc::c_void) {
     if let Some(slot) = unsafe { value.cast::<Slot>().cast_const().as_ref() } {
         retire_slot(slot);
     }
+    // This may be the program's last thread: the monitor then ends the process.
+    crate::monitor::thread_ended();
 }
 
 /// Creates the thread-exit key. Called once from the library's constructor, and only when the

@@ -198,7 +198,7 @@ fn init() {
     // SAFETY: registering a plain extern "C" handler with no prepare/parent step.
     unsafe { libc::pthread_atfork(None, None, Some(after_fork_child)) };
     if let Some(signal) = settings.dump_signal {
-        diag::install_dump_signal(signal);
+        diag::install_dump_signal(signal, env_bytes("QVSHIM_DUMP_SIGNAL").is_some());
     }
     diag::install_exit_report();
     monitor::start();

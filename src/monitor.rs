@@ -5,6 +5,8 @@
 //! The allocation path and signal handlers only [`ring`] the doorbell (an atomic add and a
 //! futex wake: async-signal-safe, no allocation, no lock). The thread runs with every signal
 //! blocked so the host's signal delivery is unchanged, and it is started again in a fork child.
+//! It never keeps the process alive: when no thread of the program is left, it ends the process
+//! the way glibc would have (see [`program_threads`]).
 //! It never panics: a panic would abort the host (panic = "abort").
 
 use core::cell::Cell;
@@ -656,6 +658,110 @@ fn sample_interval_ms(level: u8, running_ms: u64) -> u64 {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The process's end.
+//
+// glibc ends a process with exit(0) when its last thread ends (main called pthread_exit, then
+// the last worker returned). It counts every thread pthread_create made, the shim's own among
+// them, so while the monitor lives that moment never comes: the process would live on with only
+// the shim's threads, which block every signal, so not even SIGTERM could end it. The monitor
+// stands in for glibc: when no thread but the shim's is left, it calls exit(0).
+
+/// Threads the shim started that run now (the monitor, the Python nudge thread). Counted only
+/// once pthread_create has returned, so the count is never ahead of the kernel's: a mistake
+/// can only make the program look as if it had one thread more, never one less.
+static SHIM_THREADS: AtomicU32 = AtomicU32::new(0);
+/// Set when a thread of the program ends (the ledger's thread-exit destructor): the monitor
+/// looks at the thread count again over the next moments, while the thread finishes dying.
+static THREAD_ENDED: AtomicBool = AtomicBool::new(false);
+/// After a thread ended, how long the monitor waits before each new look (the thread runs its
+/// destructors before the kernel removes it).
+pub const THREAD_END_RECHECK_MS: [u64; 7] = [1, 2, 5, 10, 20, 50, 100];
+/// After a look at the count, threads that end within this long do not wake the monitor; it
+/// comes back to look when it is over. A program that churns through threads wakes it at most
+/// this often, not on every thread's end.
+pub const THREAD_LOOK_GAP_MS: u64 = 10;
+/// Until when (monotonic ms) a thread's end does not ring the doorbell.
+static QUIET_UNTIL_MS: AtomicU64 = AtomicU64::new(0);
+/// The program's threads are counted at least this often, whatever QVSHIM_INTERVAL says: a
+/// thread that never allocated ends without ringing the doorbell.
+pub const THREAD_COUNT_EVERY_MS: u64 = 1000;
+/// ... and this often once the main thread is gone (pthread_exit): then the end of any thread
+/// may be the process's.
+pub const THREAD_COUNT_MAIN_GONE_EVERY_MS: u64 = 100;
+
+/// Called by a thread of the program as it ends (from a pthread key destructor): the monitor
+/// looks whether any is left, now or when the [`THREAD_LOOK_GAP_MS`] after its last look is
+/// over. Async-signal-safe, no allocation: an atomic store, the vDSO clock, and at most a
+/// futex wake.
+pub fn thread_ended() {
+    THREAD_ENDED.store(true, Ordering::Release);
+    if now_ms() >= QUIET_UNTIL_MS.load(Ordering::Acquire) {
+        ring();
+    }
+}
+
+/// The kernel's PF_EXITING in the flags of `/proc/self/stat`: the main thread is in its exit.
+const PF_EXITING: u64 = 0x4;
+
+/// What `/proc/self/stat` says: the process id, whether the main thread ended (a zombie, or
+/// exiting), and the number of threads (a main thread that called pthread_exit is a zombie and
+/// still counted).
+pub fn parse_stat_threads(text: &[u8]) -> Option<(u64, bool, u64)> {
+    let pid = system::parse_u64(text)?;
+    // The command name is in parentheses and may itself hold ')' or spaces.
+    let close = text.iter().rposition(|&b| b == b')')?;
+    let rest = text.get(close + 1..)?;
+    let mut fields = rest.split(|&b| b == b' ').filter(|field| !field.is_empty());
+    let state = *fields.next()?.first()?;
+    // flags is the 9th field, the 6th after the state; num_threads the 20th.
+    let flags = system::parse_u64(fields.nth(5)?)?;
+    let threads = system::parse_u64(fields.nth(10)?)?;
+    Some((pid, state == b'Z' || flags & PF_EXITING != 0, threads))
+}
+
+/// The program's threads, as the monitor counts them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProgramThreads {
+    /// Alive: the kernel's count less the shim's threads and a main thread that is a zombie.
+    pub left: u64,
+    /// The main thread ended (pthread_exit): a zombie, or on its way to being one. (In an
+    /// exit_group the other threads, the monitor among them, are killed before the main thread
+    /// exits, so the monitor never sees this and acts on it.)
+    pub main_gone: bool,
+}
+
+/// Counts the program's threads. None when /proc cannot tell (then the process is never ended
+/// by the shim).
+pub fn program_threads() -> Option<ProgramThreads> {
+    let mut buf = [0u8; 1024];
+    let (pid, main_gone, threads) =
+        parse_stat_threads(system::read_file(c"/proc/self/stat", &mut buf)?)?;
+    // SAFETY: getpid has no preconditions.
+    if pid != unsafe { libc::getpid() } as u64 {
+        return None;
+    }
+    Some(ProgramThreads {
+        left: threads
+            .saturating_sub(u64::from(main_gone))
+            .saturating_sub(SHIM_THREADS.load(Ordering::Acquire) as u64),
+        main_gone,
+    })
+}
+
+/// Ends the process as glibc would have when its last thread ended: exit(0), so atexit
+/// handlers run and stdio is flushed. Only called when no thread of the program is left, so
+/// nothing of the program runs at the same time.
+fn end_like_the_last_thread() -> ! {
+    qlog!(
+        Info,
+        "the program's last thread ended; ending the process with status 0 as glibc would"
+    );
+    // SAFETY: exit may be called from any thread; no thread of the program is left to race
+    // with the handlers it runs.
+    unsafe { libc::exit(0) }
+}
+
 fn run() {
     let _ = ON_MONITOR.try_with(|c| c.set(true));
     let mut seen = [Seen::default(); MAX_POOLS];
@@ -663,8 +769,40 @@ fn run() {
     let mut never_sampled = true;
     let started_ms = now_ms();
     let mut last_purge_ms = now_ms();
+    // Where the looks after a thread's end are in THREAD_END_RECHECK_MS (past its end: none
+    // due).
+    let mut recheck = THREAD_END_RECHECK_MS.len();
+    let mut last_count_ms = 0u64;
+    let mut count_every_ms = THREAD_COUNT_EVERY_MS;
     loop {
         let bell = DOORBELL.load(Ordering::Acquire);
+        let counted_ms = now_ms();
+        let thread_ended = THREAD_ENDED.swap(false, Ordering::AcqRel);
+        // A sequence of quick looks runs to its end before another starts, so a program that
+        // churns through threads gets a few looks a second, not one per thread.
+        if thread_ended && recheck >= THREAD_END_RECHECK_MS.len() {
+            recheck = 0;
+        }
+        if thread_ended {
+            QUIET_UNTIL_MS.store(
+                counted_ms.saturating_add(THREAD_LOOK_GAP_MS),
+                Ordering::Release,
+            );
+        }
+        if recheck < THREAD_END_RECHECK_MS.len()
+            || counted_ms >= last_count_ms.saturating_add(count_every_ms)
+        {
+            last_count_ms = counted_ms;
+            let count = program_threads();
+            if count.is_some_and(|c| c.left == 0) {
+                end_like_the_last_thread();
+            }
+            count_every_ms = if count.is_some_and(|c| c.main_gone) {
+                THREAD_COUNT_MAIN_GONE_EVERY_MS
+            } else {
+                THREAD_COUNT_EVERY_MS
+            };
+        }
         for (index, pool_seen) in seen.iter_mut().enumerate().take(ledger::pool_count()) {
             check_pool(index, pool_seen);
         }
@@ -679,6 +817,7 @@ fn run() {
         {
             sample_host();
             runtime::python::probe();
+            diag::check_dump_signal();
             last_sample_ms = now;
             never_sampled = false;
         }
@@ -700,6 +839,16 @@ fn run() {
             let purge_due = last_purge_ms.saturating_add(purge_interval);
             timeout = timeout.min(purge_due.saturating_sub(now).max(1));
         }
+        let count_due_ms = last_count_ms.saturating_add(count_every_ms);
+        timeout = timeout.min(count_due_ms.saturating_sub(now).max(1));
+        if thread_ended {
+            // Threads that end in the quiet time after this look only set the flag.
+            timeout = timeout.min(THREAD_LOOK_GAP_MS + 1);
+        }
+        if let Some(&next_look_ms) = THREAD_END_RECHECK_MS.get(recheck) {
+            timeout = timeout.min(next_look_ms);
+            recheck += 1;
+        }
         wait(bell, timeout);
     }
 }
@@ -709,7 +858,8 @@ fn run() {
 pub const MONITOR_STACK_BYTES: usize = 1 << 20;
 
 /// Starts a detached thread running `entry` with every signal blocked, named `name`, with a
-/// stack of `stack_bytes`.
+/// stack of `stack_bytes`. The thread must never end: it is counted as the shim's for good (see
+/// [`program_threads`]).
 ///
 /// A raw pthread, not `std::thread`: Rust's thread start registers a thread-local destructor
 /// through `__cxa_thread_atexit_impl`, which callocs through the host's malloc, so the shim's
@@ -737,6 +887,9 @@ pub fn spawn_thread(
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
         libc::pthread_attr_destroy(&mut attr);
         if created {
+            // Counted after the create: until now the kernel already counts the thread and
+            // the program looks one thread larger, never smaller.
+            SHIM_THREADS.fetch_add(1, Ordering::AcqRel);
             libc::pthread_setname_np(thread, name.as_ptr());
         }
         created
@@ -760,6 +913,9 @@ pub fn start() {
 
 /// In a fork child the monitor thread did not survive: start a new one.
 pub fn after_fork_child() {
+    // Only the forking thread lives on in the child: none of the shim's.
+    SHIM_THREADS.store(0, Ordering::Relaxed);
+    THREAD_ENDED.store(false, Ordering::Relaxed);
     DOORBELL.store(0, Ordering::Relaxed);
     DUMP_REQUESTED.store(false, Ordering::Relaxed);
     DUMP_WRITING.store(false, Ordering::Relaxed);
@@ -863,6 +1019,46 @@ mod tests {
         for &(before, psi, after) in cases {
             assert_eq!(stalls_after(before, psi), after, "from {before} at {psi}");
         }
+    }
+
+    #[test]
+    fn stat_gives_the_pid_whether_main_ended_and_the_thread_count() {
+        // flags 0x400100: a live main thread; 0x40810c: one with PF_EXITING (0x4).
+        let live = "0 -1 4194560 302 0 0 0 1 8 0 0 20 0 3 0 77122 0 0";
+        let exiting = "0 -1 4227084 302 0 0 0 1 8 0 0 20 0 2 0 77122 0 0";
+        // (a /proc/self/stat line, (pid, main ended, threads))
+        let cases: &[(String, Option<(u64, bool, u64)>)] = &[
+            (
+                format!("30339 (lt) S 30337 30337 8767 {live}"),
+                Some((30339, false, 3)),
+            ),
+            (
+                format!("30339 (lt) Z 30337 30337 8767 {exiting}"),
+                Some((30339, true, 2)),
+            ),
+            (
+                format!("30339 (lt) R 30337 30337 8767 {exiting}"),
+                Some((30339, true, 2)),
+            ),
+            (
+                format!("7 (a) b) (c) S 1 30337 8767 {live}"),
+                Some((7, false, 3)),
+            ),
+            ("30339 (lt) Z 30337".into(), None),
+            ("".into(), None),
+        ];
+        for (line, want) in cases {
+            assert_eq!(parse_stat_threads(line.as_bytes()), *want, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn this_test_process_has_threads_of_its_own() {
+        let count = program_threads();
+        assert!(
+            count.is_some_and(|c| c.left >= 1 && !c.main_gone),
+            "{count:?}"
+        );
     }
 
     #[test]

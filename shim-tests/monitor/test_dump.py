@@ -238,6 +238,6 @@ def test_bad_monitor_variables_print_one_line_each_and_the_program_runs(lib):
     assert r.returncode == 0 and r.stdout.strip() == "ran", r.stderr
     assert r.stderr.splitlines() == [
         '[qvshim] ERROR QVSHIM_INTERVAL="1ms": shorter than 10ms; using default 1s',
-        '[qvshim] ERROR QVSHIM_SIGNAL="KILL": not a signal (e.g. USR1, SIGUSR2, 10, off); using default off',
+        '[qvshim] ERROR QVSHIM_SIGNAL="KILL": not a signal meant for users (USR1, USR2, RTMIN+n, RTMAX-n or their numbers, or off); using default off',
         '[qvshim] ERROR QVSHIM_DUMP_FORMAT="xml": not text or json; using default text',
     ], r.stderr

@@ -3,7 +3,9 @@
 //!
 //! The signal is raised only while the process has a handler installed: a signal whose action
 //! is the default would terminate the process (SIGUSR1's default action), and an ignored one
-//! would tell nobody. Runs on the monitor thread only.
+//! would tell nobody. Only a signal meant for users (USR1, USR2, RTMIN..RTMAX) other than the
+//! dump signal is accepted (config.rs), so the shim never sends a signal that means something
+//! else to the program. Runs on the monitor thread only.
 
 use core::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
@@ -42,7 +44,7 @@ pub fn raise_if_handled() -> bool {
         crate::qlog!(
             Info,
             "signal {signal} ({}) not raised: the process has no handler for it",
-            crate::config::signal_name(signal).unwrap_or("?")
+            crate::config::SignalName(signal)
         );
         return false;
     }
@@ -55,7 +57,7 @@ pub fn raise_if_handled() -> bool {
         crate::qlog!(
             Info,
             "raised signal {signal} ({}) to the process",
-            crate::config::signal_name(signal).unwrap_or("?")
+            crate::config::SignalName(signal)
         );
     }
     sent
