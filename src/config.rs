@@ -226,8 +226,9 @@ pub fn parse_log_level(text: &[u8]) -> Result<Level, &'static str> {
         .ok_or("not one of off, error, warn, info, debug")
 }
 
-/// Parses a duration: a number with an optional fraction and a unit `ms`, `s` or `m`
-/// (a bare number is seconds), between [`MIN_INTERVAL_MS`] and [`MAX_INTERVAL_MS`].
+/// Parses a duration: a number with an optional fraction and a unit `ms`, `s`, `m` or `h`
+/// (a bare number is seconds), between [`MIN_INTERVAL_MS`] and [`MAX_INTERVAL_MS`], both
+/// included.
 pub fn parse_interval_ms(text: &[u8]) -> Result<u64, &'static str> {
     let text = trim(text);
     if text.is_empty() {
@@ -245,8 +246,10 @@ pub fn parse_interval_ms(text: &[u8]) -> Result<u64, &'static str> {
         1.0
     } else if unit.eq_ignore_ascii_case(b"m") || unit.eq_ignore_ascii_case(b"min") {
         60_000.0
+    } else if unit.eq_ignore_ascii_case(b"h") {
+        3_600_000.0
     } else {
-        return Err("unknown unit (use ms, s or m)");
+        return Err("unknown unit (use ms, s, m or h)");
     };
     let ms = value * scale;
     if ms < MIN_INTERVAL_MS as f64 {
@@ -719,7 +722,18 @@ mod tests {
             ("0.5", Ok(500)),
             ("2 m", Ok(120_000)),
             ("5ms", Err("shorter than 10ms")),
-            ("2h", Err("unknown unit (use ms, s or m)")),
+            ("9ms", Err("shorter than 10ms")),
+            ("10ms", Ok(10)),
+            ("0.01", Ok(10)),
+            ("1h", Ok(3_600_000)),
+            ("1H", Ok(3_600_000)),
+            ("60m", Ok(3_600_000)),
+            ("3600s", Ok(3_600_000)),
+            ("3600000ms", Ok(3_600_000)),
+            ("3600001ms", Err("longer than 1 hour")),
+            ("1.01h", Err("longer than 1 hour")),
+            ("2h", Err("longer than 1 hour")),
+            ("1d", Err("unknown unit (use ms, s, m or h)")),
             ("-1s", Err("negative")),
             ("soon", Err("not a duration (e.g. 1s, 100ms, 0.5s)")),
             ("", Err("empty")),
