@@ -90,7 +90,22 @@ extern "C" fn after_fork_child() {
 }
 
 fn apply(settings: &Settings) {
-    let budget = config::resolve_budget(settings.budget, system::usable_memory_bytes());
+    system::find_cgroups();
+    let physical = system::physical_memory_bytes();
+    let cgroup_limit = system::cgroup_limit_below(physical);
+    let memory = cgroup_limit.unwrap_or(physical);
+    let resolved = config::resolve_host_budget(settings, memory, cgroup_limit);
+    if let Some(asked) = resolved.percent_below_minimum {
+        log::write_error_always(format_args!(
+            "QVSHIM_BUDGET=\"{}\": {} of {}, below the {} minimum; using {}",
+            config::Printable(env_bytes("QVSHIM_BUDGET").unwrap_or(&[])),
+            Bytes(asked),
+            Bytes(memory),
+            Bytes(config::MIN_BUDGET_BYTES),
+            Bytes(resolved.bytes)
+        ));
+    }
+    let budget = resolved.bytes;
     let host = ledger::host();
     ledger::set_thresholds(settings.warn_percent, settings.critical_percent);
     host.set_reserve(settings.reserve_bytes);
