@@ -89,11 +89,28 @@ extern "C" fn after_fork_child() {
     monitor::after_fork_child();
 }
 
-fn apply(settings: &Settings) {
+/// Applies the settings to the ledger, the monitor and the rest; returns them as applied (a
+/// system reserve that no machine of this size can leave is replaced by the default).
+fn apply(settings: &Settings) -> Settings {
+    let mut settings = *settings;
+    let settings = &mut settings;
     system::find_cgroups();
     let physical = system::physical_memory_bytes();
     let cgroup_limit = system::cgroup_limit_below(physical);
     let memory = cgroup_limit.unwrap_or(physical);
+    let reserve = settings.system_reserve_bytes;
+    if let Some(value) = env_bytes("QVSHIM_SYSTEM_RESERVE") {
+        if memory > 0 && reserve >= memory && reserve != config::DEFAULT_SYSTEM_RESERVE_BYTES {
+            // No process could ever get room past such a reserve: a misconfiguration, reported
+            // like a bad value (a machine that really runs out of room is the monitor's business).
+            log::write_error_always(format_args!(
+                "QVSHIM_SYSTEM_RESERVE=\"{}\": not below this machine's memory ({}); using default 512M",
+                config::Printable(value),
+                Bytes(memory)
+            ));
+            settings.system_reserve_bytes = config::DEFAULT_SYSTEM_RESERVE_BYTES;
+        }
+    }
     let resolved = config::resolve_host_budget(settings, memory, cgroup_limit);
     if let Some(asked) = resolved.percent_below_minimum {
         log::write_error_always(format_args!(
@@ -123,6 +140,7 @@ fn apply(settings: &Settings) {
     if settings.backtrace {
         tracker::enable_backtraces();
     }
+    *settings
 }
 
 #[ctor::ctor]
@@ -137,7 +155,7 @@ fn init() {
         log::write_error_always(format_args!("{bad}"))
     });
     log::set_level(settings.log_level);
-    apply(&settings);
+    let settings = apply(&settings);
     let host = ledger::host();
     qlog!(
         Info,

@@ -182,6 +182,19 @@ pub struct Inputs {
     /// The process's RssAnon.
     pub rss_anon: Option<u64>,
     pub system_reserve: u64,
+    /// The machine cap never goes below this (nor above the budget): [`effective_floor_bytes`].
+    pub floor: u64,
+}
+
+/// The floor of the machine cap: the smallest budget there is ([`MIN_BUDGET_BYTES`]), so that
+/// a machine with no room past the system reserve (out of memory, or a reserve set too large
+/// for it) leaves the process what an interpreter needs to start and to handle a MemoryError,
+/// rather than refusing its start-up. Nothing larger: on a machine that is truly out of memory
+/// the cap is doing its job, and 16 MiB more is not what pushes it into swap.
+///
+/// [`MIN_BUDGET_BYTES`]: crate::config::MIN_BUDGET_BYTES
+pub fn effective_floor_bytes() -> u64 {
+    crate::config::MIN_BUDGET_BYTES
 }
 
 /// The effective budget and its parts.
@@ -193,18 +206,24 @@ pub struct Effective {
     pub machine_cap: u64,
     /// Anonymous resident memory past the ledger, beyond [`UNSEEN_SLACK_BYTES`].
     pub unseen_anon: u64,
+    /// The machine had no room past the system reserve: the cap is what the process holds, or
+    /// the floor.
+    pub no_room: bool,
 }
 
 /// Never more than the budget; lowered to what the process holds plus what the machine can
-/// still give (less the system reserve), and by the anonymous memory the ledger cannot see.
+/// still give (less the system reserve), but not below the floor, and by the anonymous memory
+/// the ledger cannot see.
 pub fn effective_budget(i: Inputs) -> Effective {
     let room = match (i.available, i.cgroup_room) {
         (Some(a), Some(c)) => Some(a.min(c)),
         (a, c) => a.or(c),
     };
+    let no_room = room.is_some_and(|room| room <= i.system_reserve);
     let machine_cap = room.map_or(ledger::UNLIMITED, |room| {
         i.committed
             .saturating_add(room.saturating_sub(i.system_reserve))
+            .max(i.floor.min(i.budget))
     });
     let unseen_anon = i.rss_anon.map_or(0, |anon| {
         anon.saturating_sub(i.committed)
@@ -220,6 +239,7 @@ pub fn effective_budget(i: Inputs) -> Effective {
         reason: REASON_BUDGET,
         machine_cap,
         unseen_anon,
+        no_room,
     };
     if machine_cap < e.bytes {
         e.bytes = machine_cap;
@@ -243,16 +263,18 @@ pub fn host_effective() -> Effective {
         reason: EFFECTIVE_REASON.load(Ordering::Relaxed),
         machine_cap: MACHINE_CAP.load(Ordering::Relaxed),
         unseen_anon: UNSEEN_ANON.load(Ordering::Relaxed),
+        no_room: NO_ROOM_SAID.load(Ordering::Relaxed),
     }
 }
+
+/// Set once the process was told that the machine has no room past the system reserve: said
+/// once per process, not at every look.
+static NO_ROOM_SAID: AtomicBool = AtomicBool::new(false);
 
 /// Reads the machine and sets the host's effective budget.
 fn sample_host() {
     let host = ledger::host();
-    let cgroup_room = match (system::cgroup_memory_max(), system::cgroup_memory_current()) {
-        (Some(max), Some(current)) => Some(max.saturating_sub(current)),
-        _ => None,
-    };
+    let cgroup_room = system::cgroup_memory().map(|m| m.room);
     let mut inputs = Inputs {
         budget: host.budget(),
         committed: host.committed(),
@@ -260,6 +282,7 @@ fn sample_host() {
         cgroup_room,
         rss_anon: system::process_memory().map(|p| p.rss_anon),
         system_reserve: system_reserve_bytes(),
+        floor: effective_floor_bytes(),
     };
     let mut e = effective_budget(inputs);
     // Freed memory jemalloc keeps dirty (until its decay returns it) is resident but unseen by
@@ -280,6 +303,21 @@ fn sample_host() {
     UNSEEN_ANON.store(e.unseen_anon, Ordering::Relaxed);
     if host.effective() != e.bytes {
         host.set_effective(e.bytes);
+    }
+    if e.no_room && !NO_ROOM_SAID.swap(true, Ordering::Relaxed) {
+        let room = match (inputs.available, inputs.cgroup_room) {
+            (Some(a), Some(c)) => a.min(c),
+            (a, c) => a.or(c).unwrap_or(0),
+        };
+        qlog!(
+            Warn,
+            "QVSHIM_SYSTEM_RESERVE {} leaves no room for this process (the machine has {} available): \
+             host effective budget held at its floor of {} or what the process holds ({}), said once",
+            Bytes(inputs.system_reserve),
+            Bytes(room),
+            Bytes(inputs.floor.min(inputs.budget)),
+            Bytes(inputs.committed)
+        );
     }
     if old_reason != e.reason {
         qlog!(
@@ -691,6 +729,7 @@ mod tests {
             cgroup_room: None,
             rss_anon: Some(G),
             system_reserve: 512 * M,
+            floor: 16 * M,
         };
         // (inputs, expected effective bytes, expected reason)
         let cases: &[(Inputs, u64, u8)] = &[
@@ -745,6 +784,51 @@ mod tests {
                 ledger::UNLIMITED,
                 REASON_BUDGET,
             ),
+            // A system reserve past the machine's room: held at the floor, not at what the
+            // process held at its first look (a few KiB before an interpreter starts).
+            (
+                Inputs {
+                    committed: 5 * 1024,
+                    rss_anon: Some(3 * M),
+                    system_reserve: 100 * G,
+                    ..base
+                },
+                16 * M,
+                REASON_MACHINE,
+            ),
+            (
+                Inputs {
+                    committed: 5 * 1024,
+                    rss_anon: Some(3 * M),
+                    available: Some(0),
+                    ..base
+                },
+                16 * M,
+                REASON_MACHINE,
+            ),
+            // Above the floor the machine cap is what the process holds: the cap's purpose.
+            (
+                Inputs {
+                    committed: 200 * M,
+                    rss_anon: Some(200 * M),
+                    available: Some(0),
+                    ..base
+                },
+                200 * M,
+                REASON_MACHINE,
+            ),
+            // Never above the budget, even when the floor is.
+            (
+                Inputs {
+                    budget: 8 * M,
+                    committed: 5 * 1024,
+                    rss_anon: Some(3 * M),
+                    available: Some(0),
+                    ..base
+                },
+                8 * M,
+                REASON_BUDGET,
+            ),
         ];
         for (inputs, bytes, reason) in cases {
             let e = effective_budget(*inputs);
@@ -753,6 +837,8 @@ mod tests {
                 (*bytes, *reason),
                 "inputs {inputs:?} gave {e:?}"
             );
+            let room = inputs.available.unwrap_or(u64::MAX);
+            assert_eq!(e.no_room, room <= inputs.system_reserve, "{inputs:?}");
         }
     }
 
