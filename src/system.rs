@@ -12,6 +12,8 @@
 //! smallest, the room the smallest of limit minus usage. v1 writes "no limit" as a huge number
 //! (9223372036854771712 with 4 KiB pages); anything from 2^62 bytes up counts as none.
 
+use core::sync::atomic::{AtomicU8, Ordering};
+
 /// Bytes of physical memory.
 pub fn physical_memory_bytes() -> u64 {
     // SAFETY: sysconf has no preconditions.
@@ -81,14 +83,14 @@ const MOUNTINFO_CHUNK_BYTES: usize = 8192;
 
 /// A path in a fixed buffer, without NUL.
 #[derive(Clone, Copy)]
-pub struct PathBuf {
+pub struct FixedPath {
     bytes: [u8; CGROUP_PATH_MAX_BYTES],
     len: usize,
 }
 
-impl PathBuf {
+impl FixedPath {
     pub const fn new() -> Self {
-        PathBuf {
+        FixedPath {
             bytes: [0; CGROUP_PATH_MAX_BYTES],
             len: 0,
         }
@@ -112,14 +114,14 @@ impl PathBuf {
     }
 
     fn from(part: &[u8]) -> Option<Self> {
-        let mut p = PathBuf::new();
+        let mut p = FixedPath::new();
         p.push(part).then_some(p)
     }
 }
 
-impl Default for PathBuf {
+impl Default for FixedPath {
     fn default() -> Self {
-        PathBuf::new()
+        FixedPath::new()
     }
 }
 
@@ -137,7 +139,7 @@ pub enum CgroupVersion {
 #[derive(Clone, Copy)]
 pub struct CgroupDir {
     pub version: CgroupVersion,
-    pub dir: PathBuf,
+    pub dir: FixedPath,
     pub mount_len: usize,
 }
 
@@ -229,7 +231,7 @@ pub fn cgroup_dir(mount: &Mount, path: &[u8]) -> Option<CgroupDir> {
         }
     };
     let point = mount.point.strip_suffix(b"/").unwrap_or(mount.point);
-    let mut dir = PathBuf::from(point)?;
+    let mut dir = FixedPath::from(point)?;
     let mount_len = dir.len;
     let rest = rest.strip_suffix(b"/").unwrap_or(rest);
     if !dir.push(rest) || rest.contains(&b'\\') || point.contains(&b'\\') {
@@ -361,7 +363,7 @@ pub fn tighter(
 
 /// Reads one file of a cgroup directory as a number (a limit: [`parse_limit`]).
 fn read_cgroup_file(dir: &[u8], file: &[u8], limit: bool) -> Option<u64> {
-    let mut path = PathBuf::from(dir)?;
+    let mut path = FixedPath::from(dir)?;
     if !path.push(file) {
         return None;
     }
@@ -400,33 +402,47 @@ fn read_hierarchy(cg: &CgroupDir, mut known: Option<CgroupMemory>) -> Option<Cgr
     }
 }
 
-static CGROUPS_READY: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+/// [`CGROUPS`]' state: nobody has written it, one thread is writing it, it is written for good.
+const CGROUPS_UNSET: u8 = 0;
+const CGROUPS_WRITING: u8 = 1;
+const CGROUPS_READY: u8 = 2;
+static CGROUPS_STATE: AtomicU8 = AtomicU8::new(CGROUPS_UNSET);
 
-/// Written once by [`find_cgroups`] before CGROUPS_READY is set; only read after.
+/// Written once, by the one thread that moved [`CGROUPS_STATE`] from unset to writing; read only
+/// once it is ready.
 struct CgroupsCell(core::cell::UnsafeCell<Cgroups>);
-// SAFETY: written only before CGROUPS_READY is published (Release), read only after it is seen
-// (Acquire); never written again.
+// SAFETY: only the thread that won the unset -> writing exchange writes the cell, before it
+// publishes ready (Release); readers read it only after they see ready (Acquire); it is never
+// written again.
 unsafe impl Sync for CgroupsCell {}
 
 static CGROUPS: CgroupsCell =
     CgroupsCell(core::cell::UnsafeCell::new(Cgroups { v1: None, v2: None }));
 
-/// Finds the process's memory cgroups, once, from the library's constructor (before the
-/// monitor starts). Later calls change nothing.
+/// Finds the process's memory cgroups, once: from the library's constructor, so the monitor
+/// does not read mountinfo at every look. Later calls change nothing.
 pub fn find_cgroups() {
-    if CGROUPS_READY.load(core::sync::atomic::Ordering::Acquire) {
+    if CGROUPS_STATE
+        .compare_exchange(
+            CGROUPS_UNSET,
+            CGROUPS_WRITING,
+            Ordering::Acquire,
+            Ordering::Relaxed,
+        )
+        .is_err()
+    {
         return;
     }
     let found = find_cgroups_now();
-    // SAFETY: called from the constructor before any reader thread exists; nothing reads the
-    // cell before CGROUPS_READY is set below.
+    // SAFETY: this thread alone moved the state to writing; nobody reads the cell before it is
+    // ready.
     unsafe { *CGROUPS.0.get() = found };
-    CGROUPS_READY.store(true, core::sync::atomic::Ordering::Release);
+    CGROUPS_STATE.store(CGROUPS_READY, Ordering::Release);
 }
 
 fn cgroups() -> Cgroups {
-    if CGROUPS_READY.load(core::sync::atomic::Ordering::Acquire) {
-        // SAFETY: published by find_cgroups and never written again.
+    if CGROUPS_STATE.load(Ordering::Acquire) == CGROUPS_READY {
+        // SAFETY: ready: written for good by find_cgroups.
         unsafe { *CGROUPS.0.get() }
     } else {
         find_cgroups_now()
