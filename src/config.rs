@@ -578,11 +578,16 @@ pub fn default_budget_bytes(cgroup_limit: Option<u64>, reserve_bytes: u64) -> u6
     let Some(limit) = cgroup_limit else {
         return DEFAULT_BUDGET_BYTES;
     };
-    let headroom = CGROUP_HEADROOM_MIN_BYTES.max(limit / CGROUP_HEADROOM_DIVISOR);
+    let headroom = cgroup_headroom_bytes(limit);
     limit
         .saturating_sub(reserve_bytes)
         .saturating_sub(headroom)
         .clamp(MIN_BUDGET_BYTES, DEFAULT_BUDGET_BYTES.max(MIN_BUDGET_BYTES))
+}
+
+/// What the default budget leaves of a cgroup's limit besides the reserve.
+pub fn cgroup_headroom_bytes(limit: u64) -> u64 {
+    CGROUP_HEADROOM_MIN_BYTES.max(limit / CGROUP_HEADROOM_DIVISOR)
 }
 
 /// The host budget of these settings on a machine whose process may use `memory_bytes` (the

@@ -123,6 +123,16 @@ fn apply(settings: &Settings) -> Settings {
         ));
     }
     let budget = resolved.bytes;
+    if let (Some(limit), false) = (cgroup_limit, settings.budget_from_env) {
+        qlog!(
+            Info,
+            "default host budget {}: the memory cgroup's limit {} less the reserve {} and a headroom of {}",
+            Bytes(budget),
+            Bytes(limit),
+            Bytes(settings.reserve_bytes),
+            Bytes(config::cgroup_headroom_bytes(limit))
+        );
+    }
     let host = ledger::host();
     ledger::set_thresholds(settings.warn_percent, settings.critical_percent);
     host.set_reserve(settings.reserve_bytes);
