@@ -177,11 +177,18 @@ pub struct Inputs {
     pub committed: u64,
     /// The machine's MemAvailable.
     pub available: Option<u64>,
-    /// cgroup v2 memory.max minus memory.current.
+    /// The memory cgroup's room: the least limit minus usage (v1 or v2) from the process's
+    /// cgroup up.
     pub cgroup_room: Option<u64>,
     /// The process's RssAnon.
     pub rss_anon: Option<u64>,
+    /// Left to the rest of the machine: taken from MemAvailable.
     pub system_reserve: u64,
+    /// Left in the cgroup: taken from its room. The pool's reserve (QVSHIM_RESERVE), what the
+    /// process may still commit past its effective budget: so the ledger never takes the cgroup
+    /// past its limit. Not the system reserve, which is for the machine: 512 MiB of a 600 MiB
+    /// container's room would leave a budget of under 100 MiB.
+    pub cgroup_margin: u64,
     /// The machine cap never goes below this (nor above the budget): [`effective_floor_bytes`].
     pub floor: u64,
 }
@@ -212,19 +219,18 @@ pub struct Effective {
 }
 
 /// Never more than the budget; lowered to what the process holds plus what the machine can
-/// still give (less the system reserve), but not below the floor, and by the anonymous memory
-/// the ledger cannot see.
+/// still give (less the system reserve) and what its memory cgroup can still give (less the
+/// cgroup margin), but not below the floor, and by the anonymous memory the ledger cannot see.
 pub fn effective_budget(i: Inputs) -> Effective {
-    let room = match (i.available, i.cgroup_room) {
-        (Some(a), Some(c)) => Some(a.min(c)),
-        (a, c) => a.or(c),
-    };
-    let no_room = room.is_some_and(|room| room <= i.system_reserve);
-    let machine_cap = room.map_or(ledger::UNLIMITED, |room| {
-        i.committed
-            .saturating_add(room.saturating_sub(i.system_reserve))
-            .max(i.floor.min(i.budget))
-    });
+    let beyond = |room: u64, margin: u64| i.committed.saturating_add(room.saturating_sub(margin));
+    let machine_room = i.available.map(|a| beyond(a, i.system_reserve));
+    let cgroup_room = i.cgroup_room.map(|c| beyond(c, i.cgroup_margin));
+    let no_room = i.available.is_some_and(|a| a <= i.system_reserve);
+    let machine_cap = match (machine_room, cgroup_room) {
+        (Some(m), Some(c)) => Some(m.min(c)),
+        (m, c) => m.or(c),
+    }
+    .map_or(ledger::UNLIMITED, |cap| cap.max(i.floor.min(i.budget)));
     let unseen_anon = i.rss_anon.map_or(0, |anon| {
         anon.saturating_sub(i.committed)
             .saturating_sub(UNSEEN_SLACK_BYTES)
@@ -282,6 +288,7 @@ fn sample_host() {
         cgroup_room,
         rss_anon: system::process_memory().map(|p| p.rss_anon),
         system_reserve: system_reserve_bytes(),
+        cgroup_margin: host.reserve(),
         floor: effective_floor_bytes(),
     };
     let mut e = effective_budget(inputs);
@@ -305,10 +312,7 @@ fn sample_host() {
         host.set_effective(e.bytes);
     }
     if e.no_room && !NO_ROOM_SAID.swap(true, Ordering::Relaxed) {
-        let room = match (inputs.available, inputs.cgroup_room) {
-            (Some(a), Some(c)) => a.min(c),
-            (a, c) => a.or(c).unwrap_or(0),
-        };
+        let room = inputs.available.unwrap_or(0);
         qlog!(
             Warn,
             "QVSHIM_SYSTEM_RESERVE {} leaves no room for this process (the machine has {} available): \
@@ -729,6 +733,7 @@ mod tests {
             cgroup_room: None,
             rss_anon: Some(G),
             system_reserve: 512 * M,
+            cgroup_margin: 64 * M,
             floor: 16 * M,
         };
         // (inputs, expected effective bytes, expected reason)
@@ -748,7 +753,42 @@ mod tests {
                     cgroup_room: Some(G),
                     ..base
                 },
-                2 * G - 512 * M,
+                2 * G - 64 * M,
+                REASON_MACHINE,
+            ),
+            // A 600 MiB cgroup with 100 MiB used (the process holds 50 MiB): the cgroup keeps
+            // the pool's reserve, not the machine's 512 MiB.
+            (
+                Inputs {
+                    budget: 408 * M,
+                    committed: 50 * M,
+                    rss_anon: Some(50 * M),
+                    cgroup_room: Some(500 * M),
+                    ..base
+                },
+                408 * M,
+                REASON_BUDGET,
+            ),
+            (
+                Inputs {
+                    budget: 408 * M,
+                    committed: 50 * M,
+                    rss_anon: Some(50 * M),
+                    cgroup_room: Some(300 * M),
+                    ..base
+                },
+                50 * M + 300 * M - 64 * M,
+                REASON_MACHINE,
+            ),
+            // A full cgroup: the floor, without the machine's line (no_room is the machine's).
+            (
+                Inputs {
+                    committed: 5 * 1024,
+                    rss_anon: Some(3 * M),
+                    cgroup_room: Some(10 * M),
+                    ..base
+                },
+                16 * M,
                 REASON_MACHINE,
             ),
             (
