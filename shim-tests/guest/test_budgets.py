@@ -327,6 +327,8 @@ def test_cgroup_v1_limit_sets_the_budget(case, v1_cgroup):
         # The cgroup's room feeds the effective budget less the pool's reserve, not the
         # machine's 512 MiB system reserve (which left under 100 MiB of a 600 MiB cgroup).
         held = int(met.group(1)) * MIB
-        assert held >= budget * 3 // 4, (
-            f"{name}: expected to hold at least 3/4 of the {budget // MIB} MiB budget before "
+        # (Measured: 320 of 408 MiB and 232 of 300 MiB in 8 MiB blocks, besides the
+        # interpreter's own; 80 and 64 MiB before the cgroup kept only the pool's reserve.)
+        assert held >= budget // 2, (
+            f"{name}: expected to hold at least half the {budget // MIB} MiB budget before "
             f"MemoryError, held {held // MIB} MiB:{run.describe()}")
