@@ -26,6 +26,8 @@ extern "C" {
 
 /* Budget value meaning "no budget" (QVSHIM_BUDGET=off). */
 #define QVSHIM_UNLIMITED UINT64_MAX
+/* The smallest budget qvshim_set_budget (and QVSHIM_BUDGET) accepts: 16 MiB. */
+#define QVSHIM_MIN_BUDGET (16ull << 20)
 
 enum qvshim_level {
     QVSHIM_LEVEL_NORMAL = 0,
@@ -66,7 +68,9 @@ int qvshim_pool_stats(int pool, struct qvshim_pool_stats *out);
 int qvshim_level(int pool);
 
 /* Set a pool's budget in bytes at run time (QVSHIM_UNLIMITED turns it off).
- * Returns 0, or -1 for an unknown pool. */
+ * Returns 0, or -1 (nothing changed) for a pool that does not exist (a GPU
+ * pool exists once the process touched that device) or a budget below
+ * QVSHIM_MIN_BUDGET. */
 int qvshim_set_budget(int pool, uint64_t bytes);
 
 /* Purge jemalloc's dirty and muzzy pages now. Returns the bytes of resident

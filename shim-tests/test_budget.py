@@ -16,7 +16,7 @@ BUDGET_CASES = [
     "aligned_allocators_over_budget_fail_with_enomem",
     "large_allocations_reach_the_budget_but_never_cross_it",
     "small_allocations_run_into_the_reserve_until_budget_plus_reserve",
-    "allocations_over_64kib_never_use_the_reserve",
+    "allocations_over_64kib_use_the_reserve_only_once_after_a_refusal",
 ]
 
 

@@ -101,14 +101,21 @@ pub extern "C" fn qvshim_level(pool: i32) -> i32 {
         .map_or(-1, |p| p.level() as i32)
 }
 
+/// Sets a pool's budget: -1 for a pool that does not exist (a GPU pool exists once the process
+/// touched that device) or a budget below [`MIN_BUDGET_BYTES`], as `QVSHIM_BUDGET` refuses one.
+///
+/// [`MIN_BUDGET_BYTES`]: crate::config::MIN_BUDGET_BYTES
 #[no_mangle]
 pub extern "C" fn qvshim_set_budget(pool: i32, bytes: u64) -> i32 {
+    if bytes < crate::config::MIN_BUDGET_BYTES {
+        return -1;
+    }
     match usize::try_from(pool).ok().and_then(ledger::pool) {
-        Some(p) => {
+        Some(p) if p.is_active() => {
             p.set_budget(bytes);
             0
         }
-        None => -1,
+        _ => -1,
     }
 }
 

@@ -16,9 +16,20 @@ pub const DEFAULT_WARN_PERCENT: u8 = 70;
 pub const DEFAULT_CRITICAL_PERCENT: u8 = 90;
 /// `QVSHIM_GPU_BUDGET`'s default: this share of each device's memory.
 pub const DEFAULT_GPU_BUDGET_PERCENT: f64 = 90.0;
-/// A budget below this is surely a typo (`QVSHIM_BUDGET=6` meaning 6 GiB): it would refuse the
-/// interpreter's own start-up.
-pub const MIN_BUDGET_BYTES: u64 = 1 << 20;
+/// The smallest budget: one below it refuses the interpreter's own start-up. Measured with
+/// CPython 3.11 (`python3 -c pass`, site-packages with two `.pth` files): the host peak is
+/// 6.35 MiB; at 4 MiB a `.pth` file fails with MemoryError, at 1-2 MiB `site` is silently not
+/// imported at all (no site-packages), at 8 MiB it starts whole. 16 MiB leaves that start-up
+/// room to handle a MemoryError. It also catches typos (`QVSHIM_BUDGET=6` meaning 6 GiB).
+/// Sizes, percentages, `qvshim_set_budget` and the effective budget's floor all obey it.
+pub const MIN_BUDGET_BYTES: u64 = 16 << 20;
+/// In a memory cgroup, the default budget leaves this much of the cgroup's limit (besides the
+/// reserve) to what the ledger does not count: the interpreter's code and stacks, jemalloc's
+/// metadata and dirty pages, and the page cache the cgroup is charged for...
+pub const CGROUP_HEADROOM_MIN_BYTES: u64 = 128 << 20;
+/// ...or this fraction of the limit (1/8), when that is more: a large program's libraries
+/// (PyTorch's are over a GiB on disk) grow with the container it is given.
+pub const CGROUP_HEADROOM_DIVISOR: u64 = 8;
 /// Sizes stay below 2^63 so sums of a few of them never overflow a u64.
 pub const MAX_SIZE_BYTES: u64 = 1 << 63;
 pub const DEFAULT_INTERVAL_MS: u64 = 1000;
@@ -51,6 +62,9 @@ pub enum BudgetSpec {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Settings {
     pub budget: BudgetSpec,
+    /// Whether QVSHIM_BUDGET gave the budget (a bad value leaves the default, and this false):
+    /// only the default follows a cgroup's limit.
+    pub budget_from_env: bool,
     /// Per CUDA device; a percentage is of that device's memory.
     pub gpu_budget: BudgetSpec,
     pub reserve_bytes: u64,
@@ -80,6 +94,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             budget: BudgetSpec::Bytes(DEFAULT_BUDGET_BYTES),
+            budget_from_env: false,
             gpu_budget: BudgetSpec::PercentOfMemory(DEFAULT_GPU_BUDGET_PERCENT),
             reserve_bytes: DEFAULT_RESERVE_BYTES,
             warn_percent: DEFAULT_WARN_PERCENT,
@@ -176,7 +191,7 @@ pub fn parse_budget(text: &[u8]) -> Result<BudgetSpec, &'static str> {
     }
     let bytes = parse_size(text)?;
     if bytes < MIN_BUDGET_BYTES {
-        return Err("below the 1 MiB minimum");
+        return Err("below the 16 MiB minimum");
     }
     Ok(BudgetSpec::Bytes(bytes))
 }
@@ -241,8 +256,9 @@ pub fn parse_log_level(text: &[u8]) -> Result<Level, &'static str> {
         .ok_or("not one of off, error, warn, info, debug")
 }
 
-/// Parses a duration: a number with an optional fraction and a unit `ms`, `s` or `m`
-/// (a bare number is seconds), between [`MIN_INTERVAL_MS`] and [`MAX_INTERVAL_MS`].
+/// Parses a duration: a number with an optional fraction and a unit `ms`, `s`, `m` or `h`
+/// (a bare number is seconds), between [`MIN_INTERVAL_MS`] and [`MAX_INTERVAL_MS`], both
+/// included.
 pub fn parse_interval_ms(text: &[u8]) -> Result<u64, &'static str> {
     let text = trim(text);
     if text.is_empty() {
@@ -260,8 +276,10 @@ pub fn parse_interval_ms(text: &[u8]) -> Result<u64, &'static str> {
         1.0
     } else if unit.eq_ignore_ascii_case(b"m") || unit.eq_ignore_ascii_case(b"min") {
         60_000.0
+    } else if unit.eq_ignore_ascii_case(b"h") {
+        3_600_000.0
     } else {
-        return Err("unknown unit (use ms, s or m)");
+        return Err("unknown unit (use ms, s, m or h)");
     };
     let ms = value * scale;
     if ms < MIN_INTERVAL_MS as f64 {
@@ -505,7 +523,7 @@ impl Settings {
         }
         if let Some((value, bad)) = read("QVSHIM_BUDGET", "6G") {
             match parse_budget(value) {
-                Ok(budget) => s.budget = budget,
+                Ok(budget) => (s.budget, s.budget_from_env) = (budget, true),
                 Err(reason) => report(bad(reason)),
             }
         }
@@ -608,12 +626,74 @@ impl Settings {
     }
 }
 
-/// Resolves a budget spec to bytes (`u64::MAX` for off) against the memory the process may use.
+/// Resolves a budget spec to bytes (`u64::MAX` for off) against the memory the process may use;
+/// a percentage is never below [`MIN_BUDGET_BYTES`].
 pub fn resolve_budget(spec: BudgetSpec, memory_bytes: u64) -> u64 {
+    resolve_percent(spec, memory_bytes).0
+}
+
+/// [`resolve_budget`], and what a percentage came to before it was raised to the minimum
+/// (None when it was not).
+fn resolve_percent(spec: BudgetSpec, memory_bytes: u64) -> (u64, Option<u64>) {
     match spec {
-        BudgetSpec::Bytes(b) => b,
-        BudgetSpec::PercentOfMemory(p) => ((memory_bytes as f64) * p / 100.0) as u64,
-        BudgetSpec::Off => u64::MAX,
+        BudgetSpec::Bytes(b) => (b, None),
+        BudgetSpec::PercentOfMemory(p) => {
+            let bytes = ((memory_bytes as f64) * p / 100.0) as u64;
+            if bytes < MIN_BUDGET_BYTES {
+                (MIN_BUDGET_BYTES, Some(bytes))
+            } else {
+                (bytes, None)
+            }
+        }
+        BudgetSpec::Off => (u64::MAX, None),
+    }
+}
+
+/// The default host budget: [`DEFAULT_BUDGET_BYTES`], or in a memory cgroup whose limit is
+/// lower, the limit less the reserve and the headroom (the larger of
+/// [`CGROUP_HEADROOM_MIN_BYTES`] and 1/[`CGROUP_HEADROOM_DIVISOR`] of the limit), never below
+/// [`MIN_BUDGET_BYTES`]. Decided at load, so that refusals stay inline: the cgroup's OOM killer
+/// acts faster than the monitor's next look.
+pub fn default_budget_bytes(cgroup_limit: Option<u64>, reserve_bytes: u64) -> u64 {
+    let Some(limit) = cgroup_limit else {
+        return DEFAULT_BUDGET_BYTES;
+    };
+    let headroom = cgroup_headroom_bytes(limit);
+    limit
+        .saturating_sub(reserve_bytes)
+        .saturating_sub(headroom)
+        .clamp(MIN_BUDGET_BYTES, DEFAULT_BUDGET_BYTES.max(MIN_BUDGET_BYTES))
+}
+
+/// What the default budget leaves of a cgroup's limit besides the reserve.
+pub fn cgroup_headroom_bytes(limit: u64) -> u64 {
+    CGROUP_HEADROOM_MIN_BYTES.max(limit / CGROUP_HEADROOM_DIVISOR)
+}
+
+/// The host budget of these settings on a machine whose process may use `memory_bytes` (the
+/// smaller of physical memory and the cgroup's limit, `cgroup_limit`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HostBudget {
+    pub bytes: u64,
+    /// A percentage that came to less than [`MIN_BUDGET_BYTES`]: what it came to.
+    pub percent_below_minimum: Option<u64>,
+}
+
+pub fn resolve_host_budget(
+    settings: &Settings,
+    memory_bytes: u64,
+    cgroup_limit: Option<u64>,
+) -> HostBudget {
+    if !settings.budget_from_env {
+        return HostBudget {
+            bytes: default_budget_bytes(cgroup_limit, settings.reserve_bytes),
+            percent_below_minimum: None,
+        };
+    }
+    let (bytes, percent_below_minimum) = resolve_percent(settings.budget, memory_bytes);
+    HostBudget {
+        bytes,
+        percent_below_minimum,
     }
 }
 
@@ -677,8 +757,11 @@ mod tests {
             ("0%", Err("a percentage of zero")),
             ("-5%", Err("negative")),
             ("%", Err("empty percentage")),
-            ("512K", Err("below the 1 MiB minimum")),
-            ("1M", Ok(BudgetSpec::Bytes(1 << 20))),
+            ("512K", Err("below the 16 MiB minimum")),
+            ("1M", Err("below the 16 MiB minimum")),
+            ("16777215", Err("below the 16 MiB minimum")),
+            ("16M", Ok(BudgetSpec::Bytes(16 << 20))),
+            ("0.0001%", Ok(BudgetSpec::PercentOfMemory(0.0001))),
         ];
         for (text, want) in cases {
             assert_eq!(
@@ -830,7 +913,18 @@ mod tests {
             ("0.5", Ok(500)),
             ("2 m", Ok(120_000)),
             ("5ms", Err("shorter than 10ms")),
-            ("2h", Err("unknown unit (use ms, s or m)")),
+            ("9ms", Err("shorter than 10ms")),
+            ("10ms", Ok(10)),
+            ("0.01", Ok(10)),
+            ("1h", Ok(3_600_000)),
+            ("1H", Ok(3_600_000)),
+            ("60m", Ok(3_600_000)),
+            ("3600s", Ok(3_600_000)),
+            ("3600000ms", Ok(3_600_000)),
+            ("3600001ms", Err("longer than 1 hour")),
+            ("1.01h", Err("longer than 1 hour")),
+            ("2h", Err("longer than 1 hour")),
+            ("1d", Err("unknown unit (use ms, s, m or h)")),
             ("-1s", Err("negative")),
             ("soon", Err("not a duration (e.g. 1s, 100ms, 0.5s)")),
             ("", Err("empty")),
@@ -986,6 +1080,74 @@ mod tests {
             8 << 30
         );
         assert_eq!(resolve_budget(BudgetSpec::Off, 16 << 30), u64::MAX);
+    }
+
+    #[test]
+    fn percent_budgets_obey_the_minimum() {
+        // (percent, memory, resolved bytes, what the percentage came to when raised)
+        let cases: &[(f64, u64, u64, Option<u64>)] = &[
+            (0.0001, 24 << 30, MIN_BUDGET_BYTES, Some(25769)),
+            (0.05, 24 << 30, MIN_BUDGET_BYTES, Some(12884901)),
+            (0.1, 16 << 30, 17179869, None),
+            (50.0, 16 << 30, 8 << 30, None),
+            (100.0, MIN_BUDGET_BYTES, MIN_BUDGET_BYTES, None),
+        ];
+        for &(percent, memory, bytes, below) in cases {
+            let settings = Settings {
+                budget: BudgetSpec::PercentOfMemory(percent),
+                budget_from_env: true,
+                ..Settings::default()
+            };
+            assert_eq!(
+                resolve_host_budget(&settings, memory, None),
+                HostBudget {
+                    bytes,
+                    percent_below_minimum: below
+                },
+                "{percent}% of {memory}"
+            );
+            assert_eq!(
+                resolve_budget(BudgetSpec::PercentOfMemory(percent), memory),
+                bytes
+            );
+        }
+    }
+
+    #[test]
+    fn default_budget_follows_a_cgroup_limit_less_reserve_and_headroom() {
+        const M: u64 = 1 << 20;
+        const G: u64 = 1 << 30;
+        // (cgroup limit, reserve, default budget)
+        let cases: &[(Option<u64>, u64, u64)] = &[
+            (None, 64 * M, DEFAULT_BUDGET_BYTES),
+            (Some(600 * M), 64 * M, 600 * M - 64 * M - 128 * M),
+            (Some(600 * M), 0, 600 * M - 128 * M),
+            (Some(G), 64 * M, G - 64 * M - 128 * M),
+            (Some(4 * G), 64 * M, 4 * G - 64 * M - 512 * M),
+            (Some(7 * G), 64 * M, DEFAULT_BUDGET_BYTES),
+            (Some(64 * G), 64 * M, DEFAULT_BUDGET_BYTES),
+            (Some(200 * M), 64 * M, MIN_BUDGET_BYTES),
+            (Some(0), 64 * M, MIN_BUDGET_BYTES),
+            (Some(u64::MAX), 64 * M, DEFAULT_BUDGET_BYTES),
+        ];
+        for &(limit, reserve, want) in cases {
+            assert_eq!(
+                default_budget_bytes(limit, reserve),
+                want,
+                "limit {limit:?}, reserve {reserve}"
+            );
+        }
+        // Only the default follows the cgroup: a budget the user gave is kept.
+        let (given, _) = load_with(&[("QVSHIM_BUDGET", "6G")]);
+        let (bad, lines) = load_with(&[("QVSHIM_BUDGET", "6")]);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let limit = Some(600 * M);
+        assert_eq!(resolve_host_budget(&given, 24 * G, limit).bytes, 6 * G);
+        assert_eq!(resolve_host_budget(&bad, 24 * G, limit).bytes, 408 * M);
+        assert_eq!(
+            resolve_host_budget(&Settings::default(), 24 * G, limit).bytes,
+            408 * M
+        );
     }
 
     #[test]

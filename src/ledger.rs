@@ -44,6 +44,15 @@ pub const UNLIMITED: u64 = u64::MAX;
 /// runtimes (and glibc's own internals, which abort on a NULL from malloc) can still build and
 /// handle the error object after a large request was refused.
 pub const RESERVE_SMALL_MAX_BYTES: u64 = 64 << 10;
+/// After the budget refused a request, one larger request may also use the reserve, if it is at
+/// most 1/RESERVE_GRANT_DIVISOR of the reserve (32 MiB of the default 64 MiB); the next one only
+/// after the pool's level fell back to normal. It is for the error handling's one large step:
+/// under `python -X tracemalloc` every new allocation adds a trace, and the traces' hash table
+/// grows by reallocating its bucket array (8 bytes a bucket, 2-4 buckets per live trace: 4 MiB
+/// for some 130,000 traces), so a handler at the budget could not allocate anything. A runaway
+/// program that goes on asking for large blocks after its MemoryError gets one of them, then
+/// refusals again, and the rest of the reserve stays for the small requests of its handler.
+pub const RESERVE_GRANT_DIVISOR: u64 = 2;
 /// Credit a thread takes from the pool at once when its own runs out.
 pub const GRANT_CHUNK_BYTES: u64 = 64 << 10;
 /// Credit a thread keeps at most; what is freed past it goes back to the pool.
@@ -58,6 +67,12 @@ pub const LEVEL_NORMAL: u8 = 0;
 pub const LEVEL_WARN: u8 = 1;
 pub const LEVEL_CRITICAL: u8 = 2;
 
+/// The reserve's grant to one larger request ([`RESERVE_GRANT_DIVISOR`]): not opened since the
+/// level was last normal, open after a refusal, used.
+const GRANT_IDLE: u8 = 0;
+const GRANT_OPEN: u8 = 1;
+const GRANT_USED: u8 = 2;
+
 /// One budgeted pool of memory.
 pub struct Pool {
     committed: AtomicU64,
@@ -66,6 +81,8 @@ pub struct Pool {
     reserve: AtomicU64,
     peak: AtomicU64,
     level: AtomicU8,
+    /// GRANT_IDLE, GRANT_OPEN or GRANT_USED.
+    reserve_grant: AtomicU8,
     active: AtomicBool,
     /// Allocations and frees charged directly (GPU pools, threads without a slot, retired
     /// threads' totals).
@@ -87,6 +104,7 @@ impl Pool {
             reserve: AtomicU64::new(0),
             peak: AtomicU64::new(0),
             level: AtomicU8::new(LEVEL_NORMAL),
+            reserve_grant: AtomicU8::new(GRANT_IDLE),
             active: AtomicBool::new(false),
             direct_allocs: AtomicU64::new(0),
             direct_frees: AtomicU64::new(0),
@@ -162,6 +180,51 @@ impl Pool {
         self.update_level(old.wrapping_sub(bytes));
     }
 
+    /// Commits `bytes` for a request of `requested` bytes that may go past the effective budget
+    /// into the reserve: a small one always ([`RESERVE_SMALL_MAX_BYTES`]), a larger one when
+    /// the budget refused a request before and the grant is still open
+    /// ([`RESERVE_GRANT_DIVISOR`]). Tries the budget alone first for a larger one.
+    pub fn try_commit_past_budget(&self, bytes: u64, requested: u64) -> bool {
+        if requested <= RESERVE_SMALL_MAX_BYTES {
+            return self.try_commit(bytes, true);
+        }
+        if self.try_commit(bytes, false) {
+            return true;
+        }
+        let grant_max = self.reserve.load(Ordering::Relaxed) / RESERVE_GRANT_DIVISOR;
+        if requested > grant_max
+            || self
+                .reserve_grant
+                .compare_exchange(GRANT_OPEN, GRANT_USED, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+        {
+            return false;
+        }
+        if self.try_commit(bytes, true) {
+            return true;
+        }
+        // The reserve had no room for it: the grant stays for the next large request.
+        let _ = self.reserve_grant.compare_exchange(
+            GRANT_USED,
+            GRANT_OPEN,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+        false
+    }
+
+    /// Counts a refusal at the budget of a request of `bytes`, and opens the reserve's grant to
+    /// one larger request unless it was used since the level was last normal.
+    pub fn record_budget_refusal(&self, bytes: u64) {
+        let _ = self.reserve_grant.compare_exchange(
+            GRANT_IDLE,
+            GRANT_OPEN,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+        self.record_refusal(bytes);
+    }
+
     /// Counts a refusal of a request of `bytes`.
     pub fn record_refusal(&self, bytes: u64) {
         self.refusals.fetch_add(1, Ordering::Relaxed);
@@ -181,6 +244,9 @@ impl Pool {
             self.effective.load(Ordering::Relaxed),
             thresholds(),
         );
+        if next == LEVEL_NORMAL && self.reserve_grant.load(Ordering::Relaxed) != GRANT_IDLE {
+            self.reserve_grant.store(GRANT_IDLE, Ordering::Relaxed);
+        }
         if next != current
             && self
                 .level
@@ -701,18 +767,19 @@ fn uncharge_pool_directly(bytes: u64) {
 #[inline(never)]
 fn charge_pool_directly(bytes: u64, requested: u64) -> bool {
     let pool = host();
-    if pool.try_commit(bytes, requested <= RESERVE_SMALL_MAX_BYTES) {
+    if pool.try_commit_past_budget(bytes, requested) {
         pool.direct_allocs.fetch_add(1, Ordering::Relaxed);
         true
     } else {
-        pool.record_refusal(requested);
+        pool.record_budget_refusal(requested);
         false
     }
 }
 
 /// Slow path: the thread's credit is short of `bytes`. Takes what is missing plus a chunk; when
-/// the budget will not give a chunk, exactly what is missing; small requests may then dip into
-/// the reserve, and only for exactly what they need.
+/// the budget will not give a chunk, exactly what is missing; small requests (and one larger one
+/// after a refusal, [`RESERVE_GRANT_DIVISOR`]) may then dip into the reserve, and only for
+/// exactly what they need.
 #[cold]
 fn charge_slot_from_pool(slot: &Slot, bytes: u64, requested: u64) -> bool {
     let pool = host();
@@ -722,10 +789,10 @@ fn charge_slot_from_pool(slot: &Slot, bytes: u64, requested: u64) -> bool {
     let granted =
         if pool.try_commit_leaving_unused(missing + GRANT_CHUNK_BYTES, false, GRANT_CHUNK_BYTES) {
             missing + GRANT_CHUNK_BYTES
-        } else if pool.try_commit(missing, requested <= RESERVE_SMALL_MAX_BYTES) {
+        } else if pool.try_commit_past_budget(missing, requested) {
             missing
         } else {
-            pool.record_refusal(requested);
+            pool.record_budget_refusal(requested);
             return false;
         };
     slot.credit
@@ -949,6 +1016,59 @@ mod tests {
         pool.release(1100);
         assert_eq!(pool.committed(), 0);
         assert_eq!(pool.peak(), 1100);
+    }
+
+    #[test]
+    fn one_large_request_may_use_the_reserve_after_a_refusal_until_the_level_is_normal() {
+        let pool = Pool::new();
+        pool.set_budget(1000 << 20);
+        pool.set_reserve(64 << 20);
+        const M: u64 = 1 << 20;
+        // (step, bytes, expected) where a step is a commit, a release or a refusal.
+        enum Step {
+            Commit(u64, bool),
+            Release(u64),
+            Refuse,
+        }
+        use Step::*;
+        let steps: &[Step] = &[
+            Commit(999 * M, true),
+            // Past the budget, before any refusal: a large request is refused as always.
+            Commit(4 * M, false),
+            // That refusal opened the grant: one large request (up to half the reserve) goes in.
+            Refuse,
+            Commit(33 * M, false),
+            Commit(4 * M, true),
+            // Used: the next large one is refused, small ones still use the reserve.
+            Commit(4 * M, false),
+            Refuse,
+            Commit(4 * M, false),
+            Commit(64 << 10, true),
+            // Back under the budget (70%, warn) but not yet at normal: still used.
+            Release(300 * M),
+            Commit(400 * M, false),
+            Refuse,
+            Commit(400 * M, false),
+            // At normal (30%) the grant is idle again: a large request past the budget is
+            // refused first, and that refusal opens the grant once more.
+            Release(400 * M),
+            Commit(696 * M, true),
+            Commit(2 * M, false),
+            Refuse,
+            Commit(2 * M, true),
+        ];
+        for (i, step) in steps.iter().enumerate() {
+            match *step {
+                Commit(bytes, want) => assert_eq!(
+                    pool.try_commit_past_budget(bytes, bytes),
+                    want,
+                    "step {i}: {bytes} bytes at {} committed",
+                    pool.committed()
+                ),
+                Release(bytes) => pool.release(bytes),
+                Refuse => pool.record_budget_refusal(1),
+            }
+        }
     }
 
     #[test]

@@ -137,8 +137,50 @@ extern "C" fn after_fork_child() {
     monitor::after_fork_child();
 }
 
-fn apply(settings: &Settings) {
-    let budget = config::resolve_budget(settings.budget, system::usable_memory_bytes());
+/// Applies the settings to the ledger, the monitor and the rest; returns them as applied (a
+/// system reserve that no machine of this size can leave is replaced by the default).
+fn apply(settings: &Settings) -> Settings {
+    let mut settings = *settings;
+    let settings = &mut settings;
+    system::find_cgroups();
+    let physical = system::physical_memory_bytes();
+    let cgroup_limit = system::cgroup_limit_below(physical);
+    let memory = cgroup_limit.unwrap_or(physical);
+    let reserve = settings.system_reserve_bytes;
+    if let Some(value) = env_bytes("QVSHIM_SYSTEM_RESERVE") {
+        if memory > 0 && reserve >= memory && reserve != config::DEFAULT_SYSTEM_RESERVE_BYTES {
+            // No process could ever get room past such a reserve: a misconfiguration, reported
+            // like a bad value (a machine that really runs out of room is the monitor's business).
+            log::write_error_always(format_args!(
+                "QVSHIM_SYSTEM_RESERVE=\"{}\": not below this machine's memory ({}); using default 512M",
+                config::Printable(value),
+                Bytes(memory)
+            ));
+            settings.system_reserve_bytes = config::DEFAULT_SYSTEM_RESERVE_BYTES;
+        }
+    }
+    let resolved = config::resolve_host_budget(settings, memory, cgroup_limit);
+    if let Some(asked) = resolved.percent_below_minimum {
+        log::write_error_always(format_args!(
+            "QVSHIM_BUDGET=\"{}\": {} of {}, below the {} minimum; using {}",
+            config::Printable(env_bytes("QVSHIM_BUDGET").unwrap_or(&[])),
+            Bytes(asked),
+            Bytes(memory),
+            Bytes(config::MIN_BUDGET_BYTES),
+            Bytes(resolved.bytes)
+        ));
+    }
+    let budget = resolved.bytes;
+    if let (Some(limit), false) = (cgroup_limit, settings.budget_from_env) {
+        qlog!(
+            Info,
+            "default host budget {}: the memory cgroup's limit {} less the reserve {} and a headroom of {}",
+            Bytes(budget),
+            Bytes(limit),
+            Bytes(settings.reserve_bytes),
+            Bytes(config::cgroup_headroom_bytes(limit))
+        );
+    }
     let host = ledger::host();
     ledger::set_thresholds(settings.warn_percent, settings.critical_percent);
     host.set_reserve(settings.reserve_bytes);
@@ -156,6 +198,7 @@ fn apply(settings: &Settings) {
     if settings.backtrace {
         tracker::enable_backtraces();
     }
+    *settings
 }
 
 #[ctor::ctor]
@@ -177,7 +220,7 @@ fn init() {
     if !to_file && settings.log_level >= log::Level::Info {
         log::keep_stderr_copy();
     }
-    apply(&settings);
+    let settings = apply(&settings);
     let host = ledger::host();
     qlog!(
         Info,

@@ -179,11 +179,31 @@ pub struct Inputs {
     pub committed: u64,
     /// The machine's MemAvailable.
     pub available: Option<u64>,
-    /// cgroup v2 memory.max minus memory.current.
+    /// The memory cgroup's room: the least limit minus usage (v1 or v2) from the process's
+    /// cgroup up.
     pub cgroup_room: Option<u64>,
     /// The process's RssAnon.
     pub rss_anon: Option<u64>,
+    /// Left to the rest of the machine: taken from MemAvailable.
     pub system_reserve: u64,
+    /// Left in the cgroup: taken from its room. The pool's reserve (QVSHIM_RESERVE), what the
+    /// process may still commit past its effective budget: so the ledger never takes the cgroup
+    /// past its limit. Not the system reserve, which is for the machine: 512 MiB of a 600 MiB
+    /// container's room would leave a budget of under 100 MiB.
+    pub cgroup_margin: u64,
+    /// The machine cap never goes below this (nor above the budget): [`effective_floor_bytes`].
+    pub floor: u64,
+}
+
+/// The floor of the machine cap: the smallest budget there is ([`MIN_BUDGET_BYTES`]), so that
+/// a machine with no room past the system reserve (out of memory, or a reserve set too large
+/// for it) leaves the process what an interpreter needs to start and to handle a MemoryError,
+/// rather than refusing its start-up. Nothing larger: on a machine that is truly out of memory
+/// the cap is doing its job, and 16 MiB more is not what pushes it into swap.
+///
+/// [`MIN_BUDGET_BYTES`]: crate::config::MIN_BUDGET_BYTES
+pub fn effective_floor_bytes() -> u64 {
+    crate::config::MIN_BUDGET_BYTES
 }
 
 /// The effective budget and its parts.
@@ -195,19 +215,24 @@ pub struct Effective {
     pub machine_cap: u64,
     /// Anonymous resident memory past the ledger, beyond [`UNSEEN_SLACK_BYTES`].
     pub unseen_anon: u64,
+    /// The machine had no room past the system reserve: the cap is what the process holds, or
+    /// the floor.
+    pub no_room: bool,
 }
 
 /// Never more than the budget; lowered to what the process holds plus what the machine can
-/// still give (less the system reserve), and by the anonymous memory the ledger cannot see.
+/// still give (less the system reserve) and what its memory cgroup can still give (less the
+/// cgroup margin), but not below the floor, and by the anonymous memory the ledger cannot see.
 pub fn effective_budget(i: Inputs) -> Effective {
-    let room = match (i.available, i.cgroup_room) {
-        (Some(a), Some(c)) => Some(a.min(c)),
-        (a, c) => a.or(c),
-    };
-    let machine_cap = room.map_or(ledger::UNLIMITED, |room| {
-        i.committed
-            .saturating_add(room.saturating_sub(i.system_reserve))
-    });
+    let beyond = |room: u64, margin: u64| i.committed.saturating_add(room.saturating_sub(margin));
+    let machine_room = i.available.map(|a| beyond(a, i.system_reserve));
+    let cgroup_room = i.cgroup_room.map(|c| beyond(c, i.cgroup_margin));
+    let no_room = i.available.is_some_and(|a| a <= i.system_reserve);
+    let machine_cap = match (machine_room, cgroup_room) {
+        (Some(m), Some(c)) => Some(m.min(c)),
+        (m, c) => m.or(c),
+    }
+    .map_or(ledger::UNLIMITED, |cap| cap.max(i.floor.min(i.budget)));
     let unseen_anon = i.rss_anon.map_or(0, |anon| {
         anon.saturating_sub(i.committed)
             .saturating_sub(UNSEEN_SLACK_BYTES)
@@ -222,6 +247,7 @@ pub fn effective_budget(i: Inputs) -> Effective {
         reason: REASON_BUDGET,
         machine_cap,
         unseen_anon,
+        no_room,
     };
     if machine_cap < e.bytes {
         e.bytes = machine_cap;
@@ -245,16 +271,18 @@ pub fn host_effective() -> Effective {
         reason: EFFECTIVE_REASON.load(Ordering::Relaxed),
         machine_cap: MACHINE_CAP.load(Ordering::Relaxed),
         unseen_anon: UNSEEN_ANON.load(Ordering::Relaxed),
+        no_room: NO_ROOM_SAID.load(Ordering::Relaxed),
     }
 }
+
+/// Set once the process was told that the machine has no room past the system reserve: said
+/// once per process, not at every look.
+static NO_ROOM_SAID: AtomicBool = AtomicBool::new(false);
 
 /// Reads the machine and sets the host's effective budget.
 fn sample_host() {
     let host = ledger::host();
-    let cgroup_room = match (system::cgroup_memory_max(), system::cgroup_memory_current()) {
-        (Some(max), Some(current)) => Some(max.saturating_sub(current)),
-        _ => None,
-    };
+    let cgroup_room = system::cgroup_memory().map(|m| m.room);
     let mut inputs = Inputs {
         budget: host.budget(),
         committed: host.committed(),
@@ -262,6 +290,8 @@ fn sample_host() {
         cgroup_room,
         rss_anon: system::process_memory().map(|p| p.rss_anon),
         system_reserve: system_reserve_bytes(),
+        cgroup_margin: host.reserve(),
+        floor: effective_floor_bytes(),
     };
     let mut e = effective_budget(inputs);
     // Freed memory jemalloc keeps dirty (until its decay returns it) is resident but unseen by
@@ -282,6 +312,18 @@ fn sample_host() {
     UNSEEN_ANON.store(e.unseen_anon, Ordering::Relaxed);
     if host.effective() != e.bytes {
         host.set_effective(e.bytes);
+    }
+    if e.no_room && !NO_ROOM_SAID.swap(true, Ordering::Relaxed) {
+        let room = inputs.available.unwrap_or(0);
+        qlog!(
+            Warn,
+            "QVSHIM_SYSTEM_RESERVE {} leaves no room for this process (the machine has {} available): \
+             host effective budget held at its floor of {} or what the process holds ({}), said once",
+            Bytes(inputs.system_reserve),
+            Bytes(room),
+            Bytes(inputs.floor.min(inputs.budget)),
+            Bytes(inputs.committed)
+        );
     }
     if old_reason != e.reason {
         qlog!(
@@ -940,6 +982,8 @@ mod tests {
             cgroup_room: None,
             rss_anon: Some(G),
             system_reserve: 512 * M,
+            cgroup_margin: 64 * M,
+            floor: 16 * M,
         };
         // (inputs, expected effective bytes, expected reason)
         let cases: &[(Inputs, u64, u8)] = &[
@@ -958,7 +1002,42 @@ mod tests {
                     cgroup_room: Some(G),
                     ..base
                 },
-                2 * G - 512 * M,
+                2 * G - 64 * M,
+                REASON_MACHINE,
+            ),
+            // A 600 MiB cgroup with 100 MiB used (the process holds 50 MiB): the cgroup keeps
+            // the pool's reserve, not the machine's 512 MiB.
+            (
+                Inputs {
+                    budget: 408 * M,
+                    committed: 50 * M,
+                    rss_anon: Some(50 * M),
+                    cgroup_room: Some(500 * M),
+                    ..base
+                },
+                408 * M,
+                REASON_BUDGET,
+            ),
+            (
+                Inputs {
+                    budget: 408 * M,
+                    committed: 50 * M,
+                    rss_anon: Some(50 * M),
+                    cgroup_room: Some(300 * M),
+                    ..base
+                },
+                50 * M + 300 * M - 64 * M,
+                REASON_MACHINE,
+            ),
+            // A full cgroup: the floor, without the machine's line (no_room is the machine's).
+            (
+                Inputs {
+                    committed: 5 * 1024,
+                    rss_anon: Some(3 * M),
+                    cgroup_room: Some(10 * M),
+                    ..base
+                },
+                16 * M,
                 REASON_MACHINE,
             ),
             (
@@ -994,6 +1073,51 @@ mod tests {
                 ledger::UNLIMITED,
                 REASON_BUDGET,
             ),
+            // A system reserve past the machine's room: held at the floor, not at what the
+            // process held at its first look (a few KiB before an interpreter starts).
+            (
+                Inputs {
+                    committed: 5 * 1024,
+                    rss_anon: Some(3 * M),
+                    system_reserve: 100 * G,
+                    ..base
+                },
+                16 * M,
+                REASON_MACHINE,
+            ),
+            (
+                Inputs {
+                    committed: 5 * 1024,
+                    rss_anon: Some(3 * M),
+                    available: Some(0),
+                    ..base
+                },
+                16 * M,
+                REASON_MACHINE,
+            ),
+            // Above the floor the machine cap is what the process holds: the cap's purpose.
+            (
+                Inputs {
+                    committed: 200 * M,
+                    rss_anon: Some(200 * M),
+                    available: Some(0),
+                    ..base
+                },
+                200 * M,
+                REASON_MACHINE,
+            ),
+            // Never above the budget, even when the floor is.
+            (
+                Inputs {
+                    budget: 8 * M,
+                    committed: 5 * 1024,
+                    rss_anon: Some(3 * M),
+                    available: Some(0),
+                    ..base
+                },
+                8 * M,
+                REASON_BUDGET,
+            ),
         ];
         for (inputs, bytes, reason) in cases {
             let e = effective_budget(*inputs);
@@ -1002,6 +1126,8 @@ mod tests {
                 (*bytes, *reason),
                 "inputs {inputs:?} gave {e:?}"
             );
+            let room = inputs.available.unwrap_or(u64::MAX);
+            assert_eq!(e.no_room, room <= inputs.system_reserve, "{inputs:?}");
         }
     }
 

@@ -219,7 +219,10 @@ static void small_allocations_run_into_the_reserve_until_budget_plus_reserve(voi
     free_all();
 }
 
-static void allocations_over_64kib_never_use_the_reserve(void)
+/* Past the budget only requests of at most 64 KiB use the reserve, with one exception: after a
+ * refusal, one larger request (at most half the reserve) may, so that an error handler's one
+ * large step can run (tracemalloc's table); the next only after the level fell back to normal. */
+static void allocations_over_64kib_use_the_reserve_only_once_after_a_refusal(void)
 {
     budget_stats();
     fill_to_budget_with_large_blocks();
@@ -231,12 +234,15 @@ static void allocations_over_64kib_never_use_the_reserve(void)
         REQUIRE(n_small < MAX_BLOCKS, "expected live to pass the budget within %d small blocks", MAX_BLOCKS);
         small_blocks[n_small++] = p;
     }
+    void *granted = malloc(MIB);
+    EXPECT(granted != NULL, "expected the one large request after a refusal to be served from the reserve, "
+                            "got NULL (errno %d)", errno);
     const size_t too_big[] = {RESERVE_ELIGIBLE_MAX_BYTES + 1, 128 * KIB, MIB};
     for (size_t i = 0; i < sizeof too_big / sizeof too_big[0]; i++) {
         errno = 0;
         void *p = malloc(too_big[i]);
-        EXPECT(p == NULL, "expected malloc(%zu) past the budget to be refused (only <= 64 KiB may use the "
-                          "reserve), got %p", too_big[i], p);
+        EXPECT(p == NULL, "expected malloc(%zu) past the budget to be refused (the one large request the "
+                          "reserve grants after a refusal is used), got %p", too_big[i], p);
         EXPECT(errno == ENOMEM, "expected errno ENOMEM (%d) for malloc(%zu) past the budget, got %d", ENOMEM,
                too_big[i], errno);
         if (p != NULL)
@@ -246,6 +252,7 @@ static void allocations_over_64kib_never_use_the_reserve(void)
     EXPECT(small != NULL, "expected malloc(64 KiB) past the budget to be served from the reserve, got NULL");
     if (small != NULL)
         free(small);
+    free(granted);
     free_all();
 }
 
@@ -257,7 +264,7 @@ static const struct check_case cases[] = {
     CASE(aligned_allocators_over_budget_fail_with_enomem),
     CASE(large_allocations_reach_the_budget_but_never_cross_it),
     CASE(small_allocations_run_into_the_reserve_until_budget_plus_reserve),
-    CASE(allocations_over_64kib_never_use_the_reserve),
+    CASE(allocations_over_64kib_use_the_reserve_only_once_after_a_refusal),
 };
 
 int main(int argc, char **argv)
