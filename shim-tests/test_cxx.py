@@ -6,7 +6,7 @@ import pytest
 
 import shimrun
 
-UNDER_64M_BUDGET = {"QVSHIM_BUDGET": "64M", "QVSHIM_LOG": "error"}
+UNDER_64M_BUDGET = {"QVSHIM_BUDGET": "64M"}
 
 # (case, environment)
 CXX_CASES = [

@@ -7,7 +7,7 @@ import pytest
 
 import shimrun
 
-BUDGET_512M = {"QVSHIM_BUDGET": "512M", "QVSHIM_LOG": "error"}
+BUDGET_512M = {"QVSHIM_BUDGET": "512M"}
 
 
 def test_bytearray_over_budget_raises_memoryerror(python_under_shim):
@@ -25,12 +25,12 @@ PYTHON_PROGRAMS = [
     ("catch_memoryerror_and_go_on.py", [], BUDGET_512M),
     ("numpy_refused_with_array_memory_error.py", [], BUDGET_512M),
     ("threads_stay_under_budget_plus_reserve.py", [], BUDGET_512M),
-    ("threads_leave_host_live_exact.py", [], {"QVSHIM_LOG": "error"}),
-    ("python_small_objects_counted.py", ["unset", "counted"], {"QVSHIM_LOG": "error"}),
-    ("python_small_objects_counted.py", ["malloc", "counted"], {"QVSHIM_LOG": "error", "PYTHONMALLOC": "malloc"}),
-    ("python_small_objects_counted.py", ["pymalloc", "counted"], {"QVSHIM_LOG": "error", "PYTHONMALLOC": "pymalloc"}),
-    ("python_small_objects_counted.py", ["unset", "uncounted"], {"QVSHIM_LOG": "error", "QVSHIM_PYTHON": "off"}),
-    ("python_small_objects_meet_memoryerror.py", [], {"QVSHIM_LOG": "error", "QVSHIM_BUDGET": "256M"}),
+    ("threads_leave_host_live_exact.py", [], {}),
+    ("python_small_objects_counted.py", ["unset", "counted"], {}),
+    ("python_small_objects_counted.py", ["malloc", "counted"], {"PYTHONMALLOC": "malloc"}),
+    ("python_small_objects_counted.py", ["pymalloc", "counted"], {"PYTHONMALLOC": "pymalloc"}),
+    ("python_small_objects_counted.py", ["unset", "uncounted"], {"QVSHIM_PYTHON": "off"}),
+    ("python_small_objects_meet_memoryerror.py", [], {"QVSHIM_BUDGET": "256M"}),
 ]
 
 
