@@ -9,8 +9,11 @@
 //! main thread (see below); the work runs in the main thread, with the GIL, between two
 //! bytecodes of the app, never inside an allocation. When the main thread is not executing
 //! Python code (blocked in C with the GIL released), the nudge thread runs it instead, holding
-//! the GIL. An exception raised there is printed through `sys.unraisablehook`, logged and
-//! cleared; it never reaches the app.
+//! the GIL, but only where the app's own collector could have run it: while `gc.isenabled()`,
+//! or when the next step is a refusal ([`refusal_is_next`]). After `gc.disable()` the app
+//! expects finalizers on its own threads only (a Tcl interpreter deleted by another thread
+//! aborts the process). An exception raised there is printed through `sys.unraisablehook`,
+//! logged and cleared; it never reaches the app.
 //!
 //! At most one relief is queued at a time; a rise while one is queued raises its level.
 
@@ -91,6 +94,9 @@ import gc as _gc, sys as _sys
 
 def collect():
     return _gc.collect()
+
+def collector_enabled():
+    return 1 if _gc.isenabled() else 0
 
 def empty_cuda_cache():
     torch = _sys.modules.get('torch')
@@ -414,13 +420,20 @@ pub fn request_relief(pool: usize, level: u8) -> bool {
 // When the relief is still waiting after the nudge thread got and gave back the GIL, the main
 // thread is not executing Python code: it is in a call that released the GIL (time.sleep(),
 // I/O, thread.join(), future.result()). It gets [`MAIN_THREAD_GRACE_MS`] to come back and run
-// the relief itself (a main thread sleeping in short steps does); after that the nudge thread
-// runs it, holding the GIL, so memory comes back while other threads allocate. Whoever takes
-// the PENDING flag first runs it.
+// the relief itself (a main thread sleeping in short steps does). After that the nudge thread
+// runs it, holding the GIL, so memory comes back while other threads allocate, but only while
+// the app's collector is enabled (its own collections could then run on any of its threads) or
+// when the next step is a refusal. Otherwise the relief waits for the main thread, and at
+// critical the nudge thread watches for the pool to come within its reserve. Whoever takes the
+// PENDING flag first runs it.
 
 /// How long a main thread outside Python code has to take a relief before the nudge thread
 /// runs it.
 pub const MAIN_THREAD_GRACE_MS: u64 = 20;
+
+/// How often the nudge thread looks whether a pool at critical came within its reserve, while
+/// a relief waits for a main thread that is outside Python code and the app's collector is off.
+pub const REFUSAL_WATCH_STEP_MS: u64 = 1;
 
 /// The nudge thread's stack: the relief may run Python code on it (gc finalizers, the app's
 /// callbacks), so it gets what a Python thread gets by default on Linux.
@@ -465,12 +478,21 @@ extern "C" fn nudger_main(_: *mut c_void) -> *mut c_void {
     nudger()
 }
 
-/// Waits up to `ms` for someone to take the relief; true when it was taken.
+/// Waits up to `ms` for someone to take the relief; true when it was taken. The wait ends
+/// early when a pool comes to its refusal step, or one at that step loses half of what was
+/// left of its budget, while it lasts: other threads are filling it faster than the main
+/// thread comes back.
 fn taken_within_ms(ms: u64) -> bool {
     const STEP_MS: u64 = 1;
+    let left_at_start = least_left_at_refusal_step();
     for _ in 0..ms / STEP_MS {
         if !PENDING.load(Ordering::Acquire) {
             return true;
+        }
+        if let Some(left) = least_left_at_refusal_step() {
+            if left <= left_at_start.unwrap_or(u64::MAX) / 2 {
+                return false;
+            }
         }
         std::thread::sleep(std::time::Duration::from_millis(STEP_MS));
     }
@@ -491,16 +513,8 @@ fn nudger() -> ! {
                     (api.gil_release)(state);
                 }
             }
-            if !taken_within_ms(MAIN_THREAD_GRACE_MS) && gil_usable(api) {
-                // SAFETY: as above; the relief runs with the GIL held by this thread.
-                unsafe {
-                    let state = (api.gil_ensure)();
-                    if PENDING.swap(false, Ordering::AcqRel) {
-                        NUDGE_THREAD_RUNS.fetch_add(1, Ordering::Relaxed);
-                        take_request_and_run(api);
-                    }
-                    (api.gil_release)(state);
-                }
+            if !taken_within_ms(MAIN_THREAD_GRACE_MS) {
+                run_for_a_main_thread_outside_python(api, seen);
             }
         }
         // SAFETY: FUTEX_WAIT on a valid, static, aligned u32, no timeout.
@@ -514,6 +528,90 @@ fn nudger() -> ! {
             )
         };
     }
+}
+
+/// The main thread is outside Python code and left the relief waiting: runs it here when the
+/// app's own collector could have (it is enabled) or the next step is a refusal; otherwise
+/// leaves it to the main thread, watching a pool at critical for its refusal step. Returns
+/// when the relief was taken, left to the main thread, or the bell rang again (`bell` is the
+/// value it had).
+fn run_for_a_main_thread_outside_python(api: &Api, bell: u32) {
+    loop {
+        if !PENDING.load(Ordering::Acquire) || !gil_usable(api) {
+            return;
+        }
+        let refusal_next = refusal_is_next();
+        // SAFETY: CPython is initialised and not finalizing; Ensure is balanced by Release on
+        // this thread. The collector's state is read with the GIL held and the relief runs
+        // under the same hold, so the app cannot turn it off in between.
+        let may_run = unsafe {
+            let state = (api.gil_ensure)();
+            let may_run = refusal_next || collector_enabled(api);
+            if may_run && PENDING.swap(false, Ordering::AcqRel) {
+                NUDGE_THREAD_RUNS.fetch_add(1, Ordering::Relaxed);
+                take_request_and_run(api);
+            }
+            (api.gil_release)(state);
+            may_run
+        };
+        if may_run {
+            return;
+        }
+        // Left to the main thread. A pool at warn that rises to critical rings the bell; one at
+        // critical can come within its reserve without a level change, so it is watched.
+        loop {
+            if !PENDING.load(Ordering::Acquire)
+                || NUDGE_BELL.load(Ordering::Acquire) != bell
+                || !any_pool_critical()
+            {
+                return;
+            }
+            if refusal_is_next() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(REFUSAL_WATCH_STEP_MS));
+        }
+    }
+}
+
+fn any_pool_critical() -> bool {
+    (0..ledger::pool_count())
+        .filter_map(ledger::pool)
+        .any(|pool| pool.level() >= LEVEL_CRITICAL)
+}
+
+/// True when the next step of some pool is a refusal: it is at critical and what is left of its
+/// effective budget is no more than its reserve (`QVSHIM_RESERVE` for the host pool, 64 MiB by
+/// default; a pool without a reserve, as GPU pools are, only once it is full). Only then may a
+/// thread of the shim's own run a collection the app turned off: the alternative is a
+/// `MemoryError` (or a NULL) in the app.
+fn refusal_is_next() -> bool {
+    least_left_at_refusal_step().is_some()
+}
+
+/// What is left of the effective budget of the fullest pool at its refusal step, if any.
+fn least_left_at_refusal_step() -> Option<u64> {
+    (0..ledger::pool_count())
+        .filter_map(ledger::pool)
+        .filter(|pool| pool.level() >= LEVEL_CRITICAL)
+        .filter_map(|pool| {
+            let left = pool.effective().saturating_sub(pool.committed());
+            (left <= pool.reserve()).then_some(left)
+        })
+        .min()
+}
+
+/// `gc.isenabled()`; false when it cannot be asked.
+///
+/// # Safety
+/// The caller holds the GIL.
+unsafe fn collector_enabled(api: &Api) -> bool {
+    // SAFETY: GIL held (caller's contract).
+    let Some(helpers) = (unsafe { helpers(api) }) else {
+        return false;
+    };
+    // SAFETY: GIL held; helpers is the helpers' namespace.
+    unsafe { call(api, helpers, c"collector_enabled", None) == Some(1) }
 }
 
 fn level_name(level: u8) -> &'static CStr {

@@ -1,0 +1,118 @@
+"""Where the shim's relief runs the app's finalizers.
+
+Run under the shim by test_relief_guest.py, one case per run:
+
+  relief_guest_program.py where GC MAIN PAYLOAD LEVEL
+      GC      "on" or "off" (the app called gc.disable())
+      MAIN    "busy" (the main thread runs Python code) or "blocked" (it waits in C with the
+              GIL released, in threading.Event.wait())
+      PAYLOAD "plain" (a reference cycle whose __del__ records its thread) or "tcl" (the cycle
+              also holds a Tcl interpreter, which aborts the process when it is deleted by
+              another thread than the one that created it)
+      LEVEL   "warn" or "critical": how far a worker thread allocates while the main thread
+              busies itself or waits
+    Prints one JSON line: the main thread's id, the threads (id, name) __del__ ran on, the
+    relief runs seen while the main thread was still waiting, and the dump's python figures.
+"""
+
+import ctypes
+import gc
+import json
+import sys
+import tempfile
+import threading
+import time
+
+LEVEL_WARN = 1
+LEVEL_CRITICAL = 2
+# How long the worker watches for a relief run while the main thread waits: a relief the shim
+# runs on its own thread does so within tens of milliseconds of being queued.
+WATCH_WHILE_MAIN_WAITS_S = 2.0
+DEADLINE_S = 20.0
+STEP_BYTES = 256 * 1024
+
+_process = ctypes.CDLL(None)
+_process.qvshim_level.argtypes = [ctypes.c_int]
+_process.qvshim_level.restype = ctypes.c_int
+
+
+def python_figures():
+    """runtime.python of the shim's JSON dump."""
+    with tempfile.TemporaryFile() as f:
+        assert _process.qvshim_dump(f.fileno(), 1) == 0, "expected qvshim_dump to succeed"
+        f.seek(0)
+        return json.load(f)["runtime"]["python"]
+
+
+def thread_name():
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return "?"
+
+
+def rise_to(level, held):
+    """Allocates in small steps until the host pool is at `level`, never past it."""
+    while _process.qvshim_level(0) < level:
+        held.append(bytearray(STEP_BYTES))
+
+
+def where(gc_state, main_mode, payload, level_name):
+    if gc_state == "off":
+        gc.disable()
+    ran = []
+
+    class Cycle:
+        def __del__(self):
+            ran.append((threading.get_ident(), thread_name()))
+
+    cycle = Cycle()
+    cycle.me = cycle
+    if payload == "tcl":
+        import tkinter
+        cycle.tcl = tkinter.Tcl()
+    del cycle
+
+    held = []
+    main_may_go = threading.Event()
+    seen = {}
+
+    def worker():
+        try:
+            rise_to(LEVEL_CRITICAL if level_name == "critical" else LEVEL_WARN, held)
+            deadline = time.monotonic() + DEADLINE_S
+            while python_figures()["queued"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen["queued"] = python_figures()["queued"]
+            deadline = time.monotonic() + WATCH_WHILE_MAIN_WAITS_S
+            while not ran and python_figures()["runs"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen["ran_while_main_waited"] = list(ran)
+            seen["runs_while_main_waited"] = python_figures()["runs"]
+        finally:
+            main_may_go.set()
+
+    threading.Thread(target=worker, name="app-worker").start()
+    if main_mode == "blocked":
+        main_may_go.wait()
+    else:
+        while not main_may_go.is_set():
+            pass
+    # The main thread runs Python code again: a relief left to it runs here.
+    deadline = time.monotonic() + DEADLINE_S
+    while not ran and time.monotonic() < deadline:
+        pass
+    print(json.dumps({
+        "main": [threading.get_ident(), thread_name()],
+        "ran": ran,
+        **seen,
+        "python": python_figures(),
+    }))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "where":
+        where(*sys.argv[2:6])
+    else:
+        sys.exit(f"unknown case {sys.argv[1]!r}")
