@@ -1,4 +1,4 @@
-"""Where the shim's relief runs the app's finalizers.
+"""Where the shim's relief runs the app's finalizers, and how often it collects.
 
 Run under the shim by test_relief_guest.py, one case per run:
 
@@ -13,6 +13,12 @@ Run under the shim by test_relief_guest.py, one case per run:
               busies itself or waits
     Prints one JSON line: the main thread's id, the threads (id, name) __del__ ran on, the
     relief runs seen while the main thread was still waiting, and the dump's python figures.
+
+  relief_guest_program.py backoff ITERATIONS
+      Holds the host pool at warn and runs a fixed loop of ITERATIONS steps of pure Python
+      work (with a heap of many small containers, so that each collection costs something and
+      frees nothing). Prints one JSON line: the relief runs the shim made during the loop and
+      the periodic reliefs it skipped (python.backed_off).
 """
 
 import ctypes
@@ -23,6 +29,8 @@ import tempfile
 import threading
 import time
 
+from shimstats import MIB
+
 LEVEL_WARN = 1
 LEVEL_CRITICAL = 2
 # How long the worker watches for a relief run while the main thread waits: a relief the shim
@@ -30,6 +38,7 @@ LEVEL_CRITICAL = 2
 WATCH_WHILE_MAIN_WAITS_S = 2.0
 DEADLINE_S = 20.0
 STEP_BYTES = 256 * 1024
+PAST_WARN_BYTES = 8 * MIB
 
 _process = ctypes.CDLL(None)
 _process.qvshim_level.argtypes = [ctypes.c_int]
@@ -111,8 +120,32 @@ def where(gc_state, main_mode, payload, level_name):
     }))
 
 
+def backoff(iterations):
+    # Many small containers: a collection has work to do and finds nothing to free.
+    containers = [[i] for i in range(200_000)]
+    held = []
+    rise_to(LEVEL_WARN, held)
+    # A little past the threshold, so that what a collection frees (CPython's free lists) does
+    # not take the pool back below warn's hysteresis.
+    held.append(bytearray(PAST_WARN_BYTES))
+    before = python_figures()["runs"]
+    total = 0
+    for i in range(iterations):
+        total += i % 7
+    after = python_figures()
+    print(json.dumps({
+        "runs_during_loop": after["runs"] - before,
+        "backed_off": after["backed_off"],
+        "level_after": _process.qvshim_level(0),
+        "containers": len(containers),
+        "total": total,
+    }))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "where":
         where(*sys.argv[2:6])
+    elif sys.argv[1] == "backoff":
+        backoff(int(sys.argv[2]))
     else:
         sys.exit(f"unknown case {sys.argv[1]!r}")

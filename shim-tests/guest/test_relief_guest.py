@@ -91,3 +91,57 @@ def test_relief_runs_where_the_app_would_have(python_under_shim, gc_state, main,
             f"{level}: the shim's thread may run it){run.describe()}")
         assert seen["python"]["nudge_thread_runs"] >= 1, (
             f"expected {SHIM_THREAD} to have run it{run.describe()}")
+
+
+# The shim's own collections over a fixed loop of pure Python work, the host pool at warn, with a
+# heap of 200000 small containers (each collection costs something and frees nothing).
+# Columns: environment, at most this many collections during the loop, whether periodic reliefs
+# must have been skipped (python.backed_off in the dump).
+LOOP_ITERATIONS = 10_000_000
+BACKOFF_ROWS = [
+    # Without backoff this was one collection every 10 ms for as long as the loop ran (981 in a
+    # loop of 0.5 s alone, which took 18 s); waits doubling up to 30 s give about a dozen at
+    # most, whatever the machine's speed.
+    pytest.param({"QVSHIM_PURGE_INTERVAL": "10ms"}, 20, True,
+                 id="fruitless_collections_back_off_at_a_10ms_purge_interval"),
+    pytest.param({}, 3, False, id="default_purge_interval_collects_about_once"),
+]
+
+
+@pytest.mark.parametrize("extra, most, backed_off", BACKOFF_ROWS)
+def test_collections_that_free_nothing_back_off(python_under_shim, extra, most, backed_off):
+    env = {"QVSHIM_BUDGET": "100M", **extra}
+    run = python_under_shim([str(PROGRAM), "backoff", str(LOOP_ITERATIONS)], env)
+    assert run.returncode == 0, f"expected the loop to finish{run.describe()}"
+    seen = last_json(run)
+    assert seen["level_after"] == 1, f"expected the loop to run at warn{run.describe()}"
+    assert seen["runs_during_loop"] <= most, (
+        f"expected at most {most} collections by the shim during {LOOP_ITERATIONS} iterations "
+        f"at warn ({extra or 'defaults'}), got {seen['runs_during_loop']}")
+    if backed_off:
+        assert seen["backed_off"] >= 1, (
+            f"expected the dump to count periodic reliefs skipped while backing off{run.describe()}")
+
+
+# Collections that free memory are not backed off: gc disabled, 750 MiB of garbage cycles
+# through a 128 MiB budget, a 10 ms purge interval. Only the shim's collections free them.
+GARBAGE_CYCLES = """
+import gc
+gc.disable()
+
+class Node:
+    pass
+
+for i in range(3000):
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    a.payload = bytearray(256 * 1024)
+print("finished", i + 1)
+"""
+
+
+def test_collections_that_free_memory_keep_coming_at_a_short_interval(python_under_shim):
+    run = python_under_shim(["-c", GARBAGE_CYCLES],
+                            {"QVSHIM_BUDGET": "128M", "QVSHIM_PURGE_INTERVAL": "10ms"})
+    assert run.returncode == 0 and "finished 3000" in run.stdout, (
+        f"expected the shim's collections to keep the garbage under the budget{run.describe()}")

@@ -16,6 +16,10 @@
 //! logged and cleared; it never reaches the app.
 //!
 //! At most one relief is queued at a time; a rise while one is queued raises its level.
+//!
+//! While a pool stays above normal the monitor asks again every `QVSHIM_PURGE_INTERVAL`; a
+//! relief that freed nothing doubles the wait before the next of those ([`backoff_wait_ms`]),
+//! so that a program sitting at warn is not collected over and over for nothing.
 
 use core::ffi::{c_char, c_int, c_long, c_void, CStr};
 use core::sync::atomic::{
@@ -142,6 +146,26 @@ static APP_CALLBACK_RUNS: AtomicU64 = AtomicU64::new(0);
 static LAST_COLLECTED: AtomicI64 = AtomicI64::new(-1);
 static LAST_HOST_BEFORE: AtomicU64 = AtomicU64::new(0);
 static LAST_HOST_AFTER: AtomicU64 = AtomicU64::new(0);
+
+/// A relief that gave back less than this of the pool it was asked for freed nothing: a
+/// collection that finds a few small cycles in a loop's temporaries is no relief.
+pub const RELIEF_FREED_MIN_BYTES: u64 = 1 << 20;
+/// The wait between periodic reliefs that free nothing doubles up to this many times
+/// `QVSHIM_PURGE_INTERVAL`...
+pub const BACKOFF_MAX_FACTOR: u64 = 32;
+/// ... or this, when longer, so that a very short interval still backs off far.
+pub const BACKOFF_CAP_MIN_MS: u64 = 30_000;
+/// Doublings past which the wait is at its cap whatever the interval (2^40 ms is 35 years).
+const BACKOFF_MAX_DOUBLINGS: u32 = 40;
+
+/// Reliefs in a row that freed nothing, or periodic asks that found the last one not yet run;
+/// reset when one frees something or the level or pool asked for changes.
+static FRUITLESS: AtomicU32 = AtomicU32::new(0);
+/// When the last relief was asked for (monotonic ms), and for which pool and level.
+static LAST_ASKED_MS: AtomicU64 = AtomicU64::new(0);
+static LAST_ASKED_FOR: AtomicU32 = AtomicU32::new(u32::MAX);
+/// Periodic reliefs skipped because the last ones freed nothing.
+static BACKED_OFF: AtomicU64 = AtomicU64::new(0);
 
 pub fn configure(enabled: bool) {
     ENABLED.store(enabled, Ordering::Relaxed);
@@ -378,15 +402,68 @@ pub fn detected() -> bool {
     API.get().is_some()
 }
 
-/// Queues a relief for `pool` at `level` in the main thread; true when one was queued now or
-/// is already waiting. Monitor thread only.
+/// Queues a relief for `pool`, which rose to `level`, in the main thread; true when one was
+/// queued now or is already waiting. A rise starts the backoff afresh. Monitor thread only.
 pub fn request_relief(pool: usize, level: u8) -> bool {
     if !ENABLED.load(Ordering::Relaxed) || level < LEVEL_WARN {
         return false;
     }
+    FRUITLESS.store(0, Ordering::Relaxed);
+    LAST_ASKED_FOR.store(asked_for(pool, level), Ordering::Relaxed);
+    queue_relief(pool, level)
+}
+
+/// The periodic relief, asked for every `interval_ms` (`QVSHIM_PURGE_INTERVAL`) while `pool`
+/// stays at `level` (warn or critical); true when one was queued now or is already waiting.
+/// Skipped until [`backoff_wait_ms`] has passed since the last one was asked for. Monitor
+/// thread only.
+pub fn request_periodic_relief(pool: usize, level: u8, interval_ms: u64) -> bool {
+    if !ENABLED.load(Ordering::Relaxed) || level < LEVEL_WARN {
+        return false;
+    }
+    if LAST_ASKED_FOR.swap(asked_for(pool, level), Ordering::Relaxed) != asked_for(pool, level) {
+        FRUITLESS.store(0, Ordering::Relaxed);
+    }
+    let since_ms = crate::monitor::now_ms().saturating_sub(LAST_ASKED_MS.load(Ordering::Relaxed));
+    if since_ms < backoff_wait_ms(interval_ms, FRUITLESS.load(Ordering::Relaxed)) {
+        BACKED_OFF.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    if PENDING.load(Ordering::Acquire) {
+        // The last one is still waiting for the main thread: asking again frees nothing either.
+        note_fruitless();
+    }
+    queue_relief(pool, level)
+}
+
+/// How long after the last relief the periodic one is asked for again, after `fruitless`
+/// reliefs in a row freed nothing: `interval_ms` doubled that many times, up to 32 times
+/// `interval_ms` or 30 s, whichever is longer.
+pub fn backoff_wait_ms(interval_ms: u64, fruitless: u32) -> u64 {
+    let cap_ms = interval_ms
+        .saturating_mul(BACKOFF_MAX_FACTOR)
+        .max(BACKOFF_CAP_MIN_MS);
+    interval_ms
+        .saturating_mul(1u64 << fruitless.min(BACKOFF_MAX_DOUBLINGS))
+        .min(cap_ms)
+}
+
+fn asked_for(pool: usize, level: u8) -> u32 {
+    (pool as u32) << 8 | level as u32
+}
+
+fn note_fruitless() {
+    let _ = FRUITLESS.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+        Some(n.saturating_add(1).min(BACKOFF_MAX_DOUBLINGS))
+    });
+}
+
+/// Queues the relief; true when one was queued now or is already waiting.
+fn queue_relief(pool: usize, level: u8) -> bool {
     let Some(api) = api() else {
         return false;
     };
+    LAST_ASKED_MS.store(crate::monitor::now_ms(), Ordering::Relaxed);
     REQUEST_LEVEL.fetch_max(level, Ordering::AcqRel);
     REQUEST_POOL.store(pool as u8, Ordering::Release);
     PENDING.store(true, Ordering::Release);
@@ -654,6 +731,7 @@ unsafe fn run_relief(api: &Api, pool: usize, level: u8) {
     let Some(helpers) = (unsafe { helpers(api) }) else {
         return;
     };
+    let pool_before = ledger::totals(pool).live;
     let host_before = ledger::totals(ledger::HOST).live;
     // SAFETY: GIL held.
     let collected = unsafe { call(api, helpers, c"collect", None) };
@@ -671,6 +749,11 @@ unsafe fn run_relief(api: &Api, pool: usize, level: u8) {
     let app = unsafe { call(api, helpers, c"app_callbacks", Some((level, pool))) } == Some(1);
     if app {
         APP_CALLBACK_RUNS.fetch_add(1, Ordering::Relaxed);
+    }
+    if pool_before.saturating_sub(ledger::totals(pool).live) >= RELIEF_FREED_MIN_BYTES {
+        FRUITLESS.store(0, Ordering::Relaxed);
+    } else {
+        note_fruitless();
     }
     qlog!(
         Info,
@@ -846,6 +929,10 @@ pub struct Stats {
     pub last_collected: i64,
     pub last_host_before: u64,
     pub last_host_after: u64,
+    /// Reliefs in a row that freed nothing (the periodic one waits 2^this intervals).
+    pub fruitless: u64,
+    /// Periodic reliefs skipped while backing off.
+    pub backed_off: u64,
 }
 
 pub fn stats() -> Stats {
@@ -861,6 +948,8 @@ pub fn stats() -> Stats {
         last_collected: LAST_COLLECTED.load(Ordering::Relaxed),
         last_host_before: LAST_HOST_BEFORE.load(Ordering::Relaxed),
         last_host_after: LAST_HOST_AFTER.load(Ordering::Relaxed),
+        fruitless: FRUITLESS.load(Ordering::Relaxed) as u64,
+        backed_off: BACKED_OFF.load(Ordering::Relaxed),
     }
 }
 
@@ -871,4 +960,36 @@ pub fn after_fork_child() {
     PENDING.store(false, Ordering::Relaxed);
     IN_QUEUE.store(false, Ordering::Relaxed);
     REQUEST_LEVEL.store(0, Ordering::Relaxed);
+    FRUITLESS.store(0, Ordering::Relaxed);
+    LAST_ASKED_MS.store(0, Ordering::Relaxed);
+    LAST_ASKED_FOR.store(u32::MAX, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_the_interval_up_to_its_cap() {
+        let cases: &[(u64, u32, u64)] = &[
+            // (interval ms, fruitless reliefs in a row, wait ms)
+            (10, 0, 10),
+            (10, 1, 20),
+            (10, 5, 320),
+            (10, 11, 20_480),
+            (10, 12, BACKOFF_CAP_MIN_MS),
+            (10, u32::MAX, BACKOFF_CAP_MIN_MS),
+            (30_000, 0, 30_000),
+            (30_000, 5, 30_000 * BACKOFF_MAX_FACTOR),
+            (30_000, 40, 30_000 * BACKOFF_MAX_FACTOR),
+            (u64::MAX, 3, u64::MAX),
+        ];
+        for &(interval_ms, fruitless, wait_ms) in cases {
+            assert_eq!(
+                backoff_wait_ms(interval_ms, fruitless),
+                wait_ms,
+                "interval {interval_ms} ms after {fruitless} fruitless reliefs"
+            );
+        }
+    }
 }
