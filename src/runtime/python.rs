@@ -505,7 +505,7 @@ fn queue_relief(pool: usize, level: u8) -> bool {
 // PENDING flag first runs it.
 
 /// How long a main thread outside Python code has to take a relief before the nudge thread
-/// runs it.
+/// runs it, where it may (the app's collector on, or the next step a refusal).
 pub const MAIN_THREAD_GRACE_MS: u64 = 20;
 
 /// How often the nudge thread looks whether a pool at critical came within its reserve, while
