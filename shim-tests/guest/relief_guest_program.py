@@ -5,7 +5,8 @@ Run under the shim by test_relief_guest.py, one case per run:
   relief_guest_program.py where GC MAIN PAYLOAD LEVEL
       GC      "on" or "off" (the app called gc.disable())
       MAIN    "busy" (the main thread runs Python code) or "blocked" (it waits in C with the
-              GIL released, in threading.Event.wait())
+              GIL released, in os.read() of a pipe; the worker allocates only once
+              /proc/self/task/<main>/syscall shows it there)
       PAYLOAD "plain" (a reference cycle whose __del__ records its thread) or "tcl" (the cycle
               also holds a Tcl interpreter, which aborts the process when it is deleted by
               another thread than the one that created it)
@@ -24,6 +25,7 @@ Run under the shim by test_relief_guest.py, one case per run:
 import ctypes
 import gc
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -61,6 +63,16 @@ def thread_name():
         return "?"
 
 
+def blocked_in_read(native_id, fd):
+    """The thread is inside read(fd, ...): /proc's syscall file names the call's arguments."""
+    try:
+        with open(f"/proc/self/task/{native_id}/syscall") as f:
+            fields = f.read().split()
+    except OSError:
+        return False
+    return len(fields) > 1 and fields[1].startswith("0x") and int(fields[1], 16) == fd
+
+
 def rise_to(level, held):
     """Allocates in small steps until the host pool is at `level`, never past it."""
     while _process.qvshim_level(0) < level:
@@ -85,10 +97,19 @@ def where(gc_state, main_mode, payload, level_name):
 
     held = []
     main_may_go = threading.Event()
+    wake_read, wake_write = os.pipe()
+    main_native_id = threading.get_native_id()
     seen = {}
 
     def worker():
         try:
+            if main_mode == "blocked":
+                # Only a main thread already inside its blocking call is outside Python code; one
+                # still on its way there would run the relief at its next bytecode.
+                deadline = time.monotonic() + DEADLINE_S
+                while not blocked_in_read(main_native_id, wake_read):
+                    assert time.monotonic() < deadline, "the main thread never blocked in read()"
+                    time.sleep(0.001)
             rise_to(LEVEL_CRITICAL if level_name == "critical" else LEVEL_WARN, held)
             deadline = time.monotonic() + DEADLINE_S
             while python_figures()["queued"] < 1 and time.monotonic() < deadline:
@@ -101,10 +122,11 @@ def where(gc_state, main_mode, payload, level_name):
             seen["runs_while_main_waited"] = python_figures()["runs"]
         finally:
             main_may_go.set()
+            os.write(wake_write, b"x")
 
     threading.Thread(target=worker, name="app-worker").start()
     if main_mode == "blocked":
-        main_may_go.wait()
+        os.read(wake_read, 1)
     else:
         while not main_may_go.is_set():
             pass
@@ -135,7 +157,7 @@ def backoff(iterations):
     after = python_figures()
     print(json.dumps({
         "runs_during_loop": after["runs"] - before,
-        "backed_off": after["backed_off"],
+        "backed_off": after.get("backed_off", 0),
         "level_after": _process.qvshim_level(0),
         "containers": len(containers),
         "total": total,
