@@ -463,6 +463,8 @@ fn report_json(r: &Report) -> J {
                         ("last_collected", J::Int(r.python.last_collected)),
                         ("last_host_before", J::UInt(r.python.last_host_before)),
                         ("last_host_after", J::UInt(r.python.last_host_after)),
+                        ("fruitless", J::UInt(r.python.fruitless)),
+                        ("backed_off", J::UInt(r.python.backed_off)),
                         ("arenas_counted", J::Bool(r.arenas.installed)),
                         ("arenas_live", J::UInt(r.arenas.live)),
                         ("arenas_refused", J::UInt(r.arenas.refused)),

@@ -869,7 +869,8 @@ fn run() {
         if level == LEVEL_NORMAL {
             last_purge_ms = now;
         } else if now.saturating_sub(last_purge_ms) >= purge_interval {
-            let told = runtime::python::request_relief(pressed_pool, level);
+            let told =
+                runtime::python::request_periodic_relief(pressed_pool, level, purge_interval);
             if let Some(pool) = ledger::pool(pressed_pool) {
                 pool.notifications.fetch_add(told as u64, Ordering::Relaxed);
             }

@@ -9,10 +9,17 @@
 //! main thread (see below); the work runs in the main thread, with the GIL, between two
 //! bytecodes of the app, never inside an allocation. When the main thread is not executing
 //! Python code (blocked in C with the GIL released), the nudge thread runs it instead, holding
-//! the GIL. An exception raised there is printed through `sys.unraisablehook`, logged and
-//! cleared; it never reaches the app.
+//! the GIL, but only where the app's own collector could have run it: while `gc.isenabled()`,
+//! or when the next step is a refusal ([`refusal_is_next`]). After `gc.disable()` the app
+//! expects finalizers on its own threads only (a Tcl interpreter deleted by another thread
+//! aborts the process). An exception raised there is printed through `sys.unraisablehook`,
+//! logged and cleared; it never reaches the app.
 //!
 //! At most one relief is queued at a time; a rise while one is queued raises its level.
+//!
+//! While a pool stays above normal the monitor asks again every `QVSHIM_PURGE_INTERVAL`; a
+//! relief that freed nothing doubles the wait before the next of those ([`backoff_wait_ms`]),
+//! so that a program sitting at warn is not collected over and over for nothing.
 
 use core::ffi::{c_char, c_int, c_long, c_void, CStr};
 use core::sync::atomic::{
@@ -92,6 +99,9 @@ import gc as _gc, sys as _sys
 def collect():
     return _gc.collect()
 
+def collector_enabled():
+    return 1 if _gc.isenabled() else 0
+
 def empty_cuda_cache():
     torch = _sys.modules.get('torch')
     cuda = getattr(torch, 'cuda', None) if torch is not None else None
@@ -136,6 +146,26 @@ static APP_CALLBACK_RUNS: AtomicU64 = AtomicU64::new(0);
 static LAST_COLLECTED: AtomicI64 = AtomicI64::new(-1);
 static LAST_HOST_BEFORE: AtomicU64 = AtomicU64::new(0);
 static LAST_HOST_AFTER: AtomicU64 = AtomicU64::new(0);
+
+/// A relief that gave back less than this of the pool it was asked for freed nothing: a
+/// collection that finds a few small cycles in a loop's temporaries is no relief.
+pub const RELIEF_FREED_MIN_BYTES: u64 = 1 << 20;
+/// The wait between periodic reliefs that free nothing doubles up to this many times
+/// `QVSHIM_PURGE_INTERVAL`...
+pub const BACKOFF_MAX_FACTOR: u64 = 32;
+/// ... or this, when longer, so that a very short interval still backs off far.
+pub const BACKOFF_CAP_MIN_MS: u64 = 30_000;
+/// Doublings past which the wait is at its cap whatever the interval (2^40 ms is 35 years).
+const BACKOFF_MAX_DOUBLINGS: u32 = 40;
+
+/// Reliefs in a row that freed nothing, or periodic asks that found the last one not yet run;
+/// reset when one frees something or the level or pool asked for changes.
+static FRUITLESS: AtomicU32 = AtomicU32::new(0);
+/// When the last relief was asked for (monotonic ms), and for which pool and level.
+static LAST_ASKED_MS: AtomicU64 = AtomicU64::new(0);
+static LAST_ASKED_FOR: AtomicU32 = AtomicU32::new(u32::MAX);
+/// Periodic reliefs skipped because the last ones freed nothing.
+static BACKED_OFF: AtomicU64 = AtomicU64::new(0);
 
 pub fn configure(enabled: bool) {
     ENABLED.store(enabled, Ordering::Relaxed);
@@ -372,15 +402,68 @@ pub fn detected() -> bool {
     API.get().is_some()
 }
 
-/// Queues a relief for `pool` at `level` in the main thread; true when one was queued now or
-/// is already waiting. Monitor thread only.
+/// Queues a relief for `pool`, which rose to `level`, in the main thread; true when one was
+/// queued now or is already waiting. A rise starts the backoff afresh. Monitor thread only.
 pub fn request_relief(pool: usize, level: u8) -> bool {
     if !ENABLED.load(Ordering::Relaxed) || level < LEVEL_WARN {
         return false;
     }
+    FRUITLESS.store(0, Ordering::Relaxed);
+    LAST_ASKED_FOR.store(asked_for(pool, level), Ordering::Relaxed);
+    queue_relief(pool, level)
+}
+
+/// The periodic relief, asked for every `interval_ms` (`QVSHIM_PURGE_INTERVAL`) while `pool`
+/// stays at `level` (warn or critical); true when one was queued now or is already waiting.
+/// Skipped until [`backoff_wait_ms`] has passed since the last one was asked for. Monitor
+/// thread only.
+pub fn request_periodic_relief(pool: usize, level: u8, interval_ms: u64) -> bool {
+    if !ENABLED.load(Ordering::Relaxed) || level < LEVEL_WARN {
+        return false;
+    }
+    if LAST_ASKED_FOR.swap(asked_for(pool, level), Ordering::Relaxed) != asked_for(pool, level) {
+        FRUITLESS.store(0, Ordering::Relaxed);
+    }
+    let since_ms = crate::monitor::now_ms().saturating_sub(LAST_ASKED_MS.load(Ordering::Relaxed));
+    if since_ms < backoff_wait_ms(interval_ms, FRUITLESS.load(Ordering::Relaxed)) {
+        BACKED_OFF.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    if PENDING.load(Ordering::Acquire) {
+        // The last one is still waiting for the main thread: asking again frees nothing either.
+        note_fruitless();
+    }
+    queue_relief(pool, level)
+}
+
+/// How long after the last relief the periodic one is asked for again, after `fruitless`
+/// reliefs in a row freed nothing: `interval_ms` doubled that many times, up to 32 times
+/// `interval_ms` or 30 s, whichever is longer.
+pub fn backoff_wait_ms(interval_ms: u64, fruitless: u32) -> u64 {
+    let cap_ms = interval_ms
+        .saturating_mul(BACKOFF_MAX_FACTOR)
+        .max(BACKOFF_CAP_MIN_MS);
+    interval_ms
+        .saturating_mul(1u64 << fruitless.min(BACKOFF_MAX_DOUBLINGS))
+        .min(cap_ms)
+}
+
+fn asked_for(pool: usize, level: u8) -> u32 {
+    (pool as u32) << 8 | level as u32
+}
+
+fn note_fruitless() {
+    let _ = FRUITLESS.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+        Some(n.saturating_add(1).min(BACKOFF_MAX_DOUBLINGS))
+    });
+}
+
+/// Queues the relief; true when one was queued now or is already waiting.
+fn queue_relief(pool: usize, level: u8) -> bool {
     let Some(api) = api() else {
         return false;
     };
+    LAST_ASKED_MS.store(crate::monitor::now_ms(), Ordering::Relaxed);
     REQUEST_LEVEL.fetch_max(level, Ordering::AcqRel);
     REQUEST_POOL.store(pool as u8, Ordering::Release);
     PENDING.store(true, Ordering::Release);
@@ -414,13 +497,20 @@ pub fn request_relief(pool: usize, level: u8) -> bool {
 // When the relief is still waiting after the nudge thread got and gave back the GIL, the main
 // thread is not executing Python code: it is in a call that released the GIL (time.sleep(),
 // I/O, thread.join(), future.result()). It gets [`MAIN_THREAD_GRACE_MS`] to come back and run
-// the relief itself (a main thread sleeping in short steps does); after that the nudge thread
-// runs it, holding the GIL, so memory comes back while other threads allocate. Whoever takes
-// the PENDING flag first runs it.
+// the relief itself (a main thread sleeping in short steps does). After that the nudge thread
+// runs it, holding the GIL, so memory comes back while other threads allocate, but only while
+// the app's collector is enabled (its own collections could then run on any of its threads) or
+// when the next step is a refusal. Otherwise the relief waits for the main thread, and at
+// critical the nudge thread watches for the pool to come within its reserve. Whoever takes the
+// PENDING flag first runs it.
 
 /// How long a main thread outside Python code has to take a relief before the nudge thread
-/// runs it.
+/// runs it, where it may (the app's collector on, or the next step a refusal).
 pub const MAIN_THREAD_GRACE_MS: u64 = 20;
+
+/// How often the nudge thread looks whether a pool at critical came within its reserve, while
+/// a relief waits for a main thread that is outside Python code and the app's collector is off.
+pub const REFUSAL_WATCH_STEP_MS: u64 = 1;
 
 /// The nudge thread's stack: the relief may run Python code on it (gc finalizers, the app's
 /// callbacks), so it gets what a Python thread gets by default on Linux.
@@ -465,12 +555,21 @@ extern "C" fn nudger_main(_: *mut c_void) -> *mut c_void {
     nudger()
 }
 
-/// Waits up to `ms` for someone to take the relief; true when it was taken.
+/// Waits up to `ms` for someone to take the relief; true when it was taken. The wait ends
+/// early when a pool comes to its refusal step, or one at that step loses half of what was
+/// left of its budget, while it lasts: other threads are filling it faster than the main
+/// thread comes back.
 fn taken_within_ms(ms: u64) -> bool {
     const STEP_MS: u64 = 1;
+    let left_at_start = least_left_at_refusal_step();
     for _ in 0..ms / STEP_MS {
         if !PENDING.load(Ordering::Acquire) {
             return true;
+        }
+        if let Some(left) = least_left_at_refusal_step() {
+            if left <= left_at_start.unwrap_or(u64::MAX) / 2 {
+                return false;
+            }
         }
         std::thread::sleep(std::time::Duration::from_millis(STEP_MS));
     }
@@ -491,16 +590,8 @@ fn nudger() -> ! {
                     (api.gil_release)(state);
                 }
             }
-            if !taken_within_ms(MAIN_THREAD_GRACE_MS) && gil_usable(api) {
-                // SAFETY: as above; the relief runs with the GIL held by this thread.
-                unsafe {
-                    let state = (api.gil_ensure)();
-                    if PENDING.swap(false, Ordering::AcqRel) {
-                        NUDGE_THREAD_RUNS.fetch_add(1, Ordering::Relaxed);
-                        take_request_and_run(api);
-                    }
-                    (api.gil_release)(state);
-                }
+            if !taken_within_ms(MAIN_THREAD_GRACE_MS) {
+                run_for_a_main_thread_outside_python(api, seen);
             }
         }
         // SAFETY: FUTEX_WAIT on a valid, static, aligned u32, no timeout.
@@ -514,6 +605,90 @@ fn nudger() -> ! {
             )
         };
     }
+}
+
+/// The main thread is outside Python code and left the relief waiting: runs it here when the
+/// app's own collector could have (it is enabled) or the next step is a refusal; otherwise
+/// leaves it to the main thread, watching a pool at critical for its refusal step. Returns
+/// when the relief was taken, left to the main thread, or the bell rang again (`bell` is the
+/// value it had).
+fn run_for_a_main_thread_outside_python(api: &Api, bell: u32) {
+    loop {
+        if !PENDING.load(Ordering::Acquire) || !gil_usable(api) {
+            return;
+        }
+        let refusal_next = refusal_is_next();
+        // SAFETY: CPython is initialised and not finalizing; Ensure is balanced by Release on
+        // this thread. The collector's state is read with the GIL held and the relief runs
+        // under the same hold, so the app cannot turn it off in between.
+        let may_run = unsafe {
+            let state = (api.gil_ensure)();
+            let may_run = refusal_next || collector_enabled(api);
+            if may_run && PENDING.swap(false, Ordering::AcqRel) {
+                NUDGE_THREAD_RUNS.fetch_add(1, Ordering::Relaxed);
+                take_request_and_run(api);
+            }
+            (api.gil_release)(state);
+            may_run
+        };
+        if may_run {
+            return;
+        }
+        // Left to the main thread. A pool at warn that rises to critical rings the bell; one at
+        // critical can come within its reserve without a level change, so it is watched.
+        loop {
+            if !PENDING.load(Ordering::Acquire)
+                || NUDGE_BELL.load(Ordering::Acquire) != bell
+                || !any_pool_critical()
+            {
+                return;
+            }
+            if refusal_is_next() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(REFUSAL_WATCH_STEP_MS));
+        }
+    }
+}
+
+fn any_pool_critical() -> bool {
+    (0..ledger::pool_count())
+        .filter_map(ledger::pool)
+        .any(|pool| pool.level() >= LEVEL_CRITICAL)
+}
+
+/// True when the next step of some pool is a refusal: it is at critical and what is left of its
+/// effective budget is no more than its reserve (`QVSHIM_RESERVE` for the host pool, 64 MiB by
+/// default; a pool without a reserve, as GPU pools are, only once it is full). Only then may a
+/// thread of the shim's own run a collection the app turned off: the alternative is a
+/// `MemoryError` (or a NULL) in the app.
+fn refusal_is_next() -> bool {
+    least_left_at_refusal_step().is_some()
+}
+
+/// What is left of the effective budget of the fullest pool at its refusal step, if any.
+fn least_left_at_refusal_step() -> Option<u64> {
+    (0..ledger::pool_count())
+        .filter_map(ledger::pool)
+        .filter(|pool| pool.level() >= LEVEL_CRITICAL)
+        .filter_map(|pool| {
+            let left = pool.effective().saturating_sub(pool.committed());
+            (left <= pool.reserve()).then_some(left)
+        })
+        .min()
+}
+
+/// `gc.isenabled()`; false when it cannot be asked.
+///
+/// # Safety
+/// The caller holds the GIL.
+unsafe fn collector_enabled(api: &Api) -> bool {
+    // SAFETY: GIL held (caller's contract).
+    let Some(helpers) = (unsafe { helpers(api) }) else {
+        return false;
+    };
+    // SAFETY: GIL held; helpers is the helpers' namespace.
+    unsafe { call(api, helpers, c"collector_enabled", None) == Some(1) }
 }
 
 fn level_name(level: u8) -> &'static CStr {
@@ -556,6 +731,7 @@ unsafe fn run_relief(api: &Api, pool: usize, level: u8) {
     let Some(helpers) = (unsafe { helpers(api) }) else {
         return;
     };
+    let pool_before = ledger::totals(pool).live;
     let host_before = ledger::totals(ledger::HOST).live;
     // SAFETY: GIL held.
     let collected = unsafe { call(api, helpers, c"collect", None) };
@@ -573,6 +749,11 @@ unsafe fn run_relief(api: &Api, pool: usize, level: u8) {
     let app = unsafe { call(api, helpers, c"app_callbacks", Some((level, pool))) } == Some(1);
     if app {
         APP_CALLBACK_RUNS.fetch_add(1, Ordering::Relaxed);
+    }
+    if pool_before.saturating_sub(ledger::totals(pool).live) >= RELIEF_FREED_MIN_BYTES {
+        FRUITLESS.store(0, Ordering::Relaxed);
+    } else {
+        note_fruitless();
     }
     qlog!(
         Info,
@@ -748,6 +929,10 @@ pub struct Stats {
     pub last_collected: i64,
     pub last_host_before: u64,
     pub last_host_after: u64,
+    /// Reliefs in a row that freed nothing (the periodic one waits 2^this intervals).
+    pub fruitless: u64,
+    /// Periodic reliefs skipped while backing off.
+    pub backed_off: u64,
 }
 
 pub fn stats() -> Stats {
@@ -763,6 +948,8 @@ pub fn stats() -> Stats {
         last_collected: LAST_COLLECTED.load(Ordering::Relaxed),
         last_host_before: LAST_HOST_BEFORE.load(Ordering::Relaxed),
         last_host_after: LAST_HOST_AFTER.load(Ordering::Relaxed),
+        fruitless: FRUITLESS.load(Ordering::Relaxed) as u64,
+        backed_off: BACKED_OFF.load(Ordering::Relaxed),
     }
 }
 
@@ -773,4 +960,36 @@ pub fn after_fork_child() {
     PENDING.store(false, Ordering::Relaxed);
     IN_QUEUE.store(false, Ordering::Relaxed);
     REQUEST_LEVEL.store(0, Ordering::Relaxed);
+    FRUITLESS.store(0, Ordering::Relaxed);
+    LAST_ASKED_MS.store(0, Ordering::Relaxed);
+    LAST_ASKED_FOR.store(u32::MAX, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_the_interval_up_to_its_cap() {
+        let cases: &[(u64, u32, u64)] = &[
+            // (interval ms, fruitless reliefs in a row, wait ms)
+            (10, 0, 10),
+            (10, 1, 20),
+            (10, 5, 320),
+            (10, 11, 20_480),
+            (10, 12, BACKOFF_CAP_MIN_MS),
+            (10, u32::MAX, BACKOFF_CAP_MIN_MS),
+            (30_000, 0, 30_000),
+            (30_000, 5, 30_000 * BACKOFF_MAX_FACTOR),
+            (30_000, 40, 30_000 * BACKOFF_MAX_FACTOR),
+            (u64::MAX, 3, u64::MAX),
+        ];
+        for &(interval_ms, fruitless, wait_ms) in cases {
+            assert_eq!(
+                backoff_wait_ms(interval_ms, fruitless),
+                wait_ms,
+                "interval {interval_ms} ms after {fruitless} fruitless reliefs"
+            );
+        }
+    }
 }
