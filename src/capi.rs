@@ -150,3 +150,95 @@ pub extern "C" fn qvshim_dump(fd: i32, json: i32) -> i32 {
         -1
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{offset_of, size_of, size_of_val};
+    use std::path::Path;
+    use std::process::Command;
+
+    /// Each field of [`PoolStats`] as (name, offset, size), in declaration order.
+    fn rust_layout() -> Vec<(&'static str, usize, usize)> {
+        let s = PoolStats::default();
+        macro_rules! fields {
+            ($($name:ident),*) => {
+                vec![$((stringify!($name), offset_of!(PoolStats, $name), size_of_val(&s.$name))),*]
+            };
+        }
+        fields!(
+            struct_size,
+            pool,
+            level,
+            device,
+            budget,
+            effective_budget,
+            reserve,
+            reserve_in_use,
+            live,
+            peak,
+            allocs,
+            frees,
+            refusals,
+            largest_refused,
+            purges,
+            level_changes,
+            notifications
+        )
+    }
+
+    /// The layout of `struct qvshim_pool_stats` as gcc compiles include/qvshim.h
+    /// (shim-tests/abi/stats_layout.c): the fields, then sizeof.
+    fn c_layout() -> (Vec<(String, usize, usize)>, usize) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out_dir = std::env::temp_dir().join(format!("qvshim-abi-{}", std::process::id()));
+        std::fs::create_dir_all(&out_dir).expect("a temporary directory for the C probe");
+        let binary = out_dir.join("stats_layout");
+        let built = Command::new("gcc")
+            .arg("-I")
+            .arg(root.join("include"))
+            .arg("-o")
+            .arg(&binary)
+            .arg(root.join("shim-tests/abi/stats_layout.c"))
+            .status()
+            .expect("gcc to run");
+        assert!(built.success(), "expected the C layout probe to compile");
+        let output = Command::new(&binary).output().expect("the probe to run");
+        let _ = std::fs::remove_dir_all(&out_dir);
+        let text = String::from_utf8(output.stdout).expect("the probe prints text");
+        let mut fields = Vec::new();
+        let mut total = 0;
+        for line in text.lines() {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            match parts.as_slice() {
+                ["sizeof", n] => total = n.parse().expect("a size"),
+                [name, offset, size] => fields.push((
+                    name.to_string(),
+                    offset.parse().expect("an offset"),
+                    size.parse().expect("a size"),
+                )),
+                _ => panic!("unexpected probe line {line:?}"),
+            }
+        }
+        (fields, total)
+    }
+
+    #[test]
+    fn pool_stats_has_the_layout_of_the_c_header() {
+        let (c_fields, c_size) = c_layout();
+        let rust: Vec<(String, usize, usize)> = rust_layout()
+            .into_iter()
+            .map(|(name, offset, size)| (name.to_string(), offset, size))
+            .collect();
+        assert_eq!(
+            rust, c_fields,
+            "expected src/capi.rs PoolStats to have the fields, offsets and sizes of \
+             struct qvshim_pool_stats in include/qvshim.h"
+        );
+        assert_eq!(
+            size_of::<PoolStats>(),
+            c_size,
+            "expected sizeof(PoolStats) to equal sizeof(struct qvshim_pool_stats)"
+        );
+    }
+}

@@ -47,6 +47,10 @@ class _PoolStats(ctypes.Structure):
     ]
 
 
+# The one Python definition of the struct: shim-tests/py/shimstats.py and scripts/gpu-check load
+# this file rather than repeat it; shim-tests/abi/test_abi.py checks it against the C header.
+PoolStats = _PoolStats
+
 STATS_FIELDS = tuple(name for name, _ in _PoolStats._fields_ if name != "struct_size")
 
 # (name, restype, argtypes) of every function this package calls.

@@ -6,34 +6,24 @@ the next reading is taken.
 """
 
 import ctypes
+import importlib.util
 import sys
+from pathlib import Path
 
 KIB = 1024
 MIB = 1024 * KIB
 
 
-class PoolStats(ctypes.Structure):
-    """struct qvshim_pool_stats of include/qvshim.h."""
+def _load_capi(path):
+    """python/qvshim/_capi.py loaded on its own (it needs only ctypes), without importing the
+    qvshim package: its one definition of struct qvshim_pool_stats."""
+    spec = importlib.util.spec_from_file_location("_qvshim_capi", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    _fields_ = [
-        ("struct_size", ctypes.c_uint32),
-        ("pool", ctypes.c_int32),
-        ("level", ctypes.c_int32),
-        ("device", ctypes.c_int32),
-        ("budget", ctypes.c_uint64),
-        ("effective_budget", ctypes.c_uint64),
-        ("reserve", ctypes.c_uint64),
-        ("reserve_in_use", ctypes.c_uint64),
-        ("live", ctypes.c_uint64),
-        ("peak", ctypes.c_uint64),
-        ("allocs", ctypes.c_uint64),
-        ("frees", ctypes.c_uint64),
-        ("refusals", ctypes.c_uint64),
-        ("largest_refused", ctypes.c_uint64),
-        ("purges", ctypes.c_uint64),
-        ("level_changes", ctypes.c_uint64),
-        ("notifications", ctypes.c_uint64),
-    ]
+
+PoolStats = _load_capi(Path(__file__).resolve().parents[2] / "python" / "qvshim" / "_capi.py").PoolStats
 
 
 _process = ctypes.CDLL(None)
