@@ -15,7 +15,7 @@
 //!   above, close-on-exec) and written only while `fstat` still shows the file that was opened;
 //!   once it shows anything else (the program closed the number, maybe opened its own file
 //!   there), the log stops rather than write into the program's file;
-//! - stderr is fd 2 while fd 2 is open, whatever the program made of it (a stderr it redirected
+//! - stderr is fd 2 while fd 2 is open for writing, whatever the program made of it (a stderr it redirected
 //!   on purpose gets the lines, as it gets libc's and the runtime's own messages). When fd 2 is
 //!   closed, lines go to a private copy of the original stderr, kept only at `info` and above
 //!   (where the exit line is wanted); a stderr that was closed when the library loaded is never
@@ -208,10 +208,21 @@ pub fn fd() -> i32 {
     }
 }
 
-/// Fd 2 while it is open; once it is closed, the private copy of the original stderr.
+/// True when `fd` is open for writing. A read-only file at number 2 is no stderr anybody can
+/// write: most likely one of the shim's own short reads of /proc or the cgroup files, which take
+/// the lowest free number once the program has closed fd 2.
+fn open_for_writing(fd: i32) -> bool {
+    // SAFETY: F_GETFL only reads the descriptor's flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_ACCMODE != libc::O_RDONLY
+}
+
+/// Fd 2 while it is open for writing; once it is closed, the private copy of the original
+/// stderr.
 fn stderr_fd() -> i32 {
     let copy = STDERR_COPY_FD.load(Ordering::Acquire);
-    let Some(now) = file_id(STDERR_FD) else {
+    let now = file_id(STDERR_FD).filter(|_| open_for_writing(STDERR_FD));
+    let Some(now) = now else {
         return if is_same_file(copy, &STDERR_DEV, &STDERR_INO) {
             copy
         } else {

@@ -272,6 +272,17 @@ def test_exit_line_reaches_the_original_stderr_after_the_program_closed_fd_2(qui
         f"expected the exit line on the original stderr although the program closed fd 2{result.describe()}")
 
 
+def test_a_read_only_file_at_number_2_is_not_taken_for_a_redirected_stderr(quiet_prog):
+    # After the program closes fd 2, the lowest free number goes to the next open: the shim's own
+    # reads of /proc and the cgroup files on the monitor thread, or, as here, the program's. A
+    # read-only file there is nobody's stderr: the exit line still goes to the original one.
+    result = run([quiet_prog, "close-stderr-read", "/proc/self/stat"], {"QVSHIM_LOG": "info"})
+    err = result.stderr.decode(errors="replace")
+    assert result.returncode == 0 and len(EXIT_LINE.findall(err)) == 1, (
+        f"expected the exit line on the original stderr although a read-only file holds number 2"
+        f"{result.describe()}")
+
+
 def test_exit_line_follows_stderr_the_program_redirected_on_purpose(quiet_prog, tmp_path):
     target = tmp_path / "stderr.txt"
     result = run([quiet_prog, "redirect-stderr", target], {"QVSHIM_LOG": "info"})

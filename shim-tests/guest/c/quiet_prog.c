@@ -3,6 +3,8 @@
  *
  *   plain                  one line on stdout, one on stderr, a few allocations
  *   close-stderr           closes fd 2, then ends normally
+ *   close-stderr-read FILE closes fd 2, opens FILE read-only (it lands on number 2, as the
+ *                          shim's own short reads of /proc do) and ends with it open
  *   redirect-stderr FILE   dup2()s FILE onto fd 2 (on purpose), writes one line there, ends
  *   closerange DATA        closes every descriptor from 3 up, opens DATA, writes one line
  *                          into it, keeps it open and ends (the exit line comes after)
@@ -32,6 +34,18 @@ static int close_stderr(void) {
     printf("closing stderr\n");
     fflush(stdout);
     close(2);
+    return 0;
+}
+
+static int close_stderr_then_read(const char *path) {
+    printf("closing stderr\n");
+    fflush(stdout);
+    close(2);
+    int fd = open(path, O_RDONLY);
+    if (fd != 2) {
+        printf("expected the read-only file at number 2, got %d\n", fd);
+        return 1;
+    }
     return 0;
 }
 
@@ -86,9 +100,10 @@ int main(int argc, char **argv) {
     const char *arg = argc > 2 ? argv[2] : "";
     if (strcmp(mode, "plain") == 0) return plain();
     if (strcmp(mode, "close-stderr") == 0) return close_stderr();
+    if (strcmp(mode, "close-stderr-read") == 0) return close_stderr_then_read(arg);
     if (strcmp(mode, "redirect-stderr") == 0) return redirect_stderr(arg);
     if (strcmp(mode, "closerange") == 0) return closerange_then_data(arg);
     if (strcmp(mode, "level-flap") == 0) return level_flap();
-    fprintf(stderr, "usage: quiet_prog plain|close-stderr|redirect-stderr FILE|closerange DATA|level-flap\n");
+    fprintf(stderr, "usage: quiet_prog plain|close-stderr|close-stderr-read FILE|redirect-stderr FILE|closerange DATA|level-flap\n");
     return 64;
 }
