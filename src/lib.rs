@@ -20,6 +20,7 @@ pub mod system;
 pub mod tracker;
 
 use core::ffi::CStr;
+use core::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use config::{BadValue, Settings};
 use log::Bytes;
@@ -201,6 +202,17 @@ fn apply(settings: &Settings) -> Settings {
     *settings
 }
 
+/// The dump signal, kept for [`install_deferred_dump_signal`] while a CPython starts.
+static DEFERRED_DUMP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+static DEFERRED_DUMP_SIGNAL_CHOSEN: AtomicBool = AtomicBool::new(false);
+
+fn install_deferred_dump_signal() {
+    diag::install_dump_signal(
+        DEFERRED_DUMP_SIGNAL.load(Ordering::Relaxed),
+        DEFERRED_DUMP_SIGNAL_CHOSEN.load(Ordering::Relaxed),
+    );
+}
+
 #[ctor::ctor]
 fn init() {
     // jemalloc registers its fork handlers when it first initialises; doing that now puts them
@@ -241,7 +253,16 @@ fn init() {
     // SAFETY: registering a plain extern "C" handler with no prepare/parent step.
     unsafe { libc::pthread_atfork(None, None, Some(after_fork_child)) };
     if let Some(signal) = settings.dump_signal {
-        diag::install_dump_signal(signal, env_bytes("QVSHIM_DUMP_SIGNAL").is_some());
+        let chosen = env_bytes("QVSHIM_DUMP_SIGNAL").is_some();
+        if runtime::python::may_start() {
+            // CPython's signal module must find the default action at start-up (a handler it
+            // did not install reads back as None, which a program cannot put back).
+            DEFERRED_DUMP_SIGNAL.store(signal, Ordering::Relaxed);
+            DEFERRED_DUMP_SIGNAL_CHOSEN.store(chosen, Ordering::Relaxed);
+            runtime::python::run_after_start(install_deferred_dump_signal);
+        } else {
+            diag::install_dump_signal(signal, chosen);
+        }
     }
     diag::install_exit_report();
     monitor::start();

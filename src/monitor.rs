@@ -859,6 +859,9 @@ fn run() {
         {
             sample_host();
             runtime::python::probe();
+            if running_ms >= PYTHON_START_WATCH_MS {
+                runtime::python::start_watch_over();
+            }
             diag::check_dump_signal();
             last_sample_ms = now;
             never_sampled = false;

@@ -23,7 +23,8 @@
 
 use core::ffi::{c_char, c_int, c_long, c_void, CStr};
 use core::sync::atomic::{
-    AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering,
+    AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize,
+    Ordering,
 };
 use std::sync::OnceLock;
 
@@ -169,6 +170,42 @@ static BACKED_OFF: AtomicU64 = AtomicU64::new(0);
 
 pub fn configure(enabled: bool) {
     ENABLED.store(enabled, Ordering::Relaxed);
+}
+
+/// A function to run once CPython is up (see [`run_after_start`]); 0 when none is waiting.
+static AFTER_START: AtomicUsize = AtomicUsize::new(0);
+
+/// Runs `hook` once, on CPython's main thread, right after the runtime is found initialised;
+/// or on the monitor thread when no CPython has started [`START_WATCH_MS`] after load. For
+/// what must not be seen by CPython's start-up: its signal module records the handlers it finds
+/// then, and one it did not install itself reads back as `None` from `signal.signal`, which a
+/// program cannot put back (the dump signal's handler waits for this).
+pub fn run_after_start(hook: fn()) {
+    AFTER_START.store(hook as usize, Ordering::Release);
+}
+
+/// How long after load a CPython may still start before [`run_after_start`]'s hook runs
+/// without it: the monitor's watch for a starting CPython (monitor::PYTHON_START_WATCH_MS).
+pub const START_WATCH_MS: u64 = crate::monitor::PYTHON_START_WATCH_MS;
+
+fn take_after_start() -> Option<fn()> {
+    let hook = AFTER_START.swap(0, Ordering::AcqRel);
+    // SAFETY: the only value stored, other than 0, is a `fn()` cast to usize by run_after_start.
+    (hook != 0).then(|| unsafe { core::mem::transmute::<usize, fn()>(hook) })
+}
+
+/// On the monitor thread, [`START_WATCH_MS`] after load: a hook still waiting runs now.
+pub fn start_watch_over() {
+    if AT_EXIT.load(Ordering::Acquire) != AT_EXIT_DONE {
+        if let Some(hook) = take_after_start() {
+            hook();
+        }
+    }
+}
+
+/// True when a CPython runtime may be in the process (its start is then waited for).
+pub fn may_start() -> bool {
+    python_may_be_loaded()
 }
 
 /// Looks a symbol up in the whole process.
@@ -330,6 +367,9 @@ extern "C" fn register_exit_report(_: *mut c_void) -> c_int {
             "left to atexit (Py_AtExit table full)"
         }
     );
+    if let Some(hook) = take_after_start() {
+        hook();
+    }
     0
 }
 
