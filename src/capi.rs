@@ -104,10 +104,10 @@ pub extern "C" fn qvshim_level(pool: i32) -> i32 {
 /// Sets a pool's budget: -1 for a pool that does not exist (a GPU pool exists once the process
 /// touched that device) or a budget below [`MIN_BUDGET_BYTES`], as `QVSHIM_BUDGET` refuses one.
 ///
-/// [`MIN_BUDGET_BYTES`]: crate::config::MIN_BUDGET_BYTES
+/// [`MIN_BUDGET_BYTES`]: crate::base::config::MIN_BUDGET_BYTES
 #[no_mangle]
 pub extern "C" fn qvshim_set_budget(pool: i32, bytes: u64) -> i32 {
-    if bytes < crate::config::MIN_BUDGET_BYTES {
+    if bytes < crate::base::config::MIN_BUDGET_BYTES {
         return -1;
     }
     match usize::try_from(pool).ok().and_then(ledger::pool) {
@@ -121,7 +121,7 @@ pub extern "C" fn qvshim_set_budget(pool: i32, bytes: u64) -> i32 {
 
 #[no_mangle]
 pub extern "C" fn qvshim_purge() -> u64 {
-    crate::jemalloc::purge().returned()
+    crate::base::jemalloc::purge().returned()
 }
 
 /// # Safety

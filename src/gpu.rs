@@ -17,7 +17,7 @@ pub mod table;
 use core::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
-use crate::config::BudgetSpec;
+use crate::base::config::BudgetSpec;
 use crate::ledger::{self, UNLIMITED};
 use driver::{
     driver, CuResult, Driver, Inside, Wrapped, CUDA_ERROR_NOT_FOUND, CUDA_ERROR_NOT_INITIALIZED,
@@ -55,7 +55,8 @@ const SPEC_OFF: u8 = 2;
 /// `QVSHIM_GPU_BUDGET`, kept as a kind and a value (bytes, or a percentage's f64 bits) so a
 /// device set up on any thread reads it without a lock.
 static SPEC_KIND: AtomicU8 = AtomicU8::new(SPEC_PERCENT);
-static SPEC_VALUE: AtomicU64 = AtomicU64::new(crate::config::DEFAULT_GPU_BUDGET_PERCENT.to_bits());
+static SPEC_VALUE: AtomicU64 =
+    AtomicU64::new(crate::base::config::DEFAULT_GPU_BUDGET_PERCENT.to_bits());
 
 const DEVICE_UNSET: u8 = 0;
 const DEVICE_SETTING_UP: u8 = 1;
@@ -139,7 +140,7 @@ fn set_up_device(driver: &Driver, index: usize) -> bool {
     if let Some(memory) = DEVICE_MEMORY.get(index) {
         memory.store(total as u64, Ordering::Relaxed);
     }
-    pool.set_budget(crate::config::resolve_budget(spec(), total as u64));
+    pool.set_budget(crate::base::config::resolve_budget(spec(), total as u64));
     pool.activate();
     true
 }

@@ -3,26 +3,24 @@
 //!
 //! This file is the crate root and the load-time constructor, nothing else.
 
+pub mod base;
 pub mod capi;
-pub mod config;
 pub mod diag;
 pub mod gpu;
 pub mod heap;
 pub mod heap_stats;
 pub mod interpose;
-pub mod jemalloc;
 pub mod ledger;
-pub mod log;
 pub mod monitor;
 pub mod neighbours;
 pub mod runtime;
-pub mod system;
 pub mod tracker;
 
 use core::ffi::CStr;
 
-use config::{BadValue, Settings};
-use log::Bytes;
+use base::config::{self, BadValue, Settings};
+use base::log::{self, qlog, Bytes};
+use base::system;
 
 /// The shim's own Rust allocations go straight to jemalloc, never through the exported malloc
 /// (which would count them against the host's budget and could recurse).
@@ -193,6 +191,7 @@ fn apply(settings: &Settings) -> Settings {
         settings.system_reserve_bytes,
     );
     runtime::python::configure(settings.python);
+    runtime::python::set_exit_report(diag::report_exit_once);
     runtime::signal::configure(settings.notify_signal);
     diag::configure(settings, budget, env_bytes("QVSHIM_DUMP_FILE"));
     if settings.backtrace {

@@ -28,9 +28,9 @@ use core::sync::atomic::{
 use std::sync::OnceLock;
 
 use super::arena;
+use crate::base::log::qlog;
+use crate::base::log::Bytes;
 use crate::ledger::{self, LEVEL_CRITICAL, LEVEL_WARN};
-use crate::log::Bytes;
-use crate::qlog;
 
 type PyObject = c_void;
 
@@ -379,8 +379,19 @@ pub fn count_arenas_before_start() {
     }
 }
 
+/// What CPython's exit hook calls: the exit report, handed down by the crate root at load (so
+/// that the runtime layer never reaches up into the report).
+static EXIT_REPORT: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets what runs when CPython finalizes (the exit report). Called once at load.
+pub fn set_exit_report(report: fn()) {
+    let _ = EXIT_REPORT.set(report);
+}
+
 extern "C" fn at_python_exit() {
-    crate::diag::report_exit_once();
+    if let Some(report) = EXIT_REPORT.get() {
+        report();
+    }
 }
 
 /// Looks for an initialised CPython, so that its exit is seen. Monitor thread, each tick until
@@ -424,7 +435,8 @@ pub fn request_periodic_relief(pool: usize, level: u8, interval_ms: u64) -> bool
     if LAST_ASKED_FOR.swap(asked_for(pool, level), Ordering::Relaxed) != asked_for(pool, level) {
         FRUITLESS.store(0, Ordering::Relaxed);
     }
-    let since_ms = crate::monitor::now_ms().saturating_sub(LAST_ASKED_MS.load(Ordering::Relaxed));
+    let since_ms =
+        crate::base::clock::now_ms().saturating_sub(LAST_ASKED_MS.load(Ordering::Relaxed));
     if since_ms < backoff_wait_ms(interval_ms, FRUITLESS.load(Ordering::Relaxed)) {
         BACKED_OFF.fetch_add(1, Ordering::Relaxed);
         return false;
@@ -463,7 +475,7 @@ fn queue_relief(pool: usize, level: u8) -> bool {
     let Some(api) = api() else {
         return false;
     };
-    LAST_ASKED_MS.store(crate::monitor::now_ms(), Ordering::Relaxed);
+    LAST_ASKED_MS.store(crate::base::clock::now_ms(), Ordering::Relaxed);
     REQUEST_LEVEL.fetch_max(level, Ordering::AcqRel);
     REQUEST_POOL.store(pool as u8, Ordering::Release);
     PENDING.store(true, Ordering::Release);
@@ -524,7 +536,7 @@ fn nudge() {
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
     if NUDGER_PID.load(Ordering::Acquire) != pid {
-        if !crate::monitor::spawn_thread(c"qvshim-nudge", NUDGE_STACK_BYTES, nudger_main) {
+        if !crate::base::threads::spawn_thread(c"qvshim-nudge", NUDGE_STACK_BYTES, nudger_main) {
             qlog!(Warn, "could not start the python nudge thread");
             return;
         }

@@ -8,7 +8,7 @@
 
 use core::fmt;
 
-use crate::log::Level;
+use crate::base::log::Level;
 
 pub const DEFAULT_BUDGET_BYTES: u64 = 6 << 30;
 pub const DEFAULT_RESERVE_BYTES: u64 = 64 << 20;
@@ -879,7 +879,7 @@ mod tests {
             assert!(line.ends_with(end), "{} bytes gave {line:?}", value.len());
             // Room left for the "[qvshim] ERROR " prefix and the longest reason and default.
             assert!(
-                line.len() + 200 <= crate::log::LINE_MAX_BYTES,
+                line.len() + 200 <= crate::base::log::LINE_MAX_BYTES,
                 "{} bytes gave a {}-byte line",
                 value.len(),
                 line.len()
