@@ -1,8 +1,8 @@
 //! The GPU side of the ledger: one pool per CUDA device with its own budget
 //! (`QVSHIM_GPU_BUDGET`), and the accounting behind every driver memory call the shim wraps.
 //!
-//! Each function here is the body of one wrapper in `interpose/cuda.rs`: check the pool, call the
-//! real driver, record. Device memory is charged to the device's pool, pinned host memory to the
+//! Each function here is the body of one wrapper in `surface/cuda.rs`: check the pool, call the
+//! real driver, record. Which symbol is handed out is the surface's business, never this one's. Device memory is charged to the device's pool, pinned host memory to the
 //! host pool, and every live allocation is remembered by pointer or handle in a fixed table so
 //! that its free takes back exactly what it charged.
 //!
@@ -14,7 +14,7 @@
 pub mod driver;
 pub mod table;
 
-use core::ffi::{c_char, c_int, c_uint, c_void, CStr};
+use core::ffi::{c_char, c_int, c_uint, c_void};
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use crate::base::config::BudgetSpec;
@@ -247,9 +247,9 @@ type MemAllocHostFn = unsafe extern "C" fn(*mut *mut c_void, usize) -> CuResult;
 type MemFreeHostFn = unsafe extern "C" fn(*mut c_void) -> CuResult;
 type MemHostRegisterFn = unsafe extern "C" fn(*mut c_void, usize, c_uint) -> CuResult;
 type MemHostUnregisterFn = unsafe extern "C" fn(*mut c_void) -> CuResult;
-type GetProcAddressFn =
+pub(crate) type GetProcAddressFn =
     unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64) -> CuResult;
-type GetProcAddressV2Fn =
+pub(crate) type GetProcAddressV2Fn =
     unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64, *mut c_int) -> CuResult;
 
 /// The real function of `form` as the function pointer type `F`.
@@ -279,9 +279,9 @@ const CALLS_FROM_BELOW_MAX: u8 = 4;
 
 /// One call's way to the driver: the driver, the function to call, and whether it is charged.
 /// The thread counts as inside the driver until this is dropped, at the end of the wrapper.
-struct Resolved<F> {
-    driver: &'static Driver,
-    real: F,
+pub(crate) struct Resolved<F> {
+    pub(crate) driver: &'static Driver,
+    pub(crate) real: F,
     /// False for a call that came back from below the shim: the call that went down is charged.
     counted: bool,
     _inside: Inside,
@@ -304,7 +304,7 @@ impl<F> Resolved<F> {
 ///
 /// # Safety
 /// As [`real_call`].
-unsafe fn resolve<F: Copy>(form: Wrapped) -> Result<Resolved<F>, CuResult> {
+pub(crate) unsafe fn resolve<F: Copy>(form: Wrapped) -> Result<Resolved<F>, CuResult> {
     let inside = Inside::enter();
     let (driver, address, counted) = match inside.depth_before() {
         0 => {
@@ -778,115 +778,6 @@ pub unsafe fn mem_host_unregister(p: *mut c_void) -> CuResult {
     forget(&HOST_ALLOCATIONS, pointer_key(p));
     // SAFETY: the caller's argument, forwarded.
     unsafe { real(p) }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Lookups: dlsym and cuGetProcAddress hand out the wrappers.
-
-/// Replaces what the driver handed out through `pfn` with the shim's wrapper when it is a form
-/// the shim wraps. The driver chose the form from the caller's version and flags; this only
-/// recognises the address, so an older or newer form than the ones wrapped passes untouched.
-///
-/// # Safety
-/// `pfn` is null or valid for reading and writing one pointer.
-unsafe fn wrap_handed_out(driver: &Driver, pfn: *mut *mut c_void) {
-    if pfn.is_null() {
-        return;
-    }
-    // SAFETY: caller's contract.
-    let handed_out = unsafe { *pfn } as usize;
-    if let Some(form) = driver.identify(handed_out) {
-        // SAFETY: caller's contract.
-        unsafe { *pfn = crate::interpose::cuda::wrapper(form) };
-    }
-}
-
-/// cuGetProcAddress (CUDA 11.3 to 11.8 runtimes).
-///
-/// # Safety
-/// The driver's contract for cuGetProcAddress.
-pub unsafe fn get_proc_address(
-    symbol: *const c_char,
-    pfn: *mut *mut c_void,
-    cuda_version: c_int,
-    flags: u64,
-) -> CuResult {
-    // SAFETY: GetProcAddressFn is cuGetProcAddress's signature.
-    let resolved = match unsafe { resolve::<GetProcAddressFn>(Wrapped::GetProcAddress) } {
-        Ok(resolved) => resolved,
-        Err(code) => return code,
-    };
-    let (driver, real) = (resolved.driver, resolved.real);
-    // SAFETY: the caller's arguments, forwarded.
-    let result = unsafe { real(symbol, pfn, cuda_version, flags) };
-    if result == CUDA_SUCCESS {
-        // SAFETY: pfn was accepted and written by the driver.
-        unsafe { wrap_handed_out(driver, pfn) };
-    }
-    result
-}
-
-/// cuGetProcAddress_v2 (CUDA 12 and later): the driver writes `symbol_status` itself.
-///
-/// # Safety
-/// The driver's contract for cuGetProcAddress_v2.
-pub unsafe fn get_proc_address_v2(
-    symbol: *const c_char,
-    pfn: *mut *mut c_void,
-    cuda_version: c_int,
-    flags: u64,
-    symbol_status: *mut c_int,
-) -> CuResult {
-    // SAFETY: GetProcAddressV2Fn is cuGetProcAddress_v2's signature.
-    let resolved = match unsafe { resolve::<GetProcAddressV2Fn>(Wrapped::GetProcAddressV2) } {
-        Ok(resolved) => resolved,
-        Err(code) => return code,
-    };
-    let (driver, real) = (resolved.driver, resolved.real);
-    // SAFETY: the caller's arguments, forwarded.
-    let result = unsafe { real(symbol, pfn, cuda_version, flags, symbol_status) };
-    if result == CUDA_SUCCESS {
-        // SAFETY: pfn was accepted and written by the driver.
-        unsafe { wrap_handed_out(driver, pfn) };
-    }
-    result
-}
-
-/// What the exported `dlsym` returns without asking glibc, or null to let glibc answer as if the
-/// shim were not there (the trampoline then jumps to glibc's `dlsym` with the caller's own
-/// return address, so RTLD_NEXT still means "after the caller").
-///
-/// Only a lookup in a real handle (not RTLD_DEFAULT, not RTLD_NEXT) of a driver function the
-/// shim wraps, by its exported name, that the handle really has, gets the wrapper. RTLD_DEFAULT
-/// already finds the shim's exports first; RTLD_NEXT belongs to whoever chains after the caller.
-///
-/// Never allocates: it compares bytes against a static table. Also resolves glibc's `dlsym` for
-/// the trampoline.
-///
-/// # Safety
-/// `symbol` is null or NUL-terminated; `handle` is what the caller passed to `dlsym`.
-pub unsafe extern "C" fn dlsym_answer(handle: *mut c_void, symbol: *const c_char) -> *mut c_void {
-    let nothing = core::ptr::null_mut();
-    driver::real_dlsym_address();
-    if symbol.is_null() || handle == libc::RTLD_DEFAULT || handle == libc::RTLD_NEXT {
-        return nothing;
-    }
-    // SAFETY: symbol is NUL-terminated, so reading its first byte, and the second when the first
-    // is not the terminator, stays inside it.
-    let starts_with_cu = unsafe { *symbol == b'c' as c_char && *symbol.add(1) == b'u' as c_char };
-    if !starts_with_cu {
-        return nothing;
-    }
-    // SAFETY: NUL-terminated (caller's contract).
-    let name = unsafe { CStr::from_ptr(symbol) };
-    let Some(form) = Wrapped::by_export_name(name) else {
-        return nothing;
-    };
-    // SAFETY: handle is neither special value, so the caller the real dlsym sees does not matter.
-    if unsafe { driver::real_dlsym(handle, symbol) }.is_null() {
-        return nothing;
-    }
-    crate::interpose::cuda::wrapper(form)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,16 +4,15 @@
 //! This file is the crate root and the load-time constructor, nothing else.
 
 pub mod base;
-pub mod capi;
 pub mod diag;
 pub mod gpu;
 pub mod heap;
 pub mod heap_stats;
-pub mod interpose;
 pub mod ledger;
 pub mod monitor;
 pub mod neighbours;
 pub mod runtime;
+pub mod surface;
 pub mod tracker;
 
 use core::ffi::CStr;
@@ -184,6 +183,7 @@ fn apply(settings: &Settings) -> Settings {
     host.set_reserve(settings.reserve_bytes);
     host.set_budget(budget);
     host.activate();
+    gpu::driver::know_wrappers(surface::cuda::wrapper);
     gpu::configure(settings.gpu_budget);
     monitor::configure(
         settings.interval_ms,

@@ -4,7 +4,6 @@
 use core::fmt::Write as _;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use crate::capi::{self};
 use crate::ledger::PoolName;
 use crate::ledger::{self, UNLIMITED};
 
@@ -17,7 +16,7 @@ pub fn exit_line() -> String {
     let (mut refusals, mut largest, mut purges, mut told) = (0u64, 0u64, 0u64, 0u64);
     let mut first = true;
     for index in 0..ledger::pool_count() {
-        let Some(s) = capi::pool_stats(index) else {
+        let Some(s) = ledger::pool_stats(index) else {
             continue;
         };
         let active = ledger::pool(index).is_some_and(|p| p.is_active());

@@ -8,7 +8,8 @@ use std::ffi::CString;
 use crate::base::clock;
 use crate::base::log::qlog;
 
-use super::{render, write_dump, CONFIG};
+use super::render::{render, write_dump};
+use super::report::CONFIG;
 
 pub fn expand_path(pattern: &[u8], pid: u32) -> Vec<u8> {
     let mut out = Vec::with_capacity(pattern.len() + 8);

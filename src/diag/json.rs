@@ -11,7 +11,7 @@ use crate::ledger::PoolName;
 use crate::ledger::{self, UNLIMITED};
 
 use super::report::{Block, PoolReport, Report};
-use super::{CONFIG, DUMP_VERSION};
+use super::report::{CONFIG, DUMP_VERSION};
 
 /// A JSON value, built and then written; keys keep their insertion order.
 pub(super) enum J {

@@ -2,18 +2,59 @@
 //! the machine. Reads only, changes nothing; builds Rust values (the shim's own allocations go
 //! to jemalloc, never through the exported malloc).
 
+use std::sync::OnceLock;
+
 use crate::base::clock;
+use crate::base::config::{BadValue, Settings};
 use crate::base::jemalloc;
 use crate::base::system::{self, MemInfo, Pressure, ProcessMemory};
-use crate::capi::{self, PoolStats};
 use crate::gpu;
 use crate::ledger::effective::{self, Effective};
 use crate::ledger::purges::{self, PurgeRecord, PURGE_HISTORY};
+use crate::ledger::PoolStats;
 use crate::ledger::{self, LEVEL_NORMAL};
 use crate::runtime::{self, python};
 use crate::tracker::{self, LiveBlock, LARGEST_SHOWN};
 
-use super::CONFIG;
+/// Version of the dump's layout ("dump_version" in JSON); raised only when a key changes
+/// meaning, which the stable contract forbids for version 1.
+pub const DUMP_VERSION: u32 = 1;
+
+/// What the dump shows of the configuration, fixed at load.
+pub(crate) struct Config {
+    pub(crate) settings: Settings,
+    pub(crate) host_budget: u64,
+    pub(crate) dump_path: Option<Vec<u8>>,
+    pub(crate) started_ms: u64,
+}
+
+pub(crate) static CONFIG: OnceLock<Config> = OnceLock::new();
+
+/// Records the configuration, for the dump and the exit report. Called once at load.
+/// `dump_path` is QVSHIM_DUMP_FILE as given; an empty one names no file and is reported here.
+pub fn configure(settings: &Settings, host_budget: u64, dump_path: Option<&[u8]>) {
+    let dump_path = match dump_path {
+        Some([]) => {
+            crate::base::log::write_error_always(format_args!(
+                "{}",
+                BadValue {
+                    variable: "QVSHIM_DUMP_FILE",
+                    value: b"",
+                    reason: "empty, not a path",
+                    default: "the log",
+                }
+            ));
+            None
+        }
+        other => other.map(<[u8]>::to_vec),
+    };
+    let _ = CONFIG.set(Config {
+        settings: *settings,
+        host_budget,
+        dump_path,
+        started_ms: clock::now_ms(),
+    });
+}
 
 // ---------------------------------------------------------------------------------------------
 // The largest live allocations: the heap's large blocks (tracker.rs) and the CUDA driver's
@@ -97,7 +138,7 @@ pub(super) fn gather() -> Report {
     let mut pools = Vec::new();
     for index in 0..ledger::pool_count() {
         let active = ledger::pool(index).is_some_and(|p| p.is_active());
-        let Some(stats) = capi::pool_stats(index) else {
+        let Some(stats) = ledger::pool_stats(index) else {
             continue;
         };
         if !active && index != ledger::HOST {

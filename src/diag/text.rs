@@ -11,7 +11,7 @@ use crate::tracker::{self};
 
 use super::json::symbolize;
 use super::report::Report;
-use super::CONFIG;
+use super::report::CONFIG;
 
 pub(super) fn b(v: u64) -> Bytes {
     Bytes(v)

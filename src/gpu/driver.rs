@@ -390,9 +390,7 @@ impl Callable {
             (Some(at), Some(ours)) => at != ours && (at > ours || Some(at) == self.driver_at),
             (None, _) => true,
             // This library not found in the list: refuse at least its own wrappers.
-            (Some(_), None) => !FORMS
-                .iter()
-                .any(|(form, _)| crate::interpose::cuda::wrapper(*form) as usize == address),
+            (Some(_), None) => !FORMS.iter().any(|(form, _)| is_own_wrapper(*form, address)),
         }
     }
 
@@ -404,6 +402,22 @@ impl Callable {
             .find(|&address| self.accepts(address))
             .unwrap_or(0)
     }
+}
+
+/// The shim's own wrapper for a form, as the surface hands it out: told once at load by the
+/// crate root ([`know_wrappers`]), so that this layer never reaches up into the exported surface.
+static WRAPPER_OF: OnceLock<fn(Wrapped) -> *mut c_void> = OnceLock::new();
+
+/// Tells the driver table which function the shim hands out for each form. Called once at load.
+pub fn know_wrappers(wrapper: fn(Wrapped) -> *mut c_void) {
+    let _ = WRAPPER_OF.set(wrapper);
+}
+
+/// Whether `address` is the shim's own wrapper for `form`.
+fn is_own_wrapper(form: Wrapped, address: usize) -> bool {
+    WRAPPER_OF
+        .get()
+        .is_some_and(|wrapper| wrapper(form) as usize == address)
 }
 
 /// The driver's own `cuGetProcAddress`, `_v2` preferred.

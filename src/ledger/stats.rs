@@ -1,6 +1,7 @@
 //! What the ledger says about its pools, for the log, the dump and the C API: the totals summed
-//! from the threads' credit, the names of pools and levels, percentages. Reads only; never
-//! allocates.
+//! from the threads' credit, [`PoolStats`] (the one definition of the C API's
+//! `struct qvshim_pool_stats`, which every report is built from), the names of pools and levels,
+//! percentages. Reads only; never allocates.
 
 use core::sync::atomic::Ordering;
 
@@ -62,4 +63,52 @@ pub fn percent(part: u64, whole: u64) -> u64 {
     } else {
         (part as u128 * 100 / whole as u128) as u64
     }
+}
+
+/// Mirrors `struct qvshim_pool_stats` in include/qvshim.h; fields are only ever appended.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PoolStats {
+    pub struct_size: u32,
+    pub pool: i32,
+    pub level: i32,
+    pub device: i32,
+    pub budget: u64,
+    pub effective_budget: u64,
+    pub reserve: u64,
+    pub reserve_in_use: u64,
+    pub live: u64,
+    pub peak: u64,
+    pub allocs: u64,
+    pub frees: u64,
+    pub refusals: u64,
+    pub largest_refused: u64,
+    pub purges: u64,
+    pub level_changes: u64,
+    pub notifications: u64,
+}
+
+/// Gathers one pool's figures; None for a pool index out of range.
+pub fn pool_stats(index: usize) -> Option<PoolStats> {
+    let pool = pool(index)?;
+    let totals = totals(index);
+    Some(PoolStats {
+        struct_size: core::mem::size_of::<PoolStats>() as u32,
+        pool: index as i32,
+        level: pool.level() as i32,
+        device: if index == HOST { -1 } else { index as i32 - 1 },
+        budget: pool.budget(),
+        effective_budget: pool.effective(),
+        reserve: pool.reserve(),
+        reserve_in_use: totals.live.saturating_sub(pool.effective()),
+        live: totals.live,
+        peak: pool.peak(),
+        allocs: totals.allocs,
+        frees: totals.frees,
+        refusals: pool.refusals.load(Ordering::Relaxed),
+        largest_refused: pool.largest_refused.load(Ordering::Relaxed),
+        purges: pool.purges.load(Ordering::Relaxed),
+        level_changes: pool.level_changes.load(Ordering::Relaxed),
+        notifications: pool.notifications.load(Ordering::Relaxed),
+    })
 }

@@ -1,59 +1,13 @@
 //! The stable C API (include/qvshim.h) for runtimes and the Python companion. Every function is
 //! safe from any thread and allocates nothing through the host's malloc.
 
-use core::sync::atomic::Ordering;
+use crate::ledger::{self, pool_stats};
 
-use crate::ledger::{self, HOST};
+/// The C API's stats struct, `struct qvshim_pool_stats` of include/qvshim.h (its layout is
+/// checked against the header by this file's test).
+pub use crate::ledger::PoolStats;
 
 pub const API_VERSION: i32 = 1;
-
-/// Mirrors `struct qvshim_pool_stats` in include/qvshim.h; fields are only ever appended.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PoolStats {
-    pub struct_size: u32,
-    pub pool: i32,
-    pub level: i32,
-    pub device: i32,
-    pub budget: u64,
-    pub effective_budget: u64,
-    pub reserve: u64,
-    pub reserve_in_use: u64,
-    pub live: u64,
-    pub peak: u64,
-    pub allocs: u64,
-    pub frees: u64,
-    pub refusals: u64,
-    pub largest_refused: u64,
-    pub purges: u64,
-    pub level_changes: u64,
-    pub notifications: u64,
-}
-
-/// Gathers one pool's figures; None for a pool index out of range.
-pub fn pool_stats(index: usize) -> Option<PoolStats> {
-    let pool = ledger::pool(index)?;
-    let totals = ledger::totals(index);
-    Some(PoolStats {
-        struct_size: core::mem::size_of::<PoolStats>() as u32,
-        pool: index as i32,
-        level: pool.level() as i32,
-        device: if index == HOST { -1 } else { index as i32 - 1 },
-        budget: pool.budget(),
-        effective_budget: pool.effective(),
-        reserve: pool.reserve(),
-        reserve_in_use: totals.live.saturating_sub(pool.effective()),
-        live: totals.live,
-        peak: pool.peak(),
-        allocs: totals.allocs,
-        frees: totals.frees,
-        refusals: pool.refusals.load(Ordering::Relaxed),
-        largest_refused: pool.largest_refused.load(Ordering::Relaxed),
-        purges: pool.purges.load(Ordering::Relaxed),
-        level_changes: pool.level_changes.load(Ordering::Relaxed),
-        notifications: pool.notifications.load(Ordering::Relaxed),
-    })
-}
 
 #[no_mangle]
 pub extern "C" fn qvshim_api_version() -> i32 {
@@ -232,7 +186,7 @@ mod tests {
             .collect();
         assert_eq!(
             rust, c_fields,
-            "expected src/capi.rs PoolStats to have the fields, offsets and sizes of \
+            "expected PoolStats (src/ledger/stats.rs) to have the fields, offsets and sizes of \
              struct qvshim_pool_stats in include/qvshim.h"
         );
         assert_eq!(
