@@ -3,6 +3,10 @@
 //!
 //! This file is the crate root and the load-time constructor, nothing else.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![deny(clippy::missing_safety_doc)]
+
 pub mod base;
 pub mod diag;
 pub mod gpu;

@@ -434,6 +434,8 @@ impl ProcLookup {
         let result = if self.v2 != 0 {
             // SAFETY: the address is the driver's cuGetProcAddress_v2; out-pointers are locals.
             let f: GetProcAddressV2Fn = unsafe { core::mem::transmute(self.v2) };
+            // SAFETY: the driver's own cuGetProcAddress_v2 with a NUL-terminated name and local
+            // out-pointers.
             unsafe {
                 f(
                     form.base.as_ptr(),
@@ -446,6 +448,8 @@ impl ProcLookup {
         } else if self.v1 != 0 {
             // SAFETY: the address is the driver's cuGetProcAddress; the out-pointer is a local.
             let f: GetProcAddressFn = unsafe { core::mem::transmute(self.v1) };
+            // SAFETY: the driver's own cuGetProcAddress with a NUL-terminated name and a local
+            // out-pointer.
             unsafe { f(form.base.as_ptr(), &mut pfn, form.since_version, form.flags) }
         } else {
             return 0;

@@ -69,22 +69,39 @@ pub fn percent(part: u64, whole: u64) -> u64 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PoolStats {
+    /// Set by the caller to the size of the struct it knows; fields are only appended.
     pub struct_size: u32,
+    /// 0 host, 1 + N GPU N.
     pub pool: i32,
+    /// `enum qvshim_level`.
     pub level: i32,
+    /// -1 for the host, the CUDA ordinal for a GPU pool.
     pub device: i32,
+    /// Configured budget in bytes, `QVSHIM_UNLIMITED` when off.
     pub budget: u64,
+    /// What allocations are checked against now.
     pub effective_budget: u64,
+    /// Reserve past the budget for small allocations.
     pub reserve: u64,
+    /// Bytes counted past the effective budget.
     pub reserve_in_use: u64,
+    /// Bytes live now (usable size).
     pub live: u64,
+    /// High-water mark of live (docs/CONFIGURATION.md).
     pub peak: u64,
+    /// Successful allocations.
     pub allocs: u64,
+    /// Frees of counted allocations.
     pub frees: u64,
+    /// Allocations refused by the budget.
     pub refusals: u64,
+    /// Size in bytes of the largest refused request.
     pub largest_refused: u64,
+    /// Purges done because of this pool.
     pub purges: u64,
+    /// Level transitions, both directions.
     pub level_changes: u64,
+    /// Runtime notifications sent for this pool.
     pub notifications: u64,
 }
 

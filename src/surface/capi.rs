@@ -1,19 +1,24 @@
 //! The stable C API (include/qvshim.h) for runtimes and the Python companion. Every function is
 //! safe from any thread and allocates nothing through the host's malloc.
 
+#![deny(missing_docs)]
+
 use crate::ledger::{self, pool_stats};
 
 /// The C API's stats struct, `struct qvshim_pool_stats` of include/qvshim.h (its layout is
 /// checked against the header by this file's test).
 pub use crate::ledger::PoolStats;
 
+/// `QVSHIM_API_VERSION` of include/qvshim.h: raised only for an incompatible change.
 pub const API_VERSION: i32 = 1;
 
+/// `QVSHIM_API_VERSION` of the loaded library.
 #[no_mangle]
 pub extern "C" fn qvshim_api_version() -> i32 {
     API_VERSION
 }
 
+/// Number of pools in use: 1 (host) + the highest GPU pool index seen.
 #[no_mangle]
 pub extern "C" fn qvshim_pool_count() -> i32 {
     ledger::pool_count() as i32
@@ -47,6 +52,7 @@ pub unsafe extern "C" fn qvshim_pool_stats(pool: i32, out: *mut PoolStats) -> i3
     0
 }
 
+/// The level of one pool (`enum qvshim_level`), or -1 for an unknown pool.
 #[no_mangle]
 pub extern "C" fn qvshim_level(pool: i32) -> i32 {
     usize::try_from(pool)
@@ -73,6 +79,8 @@ pub extern "C" fn qvshim_set_budget(pool: i32, bytes: u64) -> i32 {
     }
 }
 
+/// Purges jemalloc's dirty and muzzy pages now; returns the bytes of resident memory returned
+/// (resident before minus after; 0 when nothing came back).
 #[no_mangle]
 pub extern "C" fn qvshim_purge() -> u64 {
     crate::base::jemalloc::purge().returned()
@@ -91,11 +99,14 @@ pub unsafe extern "C" fn qvshim_on_level_change(
     }
 }
 
+/// Removes a registered level callback: 0, or -1 for an unknown id.
 #[no_mangle]
 pub extern "C" fn qvshim_remove_level_callback(id: i32) -> i32 {
     crate::runtime::callbacks::remove(id)
 }
 
+/// Writes the diagnostic dump (text, or JSON when `json` is non-zero) to `fd` from the calling
+/// thread: 0, or -1 when the write failed. Never from a signal handler (docs/DUMP.md).
 #[no_mangle]
 pub extern "C" fn qvshim_dump(fd: i32, json: i32) -> i32 {
     if crate::diag::write_dump(fd, json != 0) {
