@@ -26,7 +26,8 @@ use core::ffi::{c_char, c_int, c_uint, c_void};
 use core::ffi::CStr;
 
 use crate::gpu::driver::{self, CuResult, Driver, Wrapped, CUDA_SUCCESS};
-use crate::gpu::{self, resolve, GetProcAddressFn, GetProcAddressV2Fn};
+use crate::gpu::resolve::{resolve, GetProcAddressFn, GetProcAddressV2Fn};
+use crate::gpu::{self};
 
 /// The wrapper the shim hands out for `form`.
 pub fn wrapper(form: Wrapped) -> *mut c_void {
