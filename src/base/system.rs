@@ -11,6 +11,10 @@
 //! read, since a limit set on a parent (a pod, a slice) binds its children: the limit is the
 //! smallest, the room the smallest of limit minus usage. v1 writes "no limit" as a huge number
 //! (9223372036854771712 with 4 KiB pages); anything from 2^62 bytes up counts as none.
+//!
+//! One concern, over 500 lines on purpose: what the kernel says about memory, each reader with
+//! the parser of its /proc or cgroup text and that parser's table of real samples (a third of
+//! the file is tests).
 
 use core::sync::atomic::{AtomicU8, Ordering};
 

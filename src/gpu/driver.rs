@@ -14,6 +14,10 @@
 //! into it (an interposer that looks its real functions up with RTLD_DEFAULT finds the shim's
 //! exports), a wrapper entered while its thread is already inside the driver for a wrapper goes
 //! to the driver's own export, uncharged ([`Inside`]).
+//!
+//! One concern, a little over 500 lines with its tests: which address is the driver's real
+//! function. The table of forms, the loader's list and the refusal of the shim's own exports
+//! are one argument and read best together.
 
 use core::cell::Cell;
 use core::ffi::{c_char, c_int, c_void, CStr};
