@@ -23,7 +23,7 @@ use core::ffi::CStr;
 
 use base::config::{self, BadValue, Settings};
 use base::log::{self, qlog, Bytes};
-use base::system;
+use base::{cgroup, system};
 
 /// The shim's own Rust allocations go straight to jemalloc, never through the exported malloc
 /// (which would count them against the host's budget and could recurse).
@@ -143,9 +143,9 @@ extern "C" fn after_fork_child() {
 fn apply(settings: &Settings) -> Settings {
     let mut settings = *settings;
     let settings = &mut settings;
-    system::find_cgroups();
+    cgroup::find_cgroups();
     let physical = system::physical_memory_bytes();
-    let cgroup_limit = system::cgroup_limit_below(physical);
+    let cgroup_limit = cgroup::cgroup_limit_below(physical);
     let memory = cgroup_limit.unwrap_or(physical);
     let reserve = settings.system_reserve_bytes;
     if let Some(value) = env_bytes("QVSHIM_SYSTEM_RESERVE") {

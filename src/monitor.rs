@@ -14,6 +14,7 @@
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use crate::base::cgroup;
 use crate::base::clock::now_ms;
 use crate::base::doorbell;
 use crate::base::log::qlog;
@@ -64,7 +65,7 @@ pub fn configure(interval_ms: u64, purge_interval_ms: u64, system_reserve_bytes:
 /// Reads the machine and sets the host's effective budget.
 fn sample_host() {
     let host = ledger::host();
-    let cgroup_room = system::cgroup_memory().map(|m| m.room);
+    let cgroup_room = cgroup::cgroup_memory().map(|m| m.room);
     let mut inputs = Inputs {
         budget: host.budget(),
         committed: host.committed(),

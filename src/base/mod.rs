@@ -3,12 +3,13 @@
 //!
 //! * [`config`]: the environment, parsed, one message per bad value;
 //! * [`log`]: allocation-free logging and [`log::qlog`];
-//! * [`system`]: what the kernel says (meminfo, cgroups, PSI, /proc);
+//! * [`system`]: what the kernel says (meminfo, PSI, /proc); [`cgroup`]: the memory cgroup;
 //! * [`clock`]: monotonic milliseconds;
 //! * [`jemalloc`]: jemalloc's control interface (stats, purge);
 //! * [`doorbell`]: wakes the monitor thread (async-signal-safe);
 //! * [`threads`]: the shim's own threads and the count of the program's.
 
+pub mod cgroup;
 pub mod clock;
 pub mod config;
 pub mod doorbell;

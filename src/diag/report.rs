@@ -4,6 +4,7 @@
 
 use std::sync::OnceLock;
 
+use crate::base::cgroup;
 use crate::base::clock;
 use crate::base::config::{BadValue, Settings};
 use crate::base::jemalloc;
@@ -172,8 +173,8 @@ pub(super) fn gather() -> Report {
         process: system::process_memory(),
         meminfo: system::meminfo(),
         pressure: system::memory_pressure(),
-        cgroup_max: system::cgroup_memory_max(),
-        cgroup_current: system::cgroup_memory_current(),
+        cgroup_max: cgroup::cgroup_memory_max(),
+        cgroup_current: cgroup::cgroup_memory_current(),
         purges: purges.iter().take(purge_count).copied().collect(),
         now_ms,
         python: python::stats(),
