@@ -2,7 +2,7 @@
 //! but each other. Nothing here knows about pools, levels or the monitor's policy.
 //!
 //! * [`config`]: the environment, parsed, one message per bad value;
-//! * [`log`]: allocation-free logging and [`log::qlog`];
+//! * [`log`]: allocation-free logging and `log::qlog!`;
 //! * [`system`]: what the kernel says (meminfo, PSI, /proc); [`cgroup`]: the memory cgroup;
 //! * [`clock`]: monotonic milliseconds;
 //! * [`jemalloc`]: jemalloc's control interface (stats, purge);

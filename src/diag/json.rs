@@ -1,4 +1,4 @@
-//! The dump as one JSON object: a small encoder ([`J`], [`write_json`]) and the stable keys of
+//! The dump as one JSON object: a small encoder (`J`, `write_json`) and the stable keys of
 //! docs/DUMP.md (keys are only ever added). Symbol names of backtrace frames come from dladdr.
 
 use core::ffi::CStr;

@@ -9,8 +9,8 @@
 //! The JSON keys are a stable contract, documented in docs/DUMP.md: keys are only ever added.
 //!
 //! * [`report`]: gathers one report from the layers below (reads only);
-//! * [`json`] and [`text`]: the two views of it, chosen by [`render`];
-//! * [`file`]: where a requested dump goes (QVSHIM_DUMP_FILE, safely);
+//! * [`json`] and [`text`]: the two views of it, chosen by [`render()`];
+//! * [`file`](mod@file): where a requested dump goes (QVSHIM_DUMP_FILE, safely);
 //! * [`request`]: the dump signal and the flags the monitor and the exit path share;
 //! * [`exit`]: the one-line exit report.
 

@@ -1,4 +1,4 @@
-//! Gathering the dump: one [`Report`] read from the ledger, the accountants, the runtime and
+//! Gathering the dump: one `Report` read from the ledger, the accountants, the runtime and
 //! the machine. Reads only, changes nothing; builds Rust values (the shim's own allocations go
 //! to jemalloc, never through the exported malloc).
 

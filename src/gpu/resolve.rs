@@ -1,4 +1,4 @@
-//! How a wrapper reaches the real driver: the driver's function types by form, and [`resolve`],
+//! How a wrapper reaches the real driver: the driver's function types by form, and `resolve`,
 //! which loads the driver on first use and sends a call that came back from below the shim
 //! straight to the driver's own export, uncharged. Never allocates, never takes a lock.
 

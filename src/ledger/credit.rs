@@ -437,8 +437,8 @@ fn charge_pool_directly(bytes: u64, requested: u64) -> bool {
 
 /// Slow path: the thread's credit is short of `bytes`. Takes what is missing plus a chunk; when
 /// the budget will not give a chunk, exactly what is missing; small requests (and one larger one
-/// after a refusal, [`RESERVE_GRANT_DIVISOR`]) may then dip into the reserve, and only for
-/// exactly what they need.
+/// after a refusal, [`RESERVE_GRANT_DIVISOR`](super::pools::RESERVE_GRANT_DIVISOR)) may then
+/// dip into the reserve, and only for exactly what they need.
 #[cold]
 fn charge_slot_from_pool(slot: &Slot, bytes: u64, requested: u64) -> bool {
     let pool = host();

@@ -10,7 +10,7 @@
 //! bytecodes of the app, never inside an allocation. When the main thread is not executing
 //! Python code (blocked in C with the GIL released), the nudge thread runs it instead, holding
 //! the GIL, but only where the app's own collector could have run it: while `gc.isenabled()`,
-//! or when the next step is a refusal ([`nudge::refusal_is_next`]). After `gc.disable()` the app
+//! or when the next step is a refusal (`nudge::refusal_is_next`). After `gc.disable()` the app
 //! expects finalizers on its own threads only (a Tcl interpreter deleted by another thread
 //! aborts the process). An exception raised there is printed through `sys.unraisablehook`,
 //! logged and cleared; it never reaches the app.
