@@ -1,32 +1,46 @@
 //! The GPU side of the ledger: one pool per CUDA device with its own budget
 //! (`QVSHIM_GPU_BUDGET`), and the accounting behind every driver memory call the shim wraps.
 //!
-//! Each function here is the body of one wrapper in `interpose/cuda.rs`: check the pool, call the
-//! real driver, record. Device memory is charged to the device's pool, pinned host memory to the
-//! host pool, and every live allocation is remembered by pointer or handle in a fixed table so
-//! that its free takes back exactly what it charged.
+//! Each function here is the body of one wrapper in `surface/cuda.rs`: check the pool, call the
+//! real driver, record. Which symbol is handed out is the surface's business, never this one's.
+//! Device memory is charged to the device's pool ([`devices`]), pinned host memory to the host
+//! pool, and every live allocation is remembered by pointer or handle in a fixed table
+//! ([`allocations`]) so that its free takes back exactly what it charged. [`resolve`] finds the
+//! real driver function; [`driver`] loads the driver and places its exports.
 //!
 //! Never allocates, never takes a lock, never logs, never panics: refusals and level changes only
 //! ring the monitor. The one exception is the first call into the driver, which loads it.
 //! Memory the driver takes for itself (contexts, module images, the primary context's stack and
 //! printf buffers) never passes through these calls and is not counted.
+//!
+//! About 500 lines: the body of every wrapped driver call, side by side, so that each one can be
+//! checked against the same pattern (resolve, charge, call, remember).
 
+pub mod allocations;
+pub mod devices;
 pub mod driver;
+pub mod resolve;
 pub mod table;
 
-use core::ffi::{c_char, c_int, c_uint, c_void, CStr};
-use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use core::ffi::{c_int, c_uint, c_void};
 
-use crate::config::BudgetSpec;
 use crate::ledger::{self, UNLIMITED};
-use driver::{
-    driver, CuResult, Driver, Inside, Wrapped, CUDA_ERROR_NOT_FOUND, CUDA_ERROR_NOT_INITIALIZED,
-    CUDA_ERROR_OUT_OF_MEMORY, CUDA_SUCCESS,
-};
-use table::{Kind, Record, Table};
 
-/// Devices with a pool of their own: the ledger's pools past the host's.
-pub const MAX_DEVICES: usize = ledger::MAX_POOLS - 1;
+use allocations::{
+    charged, forget, remember, DEVICE_ALLOCATIONS, HOST_ALLOCATIONS, PHYSICAL_HANDLES,
+};
+use devices::{current_pool, device_pool};
+use driver::{CuResult, Driver, Wrapped, CUDA_ERROR_OUT_OF_MEMORY, CUDA_SUCCESS};
+use resolve::{
+    pointer_key, resolve, written, DeviceTotalMemFn, MemAllocAsyncFn, MemAllocFn,
+    MemAllocFromPoolAsyncFn, MemAllocHostFn, MemAllocManagedFn, MemAllocPitchFn, MemCreateFn,
+    MemFreeAsyncFn, MemFreeFn, MemFreeHostFn, MemGetInfoFn, MemHostAllocFn, MemHostRegisterFn,
+    MemHostUnregisterFn, MemReleaseFn,
+};
+use table::Kind;
+
+pub use allocations::{largest_allocations, untracked_allocations, LiveAllocation};
+pub use devices::{configure, device_memory, MAX_DEVICES};
 
 /// `CUmemLocationType` values in `CUmemAllocationProp.location`.
 const LOCATION_DEVICE: c_int = 1;
@@ -36,308 +50,6 @@ const LOCATION_HOST_LAST: c_int = 4;
 /// `location { type, id }`, all 32-bit.
 const PROP_LOCATION_TYPE_OFFSET: usize = 8;
 const PROP_LOCATION_ID_OFFSET: usize = 12;
-
-/// Device allocations live at once, most: PyTorch's caching allocator holds hundreds, the
-/// cudaMallocAsync backend one per live tensor.
-static DEVICE_ALLOCATIONS: Table<{ 1 << 17 }> = Table::new();
-/// cuMemCreate handles: expandable segments map 2 MiB or 20 MiB pages.
-static PHYSICAL_HANDLES: Table<{ 1 << 16 }> = Table::new();
-/// Pinned host allocations and registrations.
-static HOST_ALLOCATIONS: Table<{ 1 << 12 }> = Table::new();
-
-// ---------------------------------------------------------------------------------------------
-// Budget and device pools.
-
-const SPEC_BYTES: u8 = 0;
-const SPEC_PERCENT: u8 = 1;
-const SPEC_OFF: u8 = 2;
-
-/// `QVSHIM_GPU_BUDGET`, kept as a kind and a value (bytes, or a percentage's f64 bits) so a
-/// device set up on any thread reads it without a lock.
-static SPEC_KIND: AtomicU8 = AtomicU8::new(SPEC_PERCENT);
-static SPEC_VALUE: AtomicU64 = AtomicU64::new(crate::config::DEFAULT_GPU_BUDGET_PERCENT.to_bits());
-
-const DEVICE_UNSET: u8 = 0;
-const DEVICE_SETTING_UP: u8 = 1;
-const DEVICE_READY: u8 = 2;
-
-static DEVICE_STATE: [AtomicU8; MAX_DEVICES] = [const { AtomicU8::new(DEVICE_UNSET) }; MAX_DEVICES];
-/// Each device's physical memory as the driver reports it; 0 until the device is set up.
-static DEVICE_MEMORY: [AtomicU64; MAX_DEVICES] = [const { AtomicU64::new(0) }; MAX_DEVICES];
-
-/// Takes `QVSHIM_GPU_BUDGET`. Called once from the constructor; devices are set up later, when
-/// the process first allocates on them.
-pub fn configure(spec: BudgetSpec) {
-    let (kind, value) = match spec {
-        BudgetSpec::Bytes(bytes) => (SPEC_BYTES, bytes),
-        BudgetSpec::PercentOfMemory(percent) => (SPEC_PERCENT, percent.to_bits()),
-        BudgetSpec::Off => (SPEC_OFF, 0),
-    };
-    SPEC_VALUE.store(value, Ordering::Relaxed);
-    SPEC_KIND.store(kind, Ordering::Release);
-}
-
-fn spec() -> BudgetSpec {
-    let kind = SPEC_KIND.load(Ordering::Acquire);
-    let value = SPEC_VALUE.load(Ordering::Relaxed);
-    match kind {
-        SPEC_BYTES => BudgetSpec::Bytes(value),
-        SPEC_PERCENT => BudgetSpec::PercentOfMemory(f64::from_bits(value)),
-        _ => BudgetSpec::Off,
-    }
-}
-
-/// The ledger pool of CUDA device `device`, set up on first use: its budget comes from the
-/// device's memory. None for a device past [`MAX_DEVICES`] or one the driver cannot size yet;
-/// its allocations then go through uncounted.
-fn device_pool(driver: &Driver, device: c_int) -> Option<usize> {
-    let index = usize::try_from(device).ok().filter(|d| *d < MAX_DEVICES)?;
-    let state = DEVICE_STATE.get(index)?;
-    loop {
-        match state.load(Ordering::Acquire) {
-            DEVICE_READY => return Some(1 + index),
-            DEVICE_UNSET => {
-                if state
-                    .compare_exchange(
-                        DEVICE_UNSET,
-                        DEVICE_SETTING_UP,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    )
-                    .is_ok()
-                {
-                    let ready = set_up_device(driver, index);
-                    state.store(
-                        if ready { DEVICE_READY } else { DEVICE_UNSET },
-                        Ordering::Release,
-                    );
-                    return ready.then_some(1 + index);
-                }
-            }
-            // Another thread is asking the driver for the device's size: one call, brief.
-            _ => {
-                // SAFETY: sched_yield has no preconditions.
-                unsafe { libc::sched_yield() };
-            }
-        }
-    }
-}
-
-fn set_up_device(driver: &Driver, index: usize) -> bool {
-    let mut total: usize = 0;
-    // SAFETY: the form's real function has cuDeviceTotalMem_v2's signature; total is a local.
-    let result = unsafe {
-        real_call::<DeviceTotalMemFn>(driver, Wrapped::DeviceTotalMemV2)
-            .map_or(CUDA_ERROR_NOT_FOUND, |f| f(&mut total, index as c_int))
-    };
-    if result != CUDA_SUCCESS || total == 0 {
-        return false;
-    }
-    let Some(pool) = ledger::pool(1 + index) else {
-        return false;
-    };
-    if let Some(memory) = DEVICE_MEMORY.get(index) {
-        memory.store(total as u64, Ordering::Relaxed);
-    }
-    pool.set_budget(crate::config::resolve_budget(spec(), total as u64));
-    pool.activate();
-    true
-}
-
-/// The pool of the calling thread's current device; None without a current context.
-fn current_pool(driver: &Driver) -> Option<usize> {
-    let get_device = driver.ctx_get_device?;
-    let mut device: c_int = -1;
-    // SAFETY: cuCtxGetDevice writes one int; device is a local.
-    if unsafe { get_device(&mut device) } != CUDA_SUCCESS {
-        return None;
-    }
-    device_pool(driver, device)
-}
-
-fn now_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid out-pointer; the coarse monotonic clock is a vDSO read.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
-}
-
-// ---------------------------------------------------------------------------------------------
-// Charging.
-
-/// Charges `bytes` to pool `index`, makes the allocation with `call`, and remembers it under the
-/// key `key` reads afterwards. Refuses with CUDA_ERROR_OUT_OF_MEMORY, and nothing else, when the
-/// budget would be passed; a failed driver call gives the charge back and returns its own code.
-/// Without a pool (`None`) the call goes through uncounted.
-fn charged<const SLOTS: usize>(
-    table: &Table<SLOTS>,
-    index: Option<usize>,
-    kind: Kind,
-    bytes: u64,
-    call: impl FnOnce() -> CuResult,
-    key: impl FnOnce() -> u64,
-) -> CuResult {
-    let Some(pool) = index.and_then(ledger::pool) else {
-        return call();
-    };
-    if !pool.charge_direct(bytes, false) {
-        return CUDA_ERROR_OUT_OF_MEMORY;
-    }
-    let result = call();
-    if result != CUDA_SUCCESS {
-        pool.uncharge_direct(bytes);
-        return result;
-    }
-    remember(table, key(), bytes, index.unwrap_or(0), kind);
-    result
-}
-
-/// Records a live allocation; one that cannot be tracked gives its charge back, so a later free
-/// cannot leave the pool over-counted (the table counts it as untracked instead).
-fn remember<const SLOTS: usize>(
-    table: &Table<SLOTS>,
-    key: u64,
-    bytes: u64,
-    index: usize,
-    kind: Kind,
-) {
-    let record = Record {
-        bytes,
-        pool: index as u8,
-        kind,
-        since_ms: now_ms(),
-    };
-    if !table.insert(key, record) {
-        if let Some(pool) = ledger::pool(index) {
-            pool.uncharge_direct(bytes);
-        }
-    }
-}
-
-/// Takes back what the allocation under `key` charged; nothing for one never counted.
-fn forget<const SLOTS: usize>(table: &Table<SLOTS>, key: u64) {
-    if let Some(record) = table.remove(key) {
-        if let Some(pool) = ledger::pool(record.pool as usize) {
-            pool.uncharge_direct(record.bytes);
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The real driver's functions, by form.
-
-type MemAllocFn = unsafe extern "C" fn(*mut u64, usize) -> CuResult;
-type MemAllocPitchFn = unsafe extern "C" fn(*mut u64, *mut usize, usize, usize, c_uint) -> CuResult;
-type MemAllocManagedFn = unsafe extern "C" fn(*mut u64, usize, c_uint) -> CuResult;
-type MemAllocAsyncFn = unsafe extern "C" fn(*mut u64, usize, *mut c_void) -> CuResult;
-type MemAllocFromPoolAsyncFn =
-    unsafe extern "C" fn(*mut u64, usize, *mut c_void, *mut c_void) -> CuResult;
-type MemFreeFn = unsafe extern "C" fn(u64) -> CuResult;
-type MemFreeAsyncFn = unsafe extern "C" fn(u64, *mut c_void) -> CuResult;
-type MemCreateFn = unsafe extern "C" fn(*mut u64, usize, *const c_void, u64) -> CuResult;
-type MemReleaseFn = unsafe extern "C" fn(u64) -> CuResult;
-type MemGetInfoFn = unsafe extern "C" fn(*mut usize, *mut usize) -> CuResult;
-type DeviceTotalMemFn = unsafe extern "C" fn(*mut usize, c_int) -> CuResult;
-type MemHostAllocFn = unsafe extern "C" fn(*mut *mut c_void, usize, c_uint) -> CuResult;
-type MemAllocHostFn = unsafe extern "C" fn(*mut *mut c_void, usize) -> CuResult;
-type MemFreeHostFn = unsafe extern "C" fn(*mut c_void) -> CuResult;
-type MemHostRegisterFn = unsafe extern "C" fn(*mut c_void, usize, c_uint) -> CuResult;
-type MemHostUnregisterFn = unsafe extern "C" fn(*mut c_void) -> CuResult;
-type GetProcAddressFn =
-    unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64) -> CuResult;
-type GetProcAddressV2Fn =
-    unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64, *mut c_int) -> CuResult;
-
-/// The real function of `form` as the function pointer type `F`.
-///
-/// # Safety
-/// `F` is an `extern "C"` function pointer type with exactly the signature of `form`.
-unsafe fn real_call<F: Copy>(driver: &Driver, form: Wrapped) -> Option<F> {
-    // SAFETY: forwarded caller's contract.
-    unsafe { as_function::<F>(driver.real(form)) }
-}
-
-/// `address` as the function pointer type `F`; None for 0.
-///
-/// # Safety
-/// `F` is an `extern "C"` function pointer type, and `address` is 0 or a function of that type.
-unsafe fn as_function<F: Copy>(address: usize) -> Option<F> {
-    if address == 0 {
-        return None;
-    }
-    // SAFETY: F is a function pointer (the size of usize) for this address (caller's contract).
-    Some(unsafe { core::mem::transmute_copy::<usize, F>(&address) })
-}
-
-/// How far calls may come back into the shim from below before one is refused: each level is
-/// a driver export that itself called a wrapped name through the global scope.
-const CALLS_FROM_BELOW_MAX: u8 = 4;
-
-/// One call's way to the driver: the driver, the function to call, and whether it is charged.
-/// The thread counts as inside the driver until this is dropped, at the end of the wrapper.
-struct Resolved<F> {
-    driver: &'static Driver,
-    real: F,
-    /// False for a call that came back from below the shim: the call that went down is charged.
-    counted: bool,
-    _inside: Inside,
-}
-
-impl<F> Resolved<F> {
-    /// The pool to charge: `index`, or none for a call that came back from below.
-    fn pool(&self, index: Option<usize>) -> Option<usize> {
-        index.filter(|_| self.counted)
-    }
-}
-
-/// The loaded driver and the function to call for `form`, or the code to return without them.
-///
-/// A call from the program gets the real function (loading the driver on first use). A call
-/// that arrives while this thread is already inside a wrapper's call to the driver came back
-/// from below (a driver export or another interposer that looks up through the global scope
-/// and so finds the shim): it goes to the driver's own export, uncharged, which ends the loop;
-/// past [`CALLS_FROM_BELOW_MAX`] levels, or while the driver is still loading, it is refused.
-///
-/// # Safety
-/// As [`real_call`].
-unsafe fn resolve<F: Copy>(form: Wrapped) -> Result<Resolved<F>, CuResult> {
-    let inside = Inside::enter();
-    let (driver, address, counted) = match inside.depth_before() {
-        0 => {
-            let driver = driver().ok_or(CUDA_ERROR_NOT_INITIALIZED)?;
-            (driver, driver.real(form), true)
-        }
-        depth if depth <= CALLS_FROM_BELOW_MAX => {
-            let driver = driver::loaded().ok_or(CUDA_ERROR_NOT_INITIALIZED)?;
-            (driver, driver.floor(form), false)
-        }
-        _ => return Err(CUDA_ERROR_NOT_FOUND),
-    };
-    // SAFETY: both addresses are functions of this form (caller's contract on F).
-    let real = unsafe { as_function::<F>(address) }.ok_or(CUDA_ERROR_NOT_FOUND)?;
-    Ok(Resolved {
-        driver,
-        real,
-        counted,
-        _inside: inside,
-    })
-}
-
-/// Reads the pointer or handle a successful allocation wrote through `out`.
-///
-/// # Safety
-/// `out` was accepted by a driver call that returned success, so it is valid and written.
-unsafe fn written(out: *const u64) -> u64 {
-    // SAFETY: caller's contract.
-    unsafe { *out }
-}
-
-fn pointer_key(p: *mut c_void) -> u64 {
-    p as usize as u64
-}
 
 // ---------------------------------------------------------------------------------------------
 // Device memory.
@@ -779,263 +491,9 @@ pub unsafe fn mem_host_unregister(p: *mut c_void) -> CuResult {
     unsafe { real(p) }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Lookups: dlsym and cuGetProcAddress hand out the wrappers.
-
-/// Replaces what the driver handed out through `pfn` with the shim's wrapper when it is a form
-/// the shim wraps. The driver chose the form from the caller's version and flags; this only
-/// recognises the address, so an older or newer form than the ones wrapped passes untouched.
-///
-/// # Safety
-/// `pfn` is null or valid for reading and writing one pointer.
-unsafe fn wrap_handed_out(driver: &Driver, pfn: *mut *mut c_void) {
-    if pfn.is_null() {
-        return;
-    }
-    // SAFETY: caller's contract.
-    let handed_out = unsafe { *pfn } as usize;
-    if let Some(form) = driver.identify(handed_out) {
-        // SAFETY: caller's contract.
-        unsafe { *pfn = crate::interpose::cuda::wrapper(form) };
-    }
-}
-
-/// cuGetProcAddress (CUDA 11.3 to 11.8 runtimes).
-///
-/// # Safety
-/// The driver's contract for cuGetProcAddress.
-pub unsafe fn get_proc_address(
-    symbol: *const c_char,
-    pfn: *mut *mut c_void,
-    cuda_version: c_int,
-    flags: u64,
-) -> CuResult {
-    // SAFETY: GetProcAddressFn is cuGetProcAddress's signature.
-    let resolved = match unsafe { resolve::<GetProcAddressFn>(Wrapped::GetProcAddress) } {
-        Ok(resolved) => resolved,
-        Err(code) => return code,
-    };
-    let (driver, real) = (resolved.driver, resolved.real);
-    // SAFETY: the caller's arguments, forwarded.
-    let result = unsafe { real(symbol, pfn, cuda_version, flags) };
-    if result == CUDA_SUCCESS {
-        // SAFETY: pfn was accepted and written by the driver.
-        unsafe { wrap_handed_out(driver, pfn) };
-    }
-    result
-}
-
-/// cuGetProcAddress_v2 (CUDA 12 and later): the driver writes `symbol_status` itself.
-///
-/// # Safety
-/// The driver's contract for cuGetProcAddress_v2.
-pub unsafe fn get_proc_address_v2(
-    symbol: *const c_char,
-    pfn: *mut *mut c_void,
-    cuda_version: c_int,
-    flags: u64,
-    symbol_status: *mut c_int,
-) -> CuResult {
-    // SAFETY: GetProcAddressV2Fn is cuGetProcAddress_v2's signature.
-    let resolved = match unsafe { resolve::<GetProcAddressV2Fn>(Wrapped::GetProcAddressV2) } {
-        Ok(resolved) => resolved,
-        Err(code) => return code,
-    };
-    let (driver, real) = (resolved.driver, resolved.real);
-    // SAFETY: the caller's arguments, forwarded.
-    let result = unsafe { real(symbol, pfn, cuda_version, flags, symbol_status) };
-    if result == CUDA_SUCCESS {
-        // SAFETY: pfn was accepted and written by the driver.
-        unsafe { wrap_handed_out(driver, pfn) };
-    }
-    result
-}
-
-/// What the exported `dlsym` returns without asking glibc, or null to let glibc answer as if the
-/// shim were not there (the trampoline then jumps to glibc's `dlsym` with the caller's own
-/// return address, so RTLD_NEXT still means "after the caller").
-///
-/// Only a lookup in a real handle (not RTLD_DEFAULT, not RTLD_NEXT) of a driver function the
-/// shim wraps, by its exported name, that the handle really has, gets the wrapper. RTLD_DEFAULT
-/// already finds the shim's exports first; RTLD_NEXT belongs to whoever chains after the caller.
-///
-/// Never allocates: it compares bytes against a static table. Also resolves glibc's `dlsym` for
-/// the trampoline.
-///
-/// # Safety
-/// `symbol` is null or NUL-terminated; `handle` is what the caller passed to `dlsym`.
-pub unsafe extern "C" fn dlsym_answer(handle: *mut c_void, symbol: *const c_char) -> *mut c_void {
-    let nothing = core::ptr::null_mut();
-    driver::real_dlsym_address();
-    if symbol.is_null() || handle == libc::RTLD_DEFAULT || handle == libc::RTLD_NEXT {
-        return nothing;
-    }
-    // SAFETY: symbol is NUL-terminated, so reading its first byte, and the second when the first
-    // is not the terminator, stays inside it.
-    let starts_with_cu = unsafe { *symbol == b'c' as c_char && *symbol.add(1) == b'u' as c_char };
-    if !starts_with_cu {
-        return nothing;
-    }
-    // SAFETY: NUL-terminated (caller's contract).
-    let name = unsafe { CStr::from_ptr(symbol) };
-    let Some(form) = Wrapped::by_export_name(name) else {
-        return nothing;
-    };
-    // SAFETY: handle is neither special value, so the caller the real dlsym sees does not matter.
-    if unsafe { driver::real_dlsym(handle, symbol) }.is_null() {
-        return nothing;
-    }
-    crate::interpose::cuda::wrapper(form)
-}
-
-// ---------------------------------------------------------------------------------------------
-// For the dump.
-
-/// One live allocation, as the dump lists it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LiveAllocation {
-    /// Device pointer, VMM handle or host pointer.
-    pub key: u64,
-    pub bytes: u64,
-    pub age_ms: u64,
-    /// The driver call that made it ("cuMemAlloc", "cuMemCreate", ...).
-    pub call: &'static str,
-}
-
-/// Fills `out` with the largest live allocations charged to ledger pool `pool` (1 + N for GPU N,
-/// 0 for pinned host memory), largest first, and returns how many it wrote.
-///
-/// Never allocates and takes no lock, but scans the tables (a few MiB): call it from the monitor
-/// thread, not from a signal handler or an allocation.
-pub fn largest_allocations(pool: usize, out: &mut [LiveAllocation]) -> usize {
-    let now = now_ms();
-    let mut filled = 0;
-    let mut consider = |key: u64, record: Record| {
-        if record.pool as usize != pool {
-            return;
-        }
-        let entry = LiveAllocation {
-            key,
-            bytes: record.bytes,
-            age_ms: now.saturating_sub(record.since_ms),
-            call: record.kind.call_name(),
-        };
-        insert_by_size(out, &mut filled, entry);
-    };
-    if pool == ledger::HOST {
-        HOST_ALLOCATIONS.for_each(&mut consider);
-        PHYSICAL_HANDLES.for_each(&mut consider);
-    } else {
-        DEVICE_ALLOCATIONS.for_each(&mut consider);
-        PHYSICAL_HANDLES.for_each(&mut consider);
-    }
-    filled
-}
-
-/// Inserts `entry` into the first `filled` entries of `out`, kept largest first; the smallest
-/// falls off when `out` is full.
-fn insert_by_size(out: &mut [LiveAllocation], filled: &mut usize, entry: LiveAllocation) {
-    let position = out
-        .iter()
-        .take(*filled)
-        .position(|held| held.bytes < entry.bytes)
-        .unwrap_or(*filled);
-    if position >= out.len() {
-        return;
-    }
-    let end = (*filled + 1).min(out.len());
-    if let Some(tail) = out.get_mut(position..end) {
-        tail.rotate_right(1);
-        if let Some(first) = tail.first_mut() {
-            *first = entry;
-        }
-    }
-    *filled = end;
-}
-
-/// A device's physical memory as the driver reported it; None before the process used it.
-pub fn device_memory(device: usize) -> Option<u64> {
-    DEVICE_MEMORY
-        .get(device)
-        .map(|m| m.load(Ordering::Relaxed))
-        .filter(|&bytes| bytes > 0)
-}
-
-/// Allocations that could not be tracked (their tables full near their slot): made, but not
-/// counted. Non-zero means the figures are low by that many allocations.
-pub fn untracked_allocations() -> u64 {
-    DEVICE_ALLOCATIONS.untracked() + PHYSICAL_HANDLES.untracked() + HOST_ALLOCATIONS.untracked()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn alloc(bytes: u64) -> LiveAllocation {
-        LiveAllocation {
-            key: bytes,
-            bytes,
-            age_ms: 0,
-            call: "cuMemAlloc",
-        }
-    }
-
-    #[test]
-    fn largest_list_keeps_the_largest_in_order() {
-        let mut out = [LiveAllocation::default(); 3];
-        let mut filled = 0;
-        for bytes in [5u64, 1, 9, 7, 3, 9] {
-            insert_by_size(&mut out, &mut filled, alloc(bytes));
-        }
-        assert_eq!(filled, 3);
-        let sizes: Vec<u64> = out.iter().map(|a| a.bytes).collect();
-        assert_eq!(sizes, vec![9, 9, 7]);
-    }
-
-    #[test]
-    fn largest_allocations_lists_one_pools_live_allocations_until_freed() {
-        // Pools 14 and 15 and these keys belong to this test alone.
-        let (pool, other) = (15, 14);
-        let charge = |table: &Table<{ 1 << 17 }>, key: u64, bytes: u64, index: usize| {
-            ledger::pool(index).unwrap().force_commit(bytes);
-            remember(table, key, bytes, index, Kind::Alloc);
-        };
-        let keys = [0x5a00_0000_0000u64, 0x5a00_0020_0000, 0x5a00_0040_0000];
-        for (i, &key) in keys.iter().enumerate() {
-            charge(&DEVICE_ALLOCATIONS, key, (i as u64 + 1) << 20, pool);
-        }
-        charge(&DEVICE_ALLOCATIONS, 0x5b00_0000_0000, 64 << 20, other);
-        ledger::pool(pool).unwrap().force_commit(8 << 20);
-        remember(&PHYSICAL_HANDLES, 77, 8 << 20, pool, Kind::Physical);
-
-        let mut out = [LiveAllocation::default(); 3];
-        let listed = largest_allocations(pool, &mut out);
-        let got: Vec<(u64, &str)> = out[..listed].iter().map(|a| (a.bytes, a.call)).collect();
-        let want = vec![
-            (8 << 20, "cuMemCreate"),
-            (3 << 20, "cuMemAlloc"),
-            (2 << 20, "cuMemAlloc"),
-        ];
-        assert_eq!(got, want, "largest first, other pools left out");
-
-        for key in keys {
-            forget(&DEVICE_ALLOCATIONS, key);
-        }
-        forget(&DEVICE_ALLOCATIONS, 0x5b00_0000_0000);
-        forget(&PHYSICAL_HANDLES, 77);
-        assert_eq!(largest_allocations(pool, &mut out), 0);
-        for index in [pool, other] {
-            assert_eq!(ledger::pool(index).unwrap().committed(), 0, "pool {index}");
-        }
-    }
-
-    #[test]
-    fn largest_list_with_no_room_writes_nothing() {
-        let mut out: [LiveAllocation; 0] = [];
-        let mut filled = 0;
-        insert_by_size(&mut out, &mut filled, alloc(1));
-        assert_eq!(filled, 0);
-    }
 
     #[test]
     fn budgeted_info_reports_the_budget_as_the_device() {

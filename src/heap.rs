@@ -5,6 +5,9 @@
 //! lock, never logs, never panics. Every block is accounted by its usable size: estimated from
 //! its size class before the allocation (so the budget is checked first), then settled with the
 //! exact figure jemalloc's per-thread byte counters moved by.
+//!
+//! One concern, a little over 500 lines: the malloc family's behaviour on jemalloc, fast paths
+//! and their out-of-line slow paths kept together so the tail-call structure stays visible.
 
 use core::ffi::c_void;
 use core::ptr;

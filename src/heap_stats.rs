@@ -9,7 +9,7 @@
 use core::ffi::{c_int, c_void};
 use core::fmt::{self, Write};
 
-use crate::jemalloc;
+use crate::base::jemalloc;
 
 /// glibc's `struct mallinfo2`: every field a byte or chunk count.
 #[repr(C)]

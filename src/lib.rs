@@ -3,27 +3,28 @@
 //!
 //! This file is the crate root and the load-time constructor, nothing else.
 
-pub mod capi;
-pub mod config;
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![deny(clippy::missing_safety_doc)]
+
+pub mod base;
 pub mod diag;
 pub mod gpu;
 pub mod heap;
 pub mod heap_stats;
-pub mod interpose;
-pub mod jemalloc;
 pub mod ledger;
-pub mod log;
 pub mod monitor;
 pub mod neighbours;
 pub mod runtime;
-pub mod system;
+pub mod surface;
 pub mod tracker;
 
 use core::ffi::CStr;
 use core::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
-use config::{BadValue, Settings};
-use log::Bytes;
+use base::config::{self, BadValue, Settings};
+use base::log::{self, qlog, Bytes};
+use base::{cgroup, system};
 
 /// The shim's own Rust allocations go straight to jemalloc, never through the exported malloc
 /// (which would count them against the host's budget and could recurse).
@@ -143,9 +144,9 @@ extern "C" fn after_fork_child() {
 fn apply(settings: &Settings) -> Settings {
     let mut settings = *settings;
     let settings = &mut settings;
-    system::find_cgroups();
+    cgroup::find_cgroups();
     let physical = system::physical_memory_bytes();
-    let cgroup_limit = system::cgroup_limit_below(physical);
+    let cgroup_limit = cgroup::cgroup_limit_below(physical);
     let memory = cgroup_limit.unwrap_or(physical);
     let reserve = settings.system_reserve_bytes;
     if let Some(value) = env_bytes("QVSHIM_SYSTEM_RESERVE") {
@@ -187,6 +188,7 @@ fn apply(settings: &Settings) -> Settings {
     host.set_reserve(settings.reserve_bytes);
     host.set_budget(budget);
     host.activate();
+    gpu::driver::know_wrappers(surface::cuda::wrapper);
     gpu::configure(settings.gpu_budget);
     monitor::configure(
         settings.interval_ms,
@@ -194,6 +196,7 @@ fn apply(settings: &Settings) -> Settings {
         settings.system_reserve_bytes,
     );
     runtime::python::configure(settings.python);
+    runtime::python::set_exit_report(diag::report_exit_once);
     runtime::signal::configure(settings.notify_signal);
     diag::configure(settings, budget, env_bytes("QVSHIM_DUMP_FILE"));
     if settings.backtrace {

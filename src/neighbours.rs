@@ -18,7 +18,7 @@
 use core::ffi::{c_char, c_void, CStr};
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use crate::qlog;
+use crate::base::log::qlog;
 
 /// Every malloc-family function the shim exports, in [`NAMES`] order.
 #[derive(Clone, Copy)]

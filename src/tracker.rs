@@ -6,7 +6,7 @@
 //! array: never allocates, never locks, never logs. When the table is full a block goes
 //! untracked and is counted in [`Table::untracked`]; the dump says so.
 //!
-//! The dump (diag.rs) lists these together with the CUDA driver's allocations, which gpu.rs
+//! The dump (diag/report.rs) lists these together with the CUDA driver's allocations, which gpu.rs
 //! tracks in tables of its own.
 
 use core::ffi::c_void;

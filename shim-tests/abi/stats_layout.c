@@ -1,8 +1,9 @@
 /*
  * stats_layout.c - prints the layout of struct qvshim_pool_stats as the C compiler sees it in
  * include/qvshim.h: one "name offset size" line per field, then "sizeof N". The Rust struct
- * (src/capi.rs, a unit test) and every Python ctypes copy (shim-tests/abi/test_abi.py) are
- * compared with this output, so a field that drifts in any copy fails a test.
+ * (src/ledger/stats.rs, by a unit test in src/surface/capi.rs) and every Python ctypes copy
+ * (shim-tests/abi/test_abi.py) are compared with this output, so a field that drifts in any
+ * copy fails a test.
  *
  * A field added to the header but not listed here changes sizeof, which the comparisons see.
  */

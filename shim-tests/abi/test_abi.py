@@ -1,5 +1,6 @@
 """struct qvshim_pool_stats has one layout everywhere: the C header (include/qvshim.h), the Rust
-struct (src/capi.rs, checked by its unit test against the same probe) and every ctypes copy in
+struct (src/ledger/stats.rs, checked by the unit test in src/surface/capi.rs against the same
+probe) and every ctypes copy in
 Python. The probe shim-tests/abi/stats_layout.c prints the header's layout as gcc compiles it;
 each Python copy must match it field for field: name, offset, size, and the total size.
 

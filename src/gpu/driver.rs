@@ -14,6 +14,10 @@
 //! into it (an interposer that looks its real functions up with RTLD_DEFAULT finds the shim's
 //! exports), a wrapper entered while its thread is already inside the driver for a wrapper goes
 //! to the driver's own export, uncharged ([`Inside`]).
+//!
+//! One concern, a little over 500 lines with its tests: which address is the driver's real
+//! function. The table of forms, the loader's list and the refusal of the shim's own exports
+//! are one argument and read best together.
 
 use core::cell::Cell;
 use core::ffi::{c_char, c_int, c_void, CStr};
@@ -390,9 +394,7 @@ impl Callable {
             (Some(at), Some(ours)) => at != ours && (at > ours || Some(at) == self.driver_at),
             (None, _) => true,
             // This library not found in the list: refuse at least its own wrappers.
-            (Some(_), None) => !FORMS
-                .iter()
-                .any(|(form, _)| crate::interpose::cuda::wrapper(*form) as usize == address),
+            (Some(_), None) => !FORMS.iter().any(|(form, _)| is_own_wrapper(*form, address)),
         }
     }
 
@@ -404,6 +406,22 @@ impl Callable {
             .find(|&address| self.accepts(address))
             .unwrap_or(0)
     }
+}
+
+/// The shim's own wrapper for a form, as the surface hands it out: told once at load by the
+/// crate root ([`know_wrappers`]), so that this layer never reaches up into the exported surface.
+static WRAPPER_OF: OnceLock<fn(Wrapped) -> *mut c_void> = OnceLock::new();
+
+/// Tells the driver table which function the shim hands out for each form. Called once at load.
+pub fn know_wrappers(wrapper: fn(Wrapped) -> *mut c_void) {
+    let _ = WRAPPER_OF.set(wrapper);
+}
+
+/// Whether `address` is the shim's own wrapper for `form`.
+fn is_own_wrapper(form: Wrapped, address: usize) -> bool {
+    WRAPPER_OF
+        .get()
+        .is_some_and(|wrapper| wrapper(form) as usize == address)
 }
 
 /// The driver's own `cuGetProcAddress`, `_v2` preferred.
@@ -420,6 +438,8 @@ impl ProcLookup {
         let result = if self.v2 != 0 {
             // SAFETY: the address is the driver's cuGetProcAddress_v2; out-pointers are locals.
             let f: GetProcAddressV2Fn = unsafe { core::mem::transmute(self.v2) };
+            // SAFETY: the driver's own cuGetProcAddress_v2 with a NUL-terminated name and local
+            // out-pointers.
             unsafe {
                 f(
                     form.base.as_ptr(),
@@ -432,6 +452,8 @@ impl ProcLookup {
         } else if self.v1 != 0 {
             // SAFETY: the address is the driver's cuGetProcAddress; the out-pointer is a local.
             let f: GetProcAddressFn = unsafe { core::mem::transmute(self.v1) };
+            // SAFETY: the driver's own cuGetProcAddress with a NUL-terminated name and a local
+            // out-pointer.
             unsafe { f(form.base.as_ptr(), &mut pfn, form.since_version, form.flags) }
         } else {
             return 0;

@@ -99,7 +99,7 @@ unsafe extern "C" fn counted_alloc(_ctx: *mut c_void, size: usize) -> *mut c_voi
     let host = ledger::host();
     if !host.try_commit(size as u64, false) {
         REFUSED.fetch_add(1, Ordering::Relaxed);
-        crate::monitor::ring();
+        crate::base::doorbell::ring();
         return core::ptr::null_mut();
     }
     // SAFETY: the original allocator with its own context.

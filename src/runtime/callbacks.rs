@@ -65,7 +65,7 @@ pub fn remove(id: i32) -> i32 {
     {
         return -1;
     }
-    if !crate::monitor::on_monitor_thread() {
+    if !crate::base::threads::on_monitor_thread() {
         while CALLING.load(Ordering::SeqCst) == id {
             std::thread::yield_now();
         }

@@ -41,10 +41,10 @@ pub fn raise_if_handled() -> bool {
     };
     if !has_handler(signal) {
         SKIPPED_NO_HANDLER.fetch_add(1, Ordering::Relaxed);
-        crate::qlog!(
+        crate::base::log::qlog!(
             Info,
             "signal {signal} ({}) not raised: the process has no handler for it",
-            crate::config::SignalName(signal)
+            crate::base::config::SignalName(signal)
         );
         return false;
     }
@@ -54,10 +54,10 @@ pub fn raise_if_handled() -> bool {
     let sent = unsafe { libc::kill(libc::getpid(), signal) } == 0;
     if sent {
         RAISED.fetch_add(1, Ordering::Relaxed);
-        crate::qlog!(
+        crate::base::log::qlog!(
             Info,
             "raised signal {signal} ({}) to the process",
-            crate::config::SignalName(signal)
+            crate::base::config::SignalName(signal)
         );
     }
     sent

@@ -431,14 +431,14 @@ impl fmt::Display for Bytes {
 
 /// Logs at a level: `qlog!(Info, "budget {}", Bytes(n))`. The arguments are evaluated only when
 /// the level is enabled.
-#[macro_export]
 macro_rules! qlog {
     ($level:ident, $($arg:tt)*) => {
-        if $crate::log::enabled($crate::log::Level::$level) {
-            $crate::log::write_line($crate::log::Level::$level, format_args!($($arg)*));
+        if $crate::base::log::enabled($crate::base::log::Level::$level) {
+            $crate::base::log::write_line($crate::base::log::Level::$level, format_args!($($arg)*));
         }
     };
 }
+pub(crate) use qlog;
 
 #[cfg(test)]
 mod tests {

@@ -158,7 +158,7 @@ pub unsafe extern "C" fn cfree(p: *mut c_void) {
 #[no_mangle]
 pub extern "C" fn malloc_trim(_pad: usize) -> i32 {
     pass_through!(MallocTrim, extern "C" fn(usize) -> i32, _pad);
-    crate::jemalloc::purge();
+    crate::base::jemalloc::purge();
     1
 }
 

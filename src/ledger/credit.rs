@@ -1,4 +1,4 @@
-//! The ledger: every pool's live bytes, peak, budget and level. This is the hot path.
+//! The host pool's per-thread credit: how host allocations stay cheap under many threads.
 //!
 //! Never allocates, never takes a lock, never logs, never panics: it runs inside `malloc`.
 //!
@@ -23,361 +23,20 @@
 //! and the addresses of jemalloc's per-thread byte counters, which give each call's exact usable
 //! size) sits in one initial-exec TLS block: two instructions to reach, never an allocation.
 //!
-//! GPU pools see few, large allocations: they charge `committed` directly, exactly.
+//! One concern, over 500 lines on purpose: the hot path of every host malloc and free. The TLS
+//! access, the slot's fast charge and its slow refills are one mechanism whose costs are read
+//! side by side; splitting it would hide the instruction count of the fast path.
 
 use core::cell::Cell;
 use core::ptr;
 #[cfg(target_arch = "x86_64")]
 use core::sync::atomic::AtomicIsize;
-use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 use crossbeam_utils::CachePadded;
 
-/// Host pool index; GPU device N is pool `1 + N`.
-pub const HOST: usize = 0;
-/// Host plus up to 16 GPUs.
-pub const MAX_POOLS: usize = 17;
-/// "No budget".
-pub const UNLIMITED: u64 = u64::MAX;
-
-/// Requests of at most this many bytes may use the reserve past the budget, so that language
-/// runtimes (and glibc's own internals, which abort on a NULL from malloc) can still build and
-/// handle the error object after a large request was refused.
-pub const RESERVE_SMALL_MAX_BYTES: u64 = 64 << 10;
-/// After the budget refused a request, one larger request may also use the reserve, if it is at
-/// most 1/RESERVE_GRANT_DIVISOR of the reserve (32 MiB of the default 64 MiB); the next one only
-/// after the pool's level fell back to normal. It is for the error handling's one large step:
-/// under `python -X tracemalloc` every new allocation adds a trace, and the traces' hash table
-/// grows by reallocating its bucket array (8 bytes a bucket, 2-4 buckets per live trace: 4 MiB
-/// for some 130,000 traces), so a handler at the budget could not allocate anything. A runaway
-/// program that goes on asking for large blocks after its MemoryError gets one of them, then
-/// refusals again, and the rest of the reserve stays for the small requests of its handler.
-pub const RESERVE_GRANT_DIVISOR: u64 = 2;
-/// Credit a thread takes from the pool at once when its own runs out.
-pub const GRANT_CHUNK_BYTES: u64 = 64 << 10;
-/// Credit a thread keeps at most; what is freed past it goes back to the pool.
-pub const CREDIT_MAX_BYTES: u64 = 3 * GRANT_CHUNK_BYTES;
-/// Levels fall only this many percentage points below their threshold, so a process sitting at
-/// the threshold does not flap.
-pub const HYSTERESIS_PERCENT: u64 = 5;
-/// Threads that get a credit slot; threads past this many charge the pool directly.
-pub const SLOT_COUNT: usize = 1024;
-
-pub const LEVEL_NORMAL: u8 = 0;
-pub const LEVEL_WARN: u8 = 1;
-pub const LEVEL_CRITICAL: u8 = 2;
-
-/// The reserve's grant to one larger request ([`RESERVE_GRANT_DIVISOR`]): not opened since the
-/// level was last normal, open after a refusal, used.
-const GRANT_IDLE: u8 = 0;
-const GRANT_OPEN: u8 = 1;
-const GRANT_USED: u8 = 2;
-
-/// One budgeted pool of memory.
-pub struct Pool {
-    committed: AtomicU64,
-    budget: AtomicU64,
-    effective: AtomicU64,
-    reserve: AtomicU64,
-    peak: AtomicU64,
-    level: AtomicU8,
-    /// GRANT_IDLE, GRANT_OPEN or GRANT_USED.
-    reserve_grant: AtomicU8,
-    active: AtomicBool,
-    /// Allocations and frees charged directly (GPU pools, threads without a slot, retired
-    /// threads' totals).
-    direct_allocs: AtomicU64,
-    direct_frees: AtomicU64,
-    pub refusals: AtomicU64,
-    pub largest_refused: AtomicU64,
-    pub purges: AtomicU64,
-    pub level_changes: AtomicU64,
-    pub notifications: AtomicU64,
-}
-
-impl Pool {
-    const fn new() -> Self {
-        Pool {
-            committed: AtomicU64::new(0),
-            budget: AtomicU64::new(UNLIMITED),
-            effective: AtomicU64::new(UNLIMITED),
-            reserve: AtomicU64::new(0),
-            peak: AtomicU64::new(0),
-            level: AtomicU8::new(LEVEL_NORMAL),
-            reserve_grant: AtomicU8::new(GRANT_IDLE),
-            active: AtomicBool::new(false),
-            direct_allocs: AtomicU64::new(0),
-            direct_frees: AtomicU64::new(0),
-            refusals: AtomicU64::new(0),
-            largest_refused: AtomicU64::new(0),
-            purges: AtomicU64::new(0),
-            level_changes: AtomicU64::new(0),
-            notifications: AtomicU64::new(0),
-        }
-    }
-
-    /// Commits `bytes` unless that would pass the effective budget (plus the reserve when
-    /// `may_use_reserve`). Never overshoots, even momentarily.
-    pub fn try_commit(&self, bytes: u64, may_use_reserve: bool) -> bool {
-        self.try_commit_leaving_unused(bytes, may_use_reserve, 0)
-    }
-
-    /// [`Pool::try_commit`] for a thread that keeps `unused` of the bytes as its credit: the
-    /// peak is taken without them, so it follows live bytes up to other threads' credits only.
-    pub fn try_commit_leaving_unused(
-        &self,
-        bytes: u64,
-        may_use_reserve: bool,
-        unused: u64,
-    ) -> bool {
-        let effective = self.effective.load(Ordering::Relaxed);
-        let limit = if may_use_reserve {
-            effective.saturating_add(self.reserve.load(Ordering::Relaxed))
-        } else {
-            effective
-        };
-        let mut current = self.committed.load(Ordering::Relaxed);
-        let new = loop {
-            let Some(new) = current.checked_add(bytes) else {
-                return false;
-            };
-            if new > limit {
-                return false;
-            }
-            match self.committed.compare_exchange_weak(
-                current,
-                new,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => break new,
-                Err(seen) => current = seen,
-            }
-        };
-        let peak_candidate = new - unused.min(new);
-        if peak_candidate > self.peak.load(Ordering::Relaxed) {
-            self.peak.fetch_max(peak_candidate, Ordering::Relaxed);
-        }
-        self.update_level(new);
-        true
-    }
-
-    /// Commits `bytes` whatever the budget: for memory that already exists (a realloc that
-    /// grew in place past its estimate, an allocation made before the budget was known).
-    pub fn force_commit(&self, bytes: u64) {
-        let new = self
-            .committed
-            .fetch_add(bytes, Ordering::AcqRel)
-            .saturating_add(bytes);
-        if new > self.peak.load(Ordering::Relaxed) {
-            self.peak.fetch_max(new, Ordering::Relaxed);
-        }
-        self.update_level(new);
-    }
-
-    pub fn release(&self, bytes: u64) {
-        let old = self.committed.fetch_sub(bytes, Ordering::AcqRel);
-        self.update_level(old.wrapping_sub(bytes));
-    }
-
-    /// Commits `bytes` for a request of `requested` bytes that may go past the effective budget
-    /// into the reserve: a small one always ([`RESERVE_SMALL_MAX_BYTES`]), a larger one when
-    /// the budget refused a request before and the grant is still open
-    /// ([`RESERVE_GRANT_DIVISOR`]). Tries the budget alone first for a larger one.
-    pub fn try_commit_past_budget(&self, bytes: u64, requested: u64) -> bool {
-        if requested <= RESERVE_SMALL_MAX_BYTES {
-            return self.try_commit(bytes, true);
-        }
-        if self.try_commit(bytes, false) {
-            return true;
-        }
-        let grant_max = self.reserve.load(Ordering::Relaxed) / RESERVE_GRANT_DIVISOR;
-        if requested > grant_max
-            || self
-                .reserve_grant
-                .compare_exchange(GRANT_OPEN, GRANT_USED, Ordering::AcqRel, Ordering::Relaxed)
-                .is_err()
-        {
-            return false;
-        }
-        if self.try_commit(bytes, true) {
-            return true;
-        }
-        // The reserve had no room for it: the grant stays for the next large request.
-        let _ = self.reserve_grant.compare_exchange(
-            GRANT_USED,
-            GRANT_OPEN,
-            Ordering::AcqRel,
-            Ordering::Relaxed,
-        );
-        false
-    }
-
-    /// Counts a refusal at the budget of a request of `bytes`, and opens the reserve's grant to
-    /// one larger request unless it was used since the level was last normal.
-    pub fn record_budget_refusal(&self, bytes: u64) {
-        let _ = self.reserve_grant.compare_exchange(
-            GRANT_IDLE,
-            GRANT_OPEN,
-            Ordering::AcqRel,
-            Ordering::Relaxed,
-        );
-        self.record_refusal(bytes);
-    }
-
-    /// Counts a refusal of a request of `bytes`.
-    pub fn record_refusal(&self, bytes: u64) {
-        self.refusals.fetch_add(1, Ordering::Relaxed);
-        if bytes > self.largest_refused.load(Ordering::Relaxed) {
-            self.largest_refused.fetch_max(bytes, Ordering::Relaxed);
-        }
-        crate::monitor::ring();
-    }
-
-    /// Recomputes the level for `committed` bytes; on a change, records it and rings the
-    /// monitor (which logs, purges and notifies).
-    fn update_level(&self, committed: u64) {
-        let current = self.level.load(Ordering::Relaxed);
-        let next = next_level(
-            current,
-            committed,
-            self.effective.load(Ordering::Relaxed),
-            thresholds(),
-        );
-        if next == LEVEL_NORMAL && self.reserve_grant.load(Ordering::Relaxed) != GRANT_IDLE {
-            self.reserve_grant.store(GRANT_IDLE, Ordering::Relaxed);
-        }
-        if next != current
-            && self
-                .level
-                .compare_exchange(current, next, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        {
-            self.level_changes.fetch_add(1, Ordering::Relaxed);
-            crate::monitor::ring();
-        }
-    }
-
-    pub fn set_budget(&self, bytes: u64) {
-        self.budget.store(bytes, Ordering::Relaxed);
-        self.set_effective(bytes);
-    }
-
-    /// The monitor lowers the effective budget below the configured one when the machine runs
-    /// short; it never raises it above the budget.
-    pub fn set_effective(&self, bytes: u64) {
-        let bytes = bytes.min(self.budget.load(Ordering::Relaxed));
-        self.effective.store(bytes, Ordering::Relaxed);
-        self.update_level(self.committed.load(Ordering::Relaxed));
-    }
-
-    pub fn set_reserve(&self, bytes: u64) {
-        self.reserve.store(bytes, Ordering::Relaxed);
-    }
-
-    pub fn activate(&self) {
-        self.active.store(true, Ordering::Relaxed);
-    }
-
-    pub fn is_active(&self) -> bool {
-        self.active.load(Ordering::Relaxed)
-    }
-
-    pub fn budget(&self) -> u64 {
-        self.budget.load(Ordering::Relaxed)
-    }
-
-    pub fn effective(&self) -> u64 {
-        self.effective.load(Ordering::Relaxed)
-    }
-
-    pub fn reserve(&self) -> u64 {
-        self.reserve.load(Ordering::Relaxed)
-    }
-
-    pub fn committed(&self) -> u64 {
-        self.committed.load(Ordering::Relaxed)
-    }
-
-    pub fn peak(&self) -> u64 {
-        self.peak.load(Ordering::Relaxed)
-    }
-
-    pub fn level(&self) -> u8 {
-        self.level.load(Ordering::Relaxed)
-    }
-
-    /// Charges a GPU-style allocation straight to the pool (no thread credit).
-    pub fn charge_direct(&self, bytes: u64, may_use_reserve: bool) -> bool {
-        if self.try_commit(bytes, may_use_reserve) {
-            self.direct_allocs.fetch_add(1, Ordering::Relaxed);
-            true
-        } else {
-            self.record_refusal(bytes);
-            false
-        }
-    }
-
-    pub fn uncharge_direct(&self, bytes: u64) {
-        self.direct_frees.fetch_add(1, Ordering::Relaxed);
-        self.release(bytes);
-    }
-}
-
-/// Warn and critical thresholds in percent, shared by all pools.
-static WARN_PERCENT: AtomicU8 = AtomicU8::new(crate::config::DEFAULT_WARN_PERCENT);
-static CRITICAL_PERCENT: AtomicU8 = AtomicU8::new(crate::config::DEFAULT_CRITICAL_PERCENT);
-
-pub fn set_thresholds(warn_percent: u8, critical_percent: u8) {
-    WARN_PERCENT.store(warn_percent, Ordering::Relaxed);
-    CRITICAL_PERCENT.store(critical_percent, Ordering::Relaxed);
-}
-
-pub fn thresholds() -> (u8, u8) {
-    (
-        WARN_PERCENT.load(Ordering::Relaxed),
-        CRITICAL_PERCENT.load(Ordering::Relaxed),
-    )
-}
-
-/// The level a pool moves to from `current` holding `used` of `budget` bytes: it rises as soon
-/// as a threshold is reached and falls only [`HYSTERESIS_PERCENT`] points below it.
-pub fn next_level(current: u8, used: u64, budget: u64, (warn, critical): (u8, u8)) -> u8 {
-    if budget == UNLIMITED || budget == 0 {
-        return LEVEL_NORMAL;
-    }
-    // Percent times 100 in u128: no overflow for any u64 pair.
-    let basis_points = (used as u128 * 10_000 / budget as u128) as u64;
-    let level_at = |margin: u64| {
-        let at = |percent: u8| basis_points + margin * 100 >= percent as u64 * 100;
-        if at(critical) {
-            LEVEL_CRITICAL
-        } else if at(warn) {
-            LEVEL_WARN
-        } else {
-            LEVEL_NORMAL
-        }
-    };
-    let rising = level_at(0);
-    if rising >= current {
-        rising
-    } else {
-        level_at(HYSTERESIS_PERCENT).min(current)
-    }
-}
-
-static POOLS: [CachePadded<Pool>; MAX_POOLS] = [const { CachePadded::new(Pool::new()) }; MAX_POOLS];
-
-pub fn pool(index: usize) -> Option<&'static Pool> {
-    POOLS.get(index).map(|p| &**p)
-}
-
-pub fn host() -> &'static Pool {
-    &POOLS[HOST]
-}
-
-// ---------------------------------------------------------------------------------------------
-// Host pool: per-thread credit.
+use super::pools::{host, CREDIT_MAX_BYTES, GRANT_CHUNK_BYTES, SLOT_COUNT};
+use crate::base::threads;
 
 /// One thread's share of the host pool. Written only by its owner (plain loads and stores, no
 /// read-modify-write); read by whoever sums the ledger. The credit may dip below zero for a
@@ -778,8 +437,8 @@ fn charge_pool_directly(bytes: u64, requested: u64) -> bool {
 
 /// Slow path: the thread's credit is short of `bytes`. Takes what is missing plus a chunk; when
 /// the budget will not give a chunk, exactly what is missing; small requests (and one larger one
-/// after a refusal, [`RESERVE_GRANT_DIVISOR`]) may then dip into the reserve, and only for
-/// exactly what they need.
+/// after a refusal, [`RESERVE_GRANT_DIVISOR`](super::pools::RESERVE_GRANT_DIVISOR)) may then
+/// dip into the reserve, and only for exactly what they need.
 #[cold]
 fn charge_slot_from_pool(slot: &Slot, bytes: u64, requested: u64) -> bool {
     let pool = host();
@@ -894,7 +553,7 @@ extern "C" fn thread_exit(value: *mut libc::c_void) {
         retire_slot(slot);
     }
     // This may be the program's last thread: the monitor then ends the process.
-    crate::monitor::thread_ended();
+    threads::thread_ended();
 }
 
 /// Creates the thread-exit key. Called once from the library's constructor, and only when the
@@ -919,163 +578,13 @@ pub fn after_fork_child() {
     }
 }
 
-/// A consistent-enough view of a pool, summed from the slots for the host.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PoolTotals {
-    pub live: u64,
-    pub allocs: u64,
-    pub frees: u64,
-}
-
-pub fn totals(index: usize) -> PoolTotals {
-    let Some(pool) = pool(index) else {
-        return PoolTotals::default();
-    };
-    let mut credit = 0i64;
-    let mut allocs = pool.direct_allocs.load(Ordering::Relaxed);
-    let mut frees = pool.direct_frees.load(Ordering::Relaxed);
-    if index == HOST {
-        for slot in SLOTS.iter() {
-            credit += slot.credit.load(Ordering::Relaxed);
-            allocs += slot.allocs.load(Ordering::Relaxed);
-            frees += slot.frees.load(Ordering::Relaxed);
-        }
+/// The sum over every thread's slot of its credit, allocations and frees.
+pub(super) fn slot_sums() -> (i64, u64, u64) {
+    let (mut credit, mut allocs, mut frees) = (0i64, 0u64, 0u64);
+    for slot in SLOTS.iter() {
+        credit += slot.credit.load(Ordering::Relaxed);
+        allocs += slot.allocs.load(Ordering::Relaxed);
+        frees += slot.frees.load(Ordering::Relaxed);
     }
-    PoolTotals {
-        live: (pool.committed() as i64 - credit).max(0) as u64,
-        allocs,
-        frees,
-    }
-}
-
-/// Number of pools in use: the host plus GPU pools up to the highest active one.
-pub fn pool_count() -> usize {
-    (1..MAX_POOLS)
-        .rev()
-        .find(|&i| POOLS[i].is_active())
-        .map_or(1, |i| i + 1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const T: (u8, u8) = (70, 90);
-
-    #[test]
-    fn levels_rise_at_thresholds_and_fall_with_hysteresis() {
-        // (current level, used of 100, expected next level)
-        let cases: &[(u8, u64, u8)] = &[
-            (LEVEL_NORMAL, 69, LEVEL_NORMAL),
-            (LEVEL_NORMAL, 70, LEVEL_WARN),
-            (LEVEL_NORMAL, 95, LEVEL_CRITICAL),
-            (LEVEL_WARN, 89, LEVEL_WARN),
-            (LEVEL_WARN, 90, LEVEL_CRITICAL),
-            (LEVEL_WARN, 66, LEVEL_WARN),
-            (LEVEL_WARN, 65, LEVEL_WARN),
-            (LEVEL_WARN, 64, LEVEL_NORMAL),
-            (LEVEL_CRITICAL, 86, LEVEL_CRITICAL),
-            (LEVEL_CRITICAL, 84, LEVEL_WARN),
-            (LEVEL_CRITICAL, 10, LEVEL_NORMAL),
-        ];
-        for &(current, used, want) in cases {
-            assert_eq!(
-                next_level(current, used, 100, T),
-                want,
-                "from level {current} at {used}%"
-            );
-        }
-    }
-
-    #[test]
-    fn unlimited_budget_is_always_normal() {
-        assert_eq!(
-            next_level(LEVEL_NORMAL, u64::MAX - 1, UNLIMITED, T),
-            LEVEL_NORMAL
-        );
-    }
-
-    #[test]
-    fn pool_never_commits_past_budget_and_reserve() {
-        let pool = Pool::new();
-        pool.set_budget(1000);
-        pool.set_reserve(100);
-        assert!(pool.try_commit(1000, false));
-        assert!(
-            !pool.try_commit(1, false),
-            "budget full, no reserve allowed"
-        );
-        assert!(
-            pool.try_commit(100, true),
-            "small request may use the reserve"
-        );
-        assert!(
-            !pool.try_commit(1, true),
-            "budget plus reserve is the hard end"
-        );
-        pool.release(1100);
-        assert_eq!(pool.committed(), 0);
-        assert_eq!(pool.peak(), 1100);
-    }
-
-    #[test]
-    fn one_large_request_may_use_the_reserve_after_a_refusal_until_the_level_is_normal() {
-        let pool = Pool::new();
-        pool.set_budget(1000 << 20);
-        pool.set_reserve(64 << 20);
-        const M: u64 = 1 << 20;
-        // (step, bytes, expected) where a step is a commit, a release or a refusal.
-        enum Step {
-            Commit(u64, bool),
-            Release(u64),
-            Refuse,
-        }
-        use Step::*;
-        let steps: &[Step] = &[
-            Commit(999 * M, true),
-            // Past the budget, before any refusal: a large request is refused as always.
-            Commit(4 * M, false),
-            // That refusal opened the grant: one large request (up to half the reserve) goes in.
-            Refuse,
-            Commit(33 * M, false),
-            Commit(4 * M, true),
-            // Used: the next large one is refused, small ones still use the reserve.
-            Commit(4 * M, false),
-            Refuse,
-            Commit(4 * M, false),
-            Commit(64 << 10, true),
-            // Back under the budget (70%, warn) but not yet at normal: still used.
-            Release(300 * M),
-            Commit(400 * M, false),
-            Refuse,
-            Commit(400 * M, false),
-            // At normal (30%) the grant is idle again: a large request past the budget is
-            // refused first, and that refusal opens the grant once more.
-            Release(400 * M),
-            Commit(696 * M, true),
-            Commit(2 * M, false),
-            Refuse,
-            Commit(2 * M, true),
-        ];
-        for (i, step) in steps.iter().enumerate() {
-            match *step {
-                Commit(bytes, want) => assert_eq!(
-                    pool.try_commit_past_budget(bytes, bytes),
-                    want,
-                    "step {i}: {bytes} bytes at {} committed",
-                    pool.committed()
-                ),
-                Release(bytes) => pool.release(bytes),
-                Refuse => pool.record_budget_refusal(1),
-            }
-        }
-    }
-
-    #[test]
-    fn commit_of_huge_request_does_not_overflow() {
-        let pool = Pool::new();
-        assert!(pool.try_commit(10, false));
-        assert!(!pool.try_commit(u64::MAX, true));
-        assert_eq!(pool.committed(), 10);
-    }
+    (credit, allocs, frees)
 }

@@ -23,7 +23,10 @@
 
 use core::ffi::{c_char, c_int, c_uint, c_void};
 
-use crate::gpu::driver::{CuResult, Wrapped};
+use core::ffi::CStr;
+
+use crate::gpu::driver::{self, CuResult, Driver, Wrapped, CUDA_SUCCESS};
+use crate::gpu::resolve::{resolve, GetProcAddressFn, GetProcAddressV2Fn};
 use crate::gpu::{self};
 
 /// The wrapper the shim hands out for `form`.
@@ -55,7 +58,116 @@ pub fn wrapper(form: Wrapped) -> *mut c_void {
 }
 
 // ---------------------------------------------------------------------------------------------
-// dlsym: ask gpu::dlsym_answer; when it has no answer, jump (not call) to glibc's dlsym with the
+// Lookups: dlsym and cuGetProcAddress hand out the wrappers.
+
+/// Replaces what the driver handed out through `pfn` with the shim's wrapper when it is a form
+/// the shim wraps. The driver chose the form from the caller's version and flags; this only
+/// recognises the address, so an older or newer form than the ones wrapped passes untouched.
+///
+/// # Safety
+/// `pfn` is null or valid for reading and writing one pointer.
+unsafe fn wrap_handed_out(driver: &Driver, pfn: *mut *mut c_void) {
+    if pfn.is_null() {
+        return;
+    }
+    // SAFETY: caller's contract.
+    let handed_out = unsafe { *pfn } as usize;
+    if let Some(form) = driver.identify(handed_out) {
+        // SAFETY: caller's contract.
+        unsafe { *pfn = wrapper(form) };
+    }
+}
+
+/// cuGetProcAddress (CUDA 11.3 to 11.8 runtimes).
+///
+/// # Safety
+/// The driver's contract for cuGetProcAddress.
+pub unsafe fn get_proc_address(
+    symbol: *const c_char,
+    pfn: *mut *mut c_void,
+    cuda_version: c_int,
+    flags: u64,
+) -> CuResult {
+    // SAFETY: GetProcAddressFn is cuGetProcAddress's signature.
+    let resolved = match unsafe { resolve::<GetProcAddressFn>(Wrapped::GetProcAddress) } {
+        Ok(resolved) => resolved,
+        Err(code) => return code,
+    };
+    let (driver, real) = (resolved.driver, resolved.real);
+    // SAFETY: the caller's arguments, forwarded.
+    let result = unsafe { real(symbol, pfn, cuda_version, flags) };
+    if result == CUDA_SUCCESS {
+        // SAFETY: pfn was accepted and written by the driver.
+        unsafe { wrap_handed_out(driver, pfn) };
+    }
+    result
+}
+
+/// cuGetProcAddress_v2 (CUDA 12 and later): the driver writes `symbol_status` itself.
+///
+/// # Safety
+/// The driver's contract for cuGetProcAddress_v2.
+pub unsafe fn get_proc_address_v2(
+    symbol: *const c_char,
+    pfn: *mut *mut c_void,
+    cuda_version: c_int,
+    flags: u64,
+    symbol_status: *mut c_int,
+) -> CuResult {
+    // SAFETY: GetProcAddressV2Fn is cuGetProcAddress_v2's signature.
+    let resolved = match unsafe { resolve::<GetProcAddressV2Fn>(Wrapped::GetProcAddressV2) } {
+        Ok(resolved) => resolved,
+        Err(code) => return code,
+    };
+    let (driver, real) = (resolved.driver, resolved.real);
+    // SAFETY: the caller's arguments, forwarded.
+    let result = unsafe { real(symbol, pfn, cuda_version, flags, symbol_status) };
+    if result == CUDA_SUCCESS {
+        // SAFETY: pfn was accepted and written by the driver.
+        unsafe { wrap_handed_out(driver, pfn) };
+    }
+    result
+}
+
+/// What the exported `dlsym` returns without asking glibc, or null to let glibc answer as if the
+/// shim were not there (the trampoline then jumps to glibc's `dlsym` with the caller's own
+/// return address, so RTLD_NEXT still means "after the caller").
+///
+/// Only a lookup in a real handle (not RTLD_DEFAULT, not RTLD_NEXT) of a driver function the
+/// shim wraps, by its exported name, that the handle really has, gets the wrapper. RTLD_DEFAULT
+/// already finds the shim's exports first; RTLD_NEXT belongs to whoever chains after the caller.
+///
+/// Never allocates: it compares bytes against a static table. Also resolves glibc's `dlsym` for
+/// the trampoline.
+///
+/// # Safety
+/// `symbol` is null or NUL-terminated; `handle` is what the caller passed to `dlsym`.
+pub unsafe extern "C" fn dlsym_answer(handle: *mut c_void, symbol: *const c_char) -> *mut c_void {
+    let nothing = core::ptr::null_mut();
+    driver::real_dlsym_address();
+    if symbol.is_null() || handle == libc::RTLD_DEFAULT || handle == libc::RTLD_NEXT {
+        return nothing;
+    }
+    // SAFETY: symbol is NUL-terminated, so reading its first byte, and the second when the first
+    // is not the terminator, stays inside it.
+    let starts_with_cu = unsafe { *symbol == b'c' as c_char && *symbol.add(1) == b'u' as c_char };
+    if !starts_with_cu {
+        return nothing;
+    }
+    // SAFETY: NUL-terminated (caller's contract).
+    let name = unsafe { CStr::from_ptr(symbol) };
+    let Some(form) = Wrapped::by_export_name(name) else {
+        return nothing;
+    };
+    // SAFETY: handle is neither special value, so the caller the real dlsym sees does not matter.
+    if unsafe { driver::real_dlsym(handle, symbol) }.is_null() {
+        return nothing;
+    }
+    wrapper(form)
+}
+
+// ---------------------------------------------------------------------------------------------
+// dlsym: ask dlsym_answer; when it has no answer, jump (not call) to glibc's dlsym with the
 // caller's arguments and return address untouched.
 
 /// # Safety
@@ -81,7 +193,7 @@ pub unsafe extern "C" fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *m
         "jmp rax",
         "2:",
         "ret",
-        answer = sym gpu::dlsym_answer,
+        answer = sym dlsym_answer,
         real = sym gpu::driver::REAL_DLSYM,
     )
 }
@@ -108,7 +220,7 @@ pub unsafe extern "C" fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *m
         "2:",
         "mov x0, x9",
         "ret",
-        answer = sym gpu::dlsym_answer,
+        answer = sym dlsym_answer,
         real = sym gpu::driver::REAL_DLSYM,
     )
 }
@@ -126,7 +238,7 @@ pub unsafe extern "C" fn cuGetProcAddress(
     flags: u64,
 ) -> CuResult {
     // SAFETY: forwarded caller's contract.
-    unsafe { gpu::get_proc_address(symbol, pfn, cuda_version, flags) }
+    unsafe { get_proc_address(symbol, pfn, cuda_version, flags) }
 }
 
 /// # Safety
@@ -140,7 +252,7 @@ pub unsafe extern "C" fn cuGetProcAddress_v2(
     symbol_status: *mut c_int,
 ) -> CuResult {
     // SAFETY: forwarded caller's contract.
-    unsafe { gpu::get_proc_address_v2(symbol, pfn, cuda_version, flags, symbol_status) }
+    unsafe { get_proc_address_v2(symbol, pfn, cuda_version, flags, symbol_status) }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,65 +1,24 @@
 //! The stable C API (include/qvshim.h) for runtimes and the Python companion. Every function is
 //! safe from any thread and allocates nothing through the host's malloc.
 
-use core::sync::atomic::Ordering;
+#![deny(missing_docs)]
 
-use crate::ledger::{self, HOST};
+use crate::ledger::{self, pool_stats};
 
+/// The C API's stats struct, `struct qvshim_pool_stats` of include/qvshim.h (its layout is
+/// checked against the header by this file's test).
+pub use crate::ledger::PoolStats;
+
+/// `QVSHIM_API_VERSION` of include/qvshim.h: raised only for an incompatible change.
 pub const API_VERSION: i32 = 1;
 
-/// Mirrors `struct qvshim_pool_stats` in include/qvshim.h; fields are only ever appended.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PoolStats {
-    pub struct_size: u32,
-    pub pool: i32,
-    pub level: i32,
-    pub device: i32,
-    pub budget: u64,
-    pub effective_budget: u64,
-    pub reserve: u64,
-    pub reserve_in_use: u64,
-    pub live: u64,
-    pub peak: u64,
-    pub allocs: u64,
-    pub frees: u64,
-    pub refusals: u64,
-    pub largest_refused: u64,
-    pub purges: u64,
-    pub level_changes: u64,
-    pub notifications: u64,
-}
-
-/// Gathers one pool's figures; None for a pool index out of range.
-pub fn pool_stats(index: usize) -> Option<PoolStats> {
-    let pool = ledger::pool(index)?;
-    let totals = ledger::totals(index);
-    Some(PoolStats {
-        struct_size: core::mem::size_of::<PoolStats>() as u32,
-        pool: index as i32,
-        level: pool.level() as i32,
-        device: if index == HOST { -1 } else { index as i32 - 1 },
-        budget: pool.budget(),
-        effective_budget: pool.effective(),
-        reserve: pool.reserve(),
-        reserve_in_use: totals.live.saturating_sub(pool.effective()),
-        live: totals.live,
-        peak: pool.peak(),
-        allocs: totals.allocs,
-        frees: totals.frees,
-        refusals: pool.refusals.load(Ordering::Relaxed),
-        largest_refused: pool.largest_refused.load(Ordering::Relaxed),
-        purges: pool.purges.load(Ordering::Relaxed),
-        level_changes: pool.level_changes.load(Ordering::Relaxed),
-        notifications: pool.notifications.load(Ordering::Relaxed),
-    })
-}
-
+/// `QVSHIM_API_VERSION` of the loaded library.
 #[no_mangle]
 pub extern "C" fn qvshim_api_version() -> i32 {
     API_VERSION
 }
 
+/// Number of pools in use: 1 (host) + the highest GPU pool index seen.
 #[no_mangle]
 pub extern "C" fn qvshim_pool_count() -> i32 {
     ledger::pool_count() as i32
@@ -93,6 +52,7 @@ pub unsafe extern "C" fn qvshim_pool_stats(pool: i32, out: *mut PoolStats) -> i3
     0
 }
 
+/// The level of one pool (`enum qvshim_level`), or -1 for an unknown pool.
 #[no_mangle]
 pub extern "C" fn qvshim_level(pool: i32) -> i32 {
     usize::try_from(pool)
@@ -104,10 +64,10 @@ pub extern "C" fn qvshim_level(pool: i32) -> i32 {
 /// Sets a pool's budget: -1 for a pool that does not exist (a GPU pool exists once the process
 /// touched that device) or a budget below [`MIN_BUDGET_BYTES`], as `QVSHIM_BUDGET` refuses one.
 ///
-/// [`MIN_BUDGET_BYTES`]: crate::config::MIN_BUDGET_BYTES
+/// [`MIN_BUDGET_BYTES`]: crate::base::config::MIN_BUDGET_BYTES
 #[no_mangle]
 pub extern "C" fn qvshim_set_budget(pool: i32, bytes: u64) -> i32 {
-    if bytes < crate::config::MIN_BUDGET_BYTES {
+    if bytes < crate::base::config::MIN_BUDGET_BYTES {
         return -1;
     }
     match usize::try_from(pool).ok().and_then(ledger::pool) {
@@ -119,9 +79,11 @@ pub extern "C" fn qvshim_set_budget(pool: i32, bytes: u64) -> i32 {
     }
 }
 
+/// Purges jemalloc's dirty and muzzy pages now; returns the bytes of resident memory returned
+/// (resident before minus after; 0 when nothing came back).
 #[no_mangle]
 pub extern "C" fn qvshim_purge() -> u64 {
-    crate::jemalloc::purge().returned()
+    crate::base::jemalloc::purge().returned()
 }
 
 /// # Safety
@@ -137,11 +99,14 @@ pub unsafe extern "C" fn qvshim_on_level_change(
     }
 }
 
+/// Removes a registered level callback: 0, or -1 for an unknown id.
 #[no_mangle]
 pub extern "C" fn qvshim_remove_level_callback(id: i32) -> i32 {
     crate::runtime::callbacks::remove(id)
 }
 
+/// Writes the diagnostic dump (text, or JSON when `json` is non-zero) to `fd` from the calling
+/// thread: 0, or -1 when the write failed. Never from a signal handler (docs/DUMP.md).
 #[no_mangle]
 pub extern "C" fn qvshim_dump(fd: i32, json: i32) -> i32 {
     if crate::diag::write_dump(fd, json != 0) {
@@ -232,7 +197,7 @@ mod tests {
             .collect();
         assert_eq!(
             rust, c_fields,
-            "expected src/capi.rs PoolStats to have the fields, offsets and sizes of \
+            "expected PoolStats (src/ledger/stats.rs) to have the fields, offsets and sizes of \
              struct qvshim_pool_stats in include/qvshim.h"
         );
         assert_eq!(
