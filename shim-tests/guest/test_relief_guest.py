@@ -124,7 +124,10 @@ def test_collections_that_free_nothing_back_off(python_under_shim, extra, most, 
 
 
 # Collections that free memory are not backed off: gc disabled, 750 MiB of garbage cycles
-# through a 128 MiB budget, a 10 ms purge interval. Only the shim's collections free them.
+# through a 128 MiB budget, a 10 ms purge interval. Only the shim's collections free them. Each
+# cycle comes with a little work (about 0.2 ms here), as a real program's would: at full speed
+# the last 39 MiB before the budget take a few milliseconds, and on a loaded machine the monitor
+# was once not scheduled within them (a MemoryError that says nothing about backing off).
 GARBAGE_CYCLES = """
 import gc
 gc.disable()
@@ -136,6 +139,7 @@ for i in range(3000):
     a, b = Node(), Node()
     a.other, b.other = b, a
     a.payload = bytearray(256 * 1024)
+    sum(range(20000))
 print("finished", i + 1)
 """
 
