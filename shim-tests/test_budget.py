@@ -28,3 +28,32 @@ def test_budget_refuses_gracefully(case, c_program, run_under_shim):
 
 def test_every_budget_case_has_a_row(c_program):
     shimrun.expect_table_covers_program(c_program("budget"), BUDGET_CASES, "BUDGET_CASES")
+
+
+# QVSHIM_WARN and QVSHIM_CRITICAL move the levels: (environment, percent of a 100 MiB budget the
+# program brings live to, the host level then: 0 normal, 1 warn, 2 critical).
+LEVEL_CASES = [
+    ({}, 60, 0),
+    ({}, 80, 1),
+    ({"QVSHIM_WARN": "50", "QVSHIM_CRITICAL": "70"}, 60, 1),
+    ({"QVSHIM_WARN": "50", "QVSHIM_CRITICAL": "70"}, 80, 2),
+    ({"QVSHIM_WARN": "85%", "QVSHIM_CRITICAL": "95%"}, 80, 0),
+]
+
+# Brings host live to the given percent of the budget (the interpreter already holds some of it),
+# in blocks that each fill one 1 MiB size class of jemalloc's.
+LEVEL_PROGRAM = """
+import ctypes, sys
+import shimstats
+stats = shimstats.host_stats()
+held = [bytearray((1 << 20) - 4096) for _ in range((int(sys.argv[1]) * stats.budget // 100 - stats.live) >> 20)]
+print(ctypes.CDLL(None).qvshim_level(0))
+"""
+
+
+@pytest.mark.parametrize("env,percent,level", LEVEL_CASES)
+def test_configured_thresholds_set_the_level(env, percent, level, python_under_shim):
+    result = python_under_shim(["-c", LEVEL_PROGRAM, str(percent)], {"QVSHIM_BUDGET": "100M", **env})
+    assert result.returncode == 0 and result.stdout.strip() == str(level), (
+        f"expected host level {level} with live at {percent}% of a 100 MiB budget under "
+        f"{env or 'the defaults'}, got {result.stdout.strip()!r}{result.describe()}")

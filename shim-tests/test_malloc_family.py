@@ -32,6 +32,7 @@ MALLOC_FAMILY_CASES = [
     "memalign_honours_alignment",
     "memalign_rounds_non_power_of_two_alignment_up",
     "memalign_rejects_huge_alignment_with_einval",
+    "memalign_of_the_largest_power_of_two_is_enomem_not_einval",
     "valloc_returns_page_aligned_blocks",
     "pvalloc_rounds_size_up_to_whole_pages",
     "pvalloc_of_zero_gives_one_page",

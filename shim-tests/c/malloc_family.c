@@ -462,6 +462,22 @@ static void memalign_rejects_huge_alignment_with_einval(void)
     }
 }
 
+/* glibc's boundary: alignments up to SIZE_MAX / 2 + 1 (the largest power of two) are valid and
+ * fail for want of memory; only larger ones are EINVAL. */
+static void memalign_of_the_largest_power_of_two_is_enomem_not_einval(void)
+{
+    const size_t edge[] = {size_max_v / 2 + 1, size_max_v / 2, size_max_v / 2 - 1};
+    for (size_t i = 0; i < sizeof edge / sizeof edge[0]; i++) {
+        uint64_t before = host_live();
+        errno = 0;
+        void *p = memalign(edge[i], 16);
+        EXPECT(p == NULL, "expected memalign(%zu, 16) to return NULL, got %p", edge[i], p);
+        EXPECT(errno == ENOMEM, "expected memalign(%zu, 16) to set errno ENOMEM (%d) as glibc does, got %d",
+               edge[i], ENOMEM, errno);
+        EXPECT_LIVE_BACK("a memalign no machine can satisfy", before);
+    }
+}
+
 static void valloc_returns_page_aligned_blocks(void)
 {
     const size_t sizes[] = {1, 100, 4096, 5000, MIB};
@@ -711,6 +727,7 @@ static const struct check_case cases[] = {
     CASE(memalign_honours_alignment),
     CASE(memalign_rounds_non_power_of_two_alignment_up),
     CASE(memalign_rejects_huge_alignment_with_einval),
+    CASE(memalign_of_the_largest_power_of_two_is_enomem_not_einval),
     CASE(valloc_returns_page_aligned_blocks),
     CASE(pvalloc_rounds_size_up_to_whole_pages),
     CASE(pvalloc_of_zero_gives_one_page),
