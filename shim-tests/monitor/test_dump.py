@@ -112,8 +112,19 @@ def test_text_dump_is_a_readable_table(tmp_path, lib):
 
 
 def test_dump_goes_to_stderr_without_a_dump_file(lib):
+    # In a Python process the dump handler arrives once the interpreter is up (CONFIGURATION.md,
+    # Signals); until then SIGUSR2 keeps its default action, as without the library. The program
+    # waits for the handler (SigCgt) before it signals itself.
     code = """
 import os, signal, time
+deadline = time.monotonic() + 10
+def caught():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("SigCgt:"):
+                return int(line.split()[1], 16) >> (signal.SIGUSR2 - 1) & 1
+while not caught() and time.monotonic() < deadline:
+    time.sleep(0.01)
 os.kill(os.getpid(), signal.SIGUSR2)
 time.sleep(0.5)
 """
