@@ -44,6 +44,7 @@ DEFAULT_MODEL_MIB = 64
 DEFAULT_REPLICAS = 2
 DEFAULT_ROUTE = "/tts"
 DEFAULT_HTTP_PORT = 8000
+DEFAULT_APP_NAME = "tts"
 DEFAULT_AUDIO_MIB = 1.0
 # A request may ask for at most this many lines: a bound on the work, not on memory (the budget
 # is what bounds memory).
@@ -189,6 +190,8 @@ def main(argv=None):
     parser.add_argument("--route", default=DEFAULT_ROUTE, help=f"HTTP route ({DEFAULT_ROUTE})")
     parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
                         help=f"Serve's HTTP port, when this starts Serve ({DEFAULT_HTTP_PORT})")
+    parser.add_argument("--library", help="libqvshim.so's path on the nodes (default: found as `python -m qvshim run` does)")
+    parser.add_argument("--app-name", default=DEFAULT_APP_NAME, help=f"Serve application name ({DEFAULT_APP_NAME})")
     parser.add_argument("--deploy-only", action="store_true", help="deploy and return instead of waiting")
     args = parser.parse_args(argv)
 
@@ -198,8 +201,9 @@ def main(argv=None):
     ray.init(address=args.address, logging_level="WARNING")
     # Serve keeps the port of its first start; on a cluster where Serve runs already this is a no-op.
     serve.start(http_options={"host": "127.0.0.1", "port": args.http_port})
-    app = build_app(args.replicas, args.replica_mib, args.model_mib, gpu_fraction=args.gpu_fraction)
-    serve.run(app, name="tts", route_prefix=args.route)
+    app = build_app(args.replicas, args.replica_mib, args.model_mib, gpu_fraction=args.gpu_fraction,
+                    library=args.library)
+    serve.run(app, name=args.app_name, route_prefix=args.route)
     url = f"http://127.0.0.1:{args.http_port}{args.route}"
     print(f"{args.replicas} TTS replicas, each under a {args.replica_mib} MiB qvshim budget, at {url}")
     print(f"  curl -o line.wav '{url}?text=Hello&lines=2'")
@@ -214,7 +218,7 @@ def main(argv=None):
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.delete("tts")
+        serve.delete(args.app_name)
     return 0
 
 

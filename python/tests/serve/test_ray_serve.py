@@ -7,9 +7,10 @@ from python/requirements-ray.txt). By hand:
     PYTHONPATH=python target/ray-venv/bin/python -m pytest -q python/tests/serve
 
 The cluster is small (2 CPUs, an 80 MB object store, no dashboard) and is torn down whatever the
-test's outcome: every process it started carries a marker variable in its environment, and the
-fixture's finalizer ends exactly those processes (not `ray stop --force`, which ends every Ray
-process on the machine, other people's clusters included).
+test's outcome: every process `ray start` starts carries a marker variable in its environment,
+and the fixture's finalizer ends exactly those processes and their descendants (not
+`ray stop --force`, which ends every Ray process on the machine, other people's clusters
+included).
 """
 
 import concurrent.futures
@@ -61,26 +62,61 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def marked_pids(marker):
-    """Processes whose environment carries this cluster's marker (they inherit it from `ray start`)."""
-    needle = f"{MARKER_VARIABLE}={marker}".encode()
-    found = []
+def parent_pids():
+    """{pid: parent pid} of every process."""
+    parents = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/environ", "rb") as environ:
+            with open(f"/proc/{entry}/stat") as stat:
+                # The name in parentheses may hold spaces; the parent pid is the 2nd field after it.
+                parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return parents
+
+
+def cluster_pids(marker):
+    """The cluster's processes: those whose environment carries its marker (inherited from
+    `ray start`), and all their descendants. Descendants count too because a Ray process that sets
+    its title (ray::DashboardAgent, ray::RuntimeEnvAgent, workers) may write the title over the
+    memory /proc/<pid>/environ shows, marker included."""
+    needle = f"{MARKER_VARIABLE}={marker}".encode()
+    parents = parent_pids()
+    found = set()
+    for pid in parents:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as environ:
                 if needle in environ.read().split(b"\0"):
-                    found.append(int(entry))
+                    found.add(pid)
         except OSError:
             continue  # gone, or not ours to read
+    grown = True
+    while grown:
+        children = {pid for pid, parent in parents.items() if parent in found} - found
+        found |= children
+        grown = bool(children)
     return found
 
 
-def stop_marked(marker):
-    """SIGTERM, then SIGKILL, the marked processes; returns those still there."""
+def alive(pid):
+    """True unless the process is gone or a zombie (dead, waiting for its parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def stop_cluster(marker):
+    """SIGTERM, then SIGKILL, the cluster's processes; returns those still alive.
+
+    The set is taken before anything is signalled: once a parent dies its children are
+    re-parented, and only the marker would still tie them to this cluster."""
+    pids = cluster_pids(marker)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = marked_pids(marker)
+        pids = {pid for pid in pids | cluster_pids(marker) if alive(pid)}
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -89,10 +125,10 @@ def stop_marked(marker):
         deadline = time.monotonic() + TEARDOWN_GRACE_S
         while pids and time.monotonic() < deadline:
             time.sleep(POLL_S)
-            pids = marked_pids(marker)
+            pids = {pid for pid in pids if alive(pid)}
         if not pids:
             return []
-    return marked_pids(marker)
+    return sorted(pids)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +160,7 @@ def ray_cluster():
         )
         yield {"address": f"127.0.0.1:{gcs_port}", "http_port": http_port, "env": env, "temp_dir": temp_dir}
     finally:
-        left = stop_marked(marker)
+        left = stop_cluster(marker)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"the cluster's processes {left} outlived SIGKILL"
 
@@ -166,17 +202,21 @@ def check_audio(answer, request):
     return None
 
 
-def test_two_replicas_one_refuses_over_budget_with_503_serves_again_and_the_other_never_notices(ray_cluster):
-    started = time.monotonic()
-    deploy = subprocess.run(
+def deploy(ray_cluster, *extra):
+    return subprocess.run(
         [sys.executable, EXAMPLE, "--address", ray_cluster["address"], "--deploy-only",
          "--http-port", str(ray_cluster["http_port"]), "--replica-mib", str(REPLICA_MIB),
-         "--model-mib", str(MODEL_MIB)],
+         "--model-mib", str(MODEL_MIB), *extra],
         env=ray_cluster["env"], capture_output=True, text=True, timeout=DEPLOY_TIMEOUT_S,
     )
-    assert deploy.returncode == 0, (
-        f"the example should deploy two replicas, exit status {deploy.returncode}:\n"
-        f"{deploy.stdout[-3000:]}\n{deploy.stderr[-5000:]}"
+
+
+def test_two_replicas_one_refuses_over_budget_with_503_serves_again_and_the_other_never_notices(ray_cluster):
+    started = time.monotonic()
+    deployed = deploy(ray_cluster)
+    assert deployed.returncode == 0, (
+        f"the example should deploy two replicas, exit status {deployed.returncode}:\n"
+        f"{deployed.stdout[-3000:]}\n{deployed.stderr[-5000:]}"
     )
     base_url = f"http://127.0.0.1:{ray_cluster['http_port']}/tts"
 
@@ -247,3 +287,11 @@ def test_two_replicas_one_refuses_over_budget_with_503_serves_again_and_the_othe
     )
     print(f"ray serve: {len(answers)} answers, replica {refused_pid} refused and served again, "
           f"{len(other_answers)} good answers from replica {other_pid}, {time.monotonic() - started:.0f} s after deploy started")
+
+
+def test_a_replica_whose_node_lacks_the_library_fails_the_deployment_instead_of_running_unlimited(ray_cluster):
+    deployed = deploy(ray_cluster, "--library", "/nonexistent/qvshim/libqvshim.so", "--app-name", "unguarded",
+                      "--route", "/unguarded", "--replicas", "1")
+    output = deployed.stdout + deployed.stderr
+    assert deployed.returncode != 0, f"the deployment should fail when its replicas cannot load the library:\n{output[-3000:]}"
+    assert "not under libqvshim.so" in output, f"the failure should say the replica is not under the library:\n{output[-5000:]}"
