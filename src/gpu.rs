@@ -11,7 +11,9 @@
 //! Never allocates, never takes a lock, never logs, never panics: refusals and level changes only
 //! ring the monitor. The one exception is the first call into the driver, which loads it.
 //! Memory the driver takes for itself (contexts, module images, the primary context's stack and
-//! printf buffers) never passes through these calls and is not counted.
+//! printf buffers) never passes through these calls: the monitor reads it from NVML ([`nvml`])
+//! and lowers the effective budget by it, as it does by what the CUDA memory pools keep
+//! ([`mempools`], which also trims them before a refusal).
 //!
 //! About 500 lines: the body of every wrapped driver call, side by side, so that each one can be
 //! checked against the same pattern (resolve, charge, call, remember).
@@ -19,6 +21,8 @@
 pub mod allocations;
 pub mod devices;
 pub mod driver;
+pub mod mempools;
+pub mod nvml;
 pub mod resolve;
 pub mod table;
 
@@ -104,7 +108,7 @@ pub unsafe fn mem_alloc_pitch(
         return call();
     };
     let estimate = (width as u64).saturating_mul(height as u64);
-    if !pool.charge_direct(estimate, false) {
+    if !mempools::charge_or_trim(index, pool, estimate) {
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
     let result = call();
@@ -193,9 +197,13 @@ pub unsafe fn mem_alloc_from_pool_async(
         Err(code) => return code,
     };
     let (driver, real) = (resolved.driver, resolved.real);
+    let index = resolved.pool(current_pool(driver));
+    if let Some(index) = index {
+        mempools::note_pool(mem_pool, index);
+    }
     charged(
         &DEVICE_ALLOCATIONS,
-        resolved.pool(current_pool(driver)),
+        index,
         Kind::Async,
         bytes as u64,
         // SAFETY: the caller's arguments, forwarded.
