@@ -325,15 +325,17 @@ pub unsafe fn mem_release(handle: u64) -> CuResult {
 }
 
 /// The figures a device with `physical_total` bytes, of which the driver says `physical_free`
-/// are free, reports under `pool`: total = min(budget, physical), free = what of that the
-/// process does not hold, and never more than is really free.
+/// are free, reports under `pool`: total = min(budget, physical), the configured budget even
+/// while unseen device memory lowers the effective one (a framework sizes itself once, and the
+/// driver's context lies within the budget); free = what of the effective budget the process
+/// does not hold, and never more than is really free.
 fn budgeted_info(pool: &ledger::Pool, physical_free: u64, physical_total: u64) -> (u64, u64) {
-    let budget = pool.effective();
+    let budget = pool.budget();
     if budget == UNLIMITED {
         return (physical_free, physical_total);
     }
     let total = physical_total.min(budget);
-    let room = total.saturating_sub(pool.committed());
+    let room = total.min(pool.effective()).saturating_sub(pool.committed());
     (physical_free.min(room), total)
 }
 
@@ -383,7 +385,7 @@ pub unsafe fn device_total_mem(bytes: *mut usize, device: c_int) -> CuResult {
     }
     if let Some(pool) = device_pool(driver, device).and_then(ledger::pool) {
         // SAFETY: written by the successful call.
-        unsafe { *bytes = (*bytes as u64).min(pool.effective()) as usize };
+        unsafe { *bytes = (*bytes as u64).min(pool.budget()) as usize };
     }
     result
 }
@@ -505,24 +507,29 @@ mod tests {
 
     #[test]
     fn budgeted_info_reports_the_budget_as_the_device() {
-        /// (budget, held, physical free, physical total, reported (free, total))
-        type Case = (u64, u64, u64, u64, (u64, u64));
+        /// (budget, effective, held, physical free, physical total, reported (free, total))
+        type Case = (u64, u64, u64, u64, u64, (u64, u64));
         let cases: &[Case] = &[
-            (UNLIMITED, 100, 700, 1000, (700, 1000)),
-            (400, 100, 700, 1000, (300, 400)),
-            (400, 400, 700, 1000, (0, 400)),
-            (400, 100, 50, 1000, (50, 400)),
-            (4000, 100, 700, 1000, (700, 1000)),
+            (UNLIMITED, UNLIMITED, 100, 700, 1000, (700, 1000)),
+            (400, 400, 100, 700, 1000, (300, 400)),
+            (400, 400, 400, 700, 1000, (0, 400)),
+            (400, 400, 100, 50, 1000, (50, 400)),
+            (4000, 4000, 100, 700, 1000, (700, 1000)),
+            // Unseen device memory lowered the effective budget: the total stays the budget,
+            // free is what is left of the effective one.
+            (400, 300, 100, 700, 1000, (200, 400)),
+            (400, 50, 100, 700, 1000, (0, 400)),
         ];
         // The last GPU pool: no other unit test touches it.
         let pool = ledger::pool(ledger::MAX_POOLS - 1).unwrap();
-        for &(budget, held, free, total, want) in cases {
+        for &(budget, effective, held, free, total, want) in cases {
             pool.set_budget(budget);
+            pool.set_effective(effective);
             pool.force_commit(held);
             assert_eq!(
                 budgeted_info(pool, free, total),
                 want,
-                "budget {budget} held {held}"
+                "budget {budget} effective {effective} held {held}"
             );
             pool.release(held);
         }

@@ -10,6 +10,7 @@
  *   cuda_client steps STEP...               a script, one fact "sI value" per step:
  *       dev:N            make device N current
  *       a:KIND:MIB       allocate (value: the driver's code); f frees the last one allocated
+ *       info             cuMemGetInfo (value: free; "tI" the total)
  *       eff:POOL:MIB     wait (20 s at most) until the pool's effective budget is MIB MiB
  *                        (value: the effective budget in bytes at the end)
  *       dump:PATH:TEXT   write the JSON dump to PATH until it contains TEXT (20 s at most;
@@ -492,6 +493,10 @@ static void run_steps(int count, char **steps) {
             char *colon = strchr(kind, ':');
             if (colon) *colon = 0;
             printf("s%d %d\n", i, release(kind, keys[held]));
+        } else if (strcmp(op, "info") == 0) {
+            size_t free_bytes = 0, total = 0;
+            CUresult rc = p_mem_get_info(&free_bytes, &total);
+            printf("s%d %zu\nt%d %zu\ninfo_rc%d %d\n", i, free_bytes, i, total, i, rc);
         } else if (strcmp(op, "eff") == 0 && arg1 && arg2) {
             int pool = atoi(arg1);
             unsigned long long want = strtoull(arg2, NULL, 10) * MIB;

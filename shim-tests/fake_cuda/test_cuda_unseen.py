@@ -70,6 +70,16 @@ def test_nvml_devices_are_matched_to_cuda_devices_by_uuid(fake_cuda, tmp_path):
         f"expected gpu 1 lowered by {EXTRA_MIB} MiB and gpu 0 not, got {got}\n{r.describe()}")
 
 
+def test_cuda_mem_get_info_reports_the_budget_as_total_and_the_effective_room_as_free(fake_cuda):
+    env = {"QVSHIM_GPU_BUDGET": f"{BUDGET_MIB}M", "QVSHIM_INTERVAL": "20ms",
+           "FAKE_NVML_EXTRA_MIB": str(EXTRA_MIB), "LD_LIBRARY_PATH": nvml_library_path("v3")}
+    r = run(["cuda_client", "steps", "a:alloc:256", f"eff:1:{BUDGET_MIB - EXTRA_MIB}", "info"], env)
+    assert r.returncode == 0, r.describe()
+    got = (r.number("s2"), r.number("t2"))
+    want = ((BUDGET_MIB - EXTRA_MIB - 256) * MIB, BUDGET_MIB * MIB)
+    assert got == want, f"expected (free, total) {want}: the budget stays the device's size\n{r.describe()}"
+
+
 # (FAKE_CUDA_POOL_KEEPS, steps after four 256 MiB cuMemAllocAsync in a 1 GiB budget and two
 #  frees, expected values of those steps, the fake driver's calls after the frees, refusals)
 POOL_CASES = [
