@@ -69,6 +69,21 @@ EXPORT int nvmlDeviceGetHandleByUUID(const char *uuid, void **device) {
     return NVML_SUCCESS;
 }
 
+/* For scripts/gpu-check's sampler: devices by index, as many as the fake driver has. */
+EXPORT int nvmlDeviceGetCount_v2(unsigned int *count) {
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    if (!count) return NVML_ERROR_INVALID_ARGUMENT;
+    *count = 2;
+    return NVML_SUCCESS;
+}
+
+EXPORT int nvmlDeviceGetHandleByIndex_v2(unsigned int index, void **device) {
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    if (!device || index >= MAX_DEVICES) return NVML_ERROR_INVALID_ARGUMENT;
+    *device = &handles[index];
+    return NVML_SUCCESS;
+}
+
 static unsigned long long driver_used(int device) {
     void *driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
     if (!driver) return 0;
