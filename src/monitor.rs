@@ -126,7 +126,7 @@ fn sample_host() {
 /// beyond the live asynchronous allocations, whichever is more
 /// ([`device_effective`](crate::ledger::device_effective)).
 fn sample_gpus() {
-    let Some(driver) = crate::gpu::driver::loaded() else {
+    let Some(driver) = crate::gpu::mempools::usable_driver() else {
         return;
     };
     for index in 1..ledger::pool_count() {
@@ -516,6 +516,7 @@ pub fn after_fork_child() {
     threads::after_fork_child();
     doorbell::after_fork_child();
     runtime::after_fork_child();
+    crate::gpu::mempools::after_fork_child();
     diag::after_fork_child();
     start();
 }

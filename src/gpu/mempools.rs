@@ -14,7 +14,7 @@
 //! Never allocates, never takes a lock, never logs.
 
 use core::ffi::{c_int, c_void};
-use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use crate::ledger::device_effective::{self, device_effective, DeviceInputs};
 use crate::ledger::{self, Pool, MAX_POOLS};
@@ -36,6 +36,23 @@ static ASYNC_LIVE: [AtomicU64; MAX_POOLS] = [const { AtomicU64::new(0) }; MAX_PO
 /// Trims done before a refusal, and the bytes they gave back, per ledger pool.
 static TRIMS: [AtomicU64; MAX_POOLS] = [const { AtomicU64::new(0) }; MAX_POOLS];
 static TRIMMED_BYTES: [AtomicU64; MAX_POOLS] = [const { AtomicU64::new(0) }; MAX_POOLS];
+
+/// Set in a fork child: CUDA cannot be used after `fork`, and the shim does not try (no trim,
+/// no pool reading, no NVML).
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+/// In a fork child: the driver inherited from the parent is not to be called.
+pub fn after_fork_child() {
+    FORKED.store(true, Ordering::Relaxed);
+}
+
+/// The driver, when it is loaded and this process may call it (not a fork child).
+pub fn usable_driver() -> Option<&'static Driver> {
+    if FORKED.load(Ordering::Relaxed) {
+        return None;
+    }
+    driver::loaded()
+}
 
 /// Remembers `handle`, a pool an allocation of ledger pool `index` came from.
 pub(crate) fn note_pool(handle: *mut c_void, index: usize) {
@@ -154,7 +171,7 @@ pub(crate) fn charge_or_trim(index: usize, pool: &Pool, bytes: u64) -> bool {
     if pool.try_charge_direct(bytes) {
         return true;
     }
-    if let Some(driver) = driver::loaded() {
+    if let Some(driver) = usable_driver() {
         let released = trim(driver, index);
         if let (Some(trims), Some(trimmed)) = (TRIMS.get(index), TRIMMED_BYTES.get(index)) {
             trims.fetch_add(1, Ordering::Relaxed);
@@ -181,11 +198,6 @@ pub fn trims(index: usize) -> (u64, u64) {
             .get(index)
             .map_or(0, |v| v.load(Ordering::Relaxed)),
     )
-}
-
-/// Ledger pool `index`'s device's memory pools' cached bytes, when the driver is loaded.
-pub fn cached_now(index: usize) -> Option<u64> {
-    driver::loaded().map(|driver| pools_cached(driver, index))
 }
 
 /// Whether ledger pool `index` is a GPU pool with a device the process set up.
