@@ -10,6 +10,8 @@
  *   cuda_client steps STEP...               a script, one fact "sI value" per step:
  *       dev:N            make device N current
  *       a:KIND:MIB       allocate (value: the driver's code); f frees the last one allocated
+ *       touch:MIB        map and touch anonymous memory the ledger does not count
+ *       effbelow:POOL:MIB wait (20 s at most) until the pool's effective budget is below MIB MiB
  *       info             cuMemGetInfo (value: free; "tI" the total)
  *       eff:POOL:MIB     wait (20 s at most) until the pool's effective budget is MIB MiB
  *                        (value: the effective budget in bytes at the end)
@@ -493,6 +495,19 @@ static void run_steps(int count, char **steps) {
             char *colon = strchr(kind, ':');
             if (colon) *colon = 0;
             printf("s%d %d\n", i, release(kind, keys[held]));
+        } else if (strcmp(op, "touch") == 0 && arg1) {
+            /* Anonymous memory the ledger does not count: the host's unseen anonymous memory. */
+            size_t bytes = (size_t)strtoull(arg1, NULL, 10) * MIB;
+            char *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (p == MAP_FAILED) die("mmap");
+            memset(p, 1, bytes);
+            printf("s%d 0\n", i);
+        } else if (strcmp(op, "effbelow") == 0 && arg1 && arg2) {
+            int pool = atoi(arg1);
+            unsigned long long below = strtoull(arg2, NULL, 10) * MIB;
+            for (int waited = 0; effective_budget(pool) >= below && waited < STEP_DEADLINE_MS; waited += STEP_POLL_MS)
+                sleep_ms(STEP_POLL_MS);
+            printf("s%d %llu\n", i, effective_budget(pool));
         } else if (strcmp(op, "info") == 0) {
             size_t free_bytes = 0, total = 0;
             CUresult rc = p_mem_get_info(&free_bytes, &total);

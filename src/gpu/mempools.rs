@@ -168,6 +168,11 @@ fn trim(driver: &Driver, index: usize) -> u64 {
 /// the last NVML reading less what the trim gave back), and tries once more. A refusal is
 /// counted only when that fails too. Runs on the allocating thread: driver calls only.
 pub(crate) fn charge_or_trim(index: usize, pool: &Pool, bytes: u64) -> bool {
+    // Pinned host memory: no pool of the device's to trim, and the host's effective budget is
+    // the monitor's (the machine cap), never this file's.
+    if index == ledger::HOST {
+        return pool.charge_direct(bytes, false);
+    }
     if pool.try_charge_direct(bytes) {
         return true;
     }
