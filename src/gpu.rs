@@ -11,7 +11,9 @@
 //! Never allocates, never takes a lock, never logs, never panics: refusals and level changes only
 //! ring the monitor. The one exception is the first call into the driver, which loads it.
 //! Memory the driver takes for itself (contexts, module images, the primary context's stack and
-//! printf buffers) never passes through these calls and is not counted.
+//! printf buffers) never passes through these calls: the monitor reads it from NVML ([`nvml`])
+//! and lowers the effective budget by it, as it does by what the CUDA memory pools keep
+//! ([`mempools`], which also trims them before a refusal).
 //!
 //! About 500 lines: the body of every wrapped driver call, side by side, so that each one can be
 //! checked against the same pattern (resolve, charge, call, remember).
@@ -19,6 +21,8 @@
 pub mod allocations;
 pub mod devices;
 pub mod driver;
+pub mod mempools;
+pub mod nvml;
 pub mod resolve;
 pub mod table;
 
@@ -104,7 +108,7 @@ pub unsafe fn mem_alloc_pitch(
         return call();
     };
     let estimate = (width as u64).saturating_mul(height as u64);
-    if !pool.charge_direct(estimate, false) {
+    if !mempools::charge_or_trim(index, pool, estimate) {
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
     let result = call();
@@ -193,9 +197,13 @@ pub unsafe fn mem_alloc_from_pool_async(
         Err(code) => return code,
     };
     let (driver, real) = (resolved.driver, resolved.real);
+    let index = resolved.pool(current_pool(driver));
+    if let Some(index) = index {
+        mempools::note_pool(mem_pool, index);
+    }
     charged(
         &DEVICE_ALLOCATIONS,
-        resolved.pool(current_pool(driver)),
+        index,
         Kind::Async,
         bytes as u64,
         // SAFETY: the caller's arguments, forwarded.
@@ -317,15 +325,17 @@ pub unsafe fn mem_release(handle: u64) -> CuResult {
 }
 
 /// The figures a device with `physical_total` bytes, of which the driver says `physical_free`
-/// are free, reports under `pool`: total = min(budget, physical), free = what of that the
-/// process does not hold, and never more than is really free.
+/// are free, reports under `pool`: total = min(budget, physical), the configured budget even
+/// while unseen device memory lowers the effective one (a framework sizes itself once, and the
+/// driver's context lies within the budget); free = what of the effective budget the process
+/// does not hold, and never more than is really free.
 fn budgeted_info(pool: &ledger::Pool, physical_free: u64, physical_total: u64) -> (u64, u64) {
-    let budget = pool.effective();
+    let budget = pool.budget();
     if budget == UNLIMITED {
         return (physical_free, physical_total);
     }
     let total = physical_total.min(budget);
-    let room = total.saturating_sub(pool.committed());
+    let room = total.min(pool.effective()).saturating_sub(pool.committed());
     (physical_free.min(room), total)
 }
 
@@ -375,7 +385,7 @@ pub unsafe fn device_total_mem(bytes: *mut usize, device: c_int) -> CuResult {
     }
     if let Some(pool) = device_pool(driver, device).and_then(ledger::pool) {
         // SAFETY: written by the successful call.
-        unsafe { *bytes = (*bytes as u64).min(pool.effective()) as usize };
+        unsafe { *bytes = (*bytes as u64).min(pool.budget()) as usize };
     }
     result
 }
@@ -497,24 +507,29 @@ mod tests {
 
     #[test]
     fn budgeted_info_reports_the_budget_as_the_device() {
-        /// (budget, held, physical free, physical total, reported (free, total))
-        type Case = (u64, u64, u64, u64, (u64, u64));
+        /// (budget, effective, held, physical free, physical total, reported (free, total))
+        type Case = (u64, u64, u64, u64, u64, (u64, u64));
         let cases: &[Case] = &[
-            (UNLIMITED, 100, 700, 1000, (700, 1000)),
-            (400, 100, 700, 1000, (300, 400)),
-            (400, 400, 700, 1000, (0, 400)),
-            (400, 100, 50, 1000, (50, 400)),
-            (4000, 100, 700, 1000, (700, 1000)),
+            (UNLIMITED, UNLIMITED, 100, 700, 1000, (700, 1000)),
+            (400, 400, 100, 700, 1000, (300, 400)),
+            (400, 400, 400, 700, 1000, (0, 400)),
+            (400, 400, 100, 50, 1000, (50, 400)),
+            (4000, 4000, 100, 700, 1000, (700, 1000)),
+            // Unseen device memory lowered the effective budget: the total stays the budget,
+            // free is what is left of the effective one.
+            (400, 300, 100, 700, 1000, (200, 400)),
+            (400, 50, 100, 700, 1000, (0, 400)),
         ];
         // The last GPU pool: no other unit test touches it.
         let pool = ledger::pool(ledger::MAX_POOLS - 1).unwrap();
-        for &(budget, held, free, total, want) in cases {
+        for &(budget, effective, held, free, total, want) in cases {
             pool.set_budget(budget);
+            pool.set_effective(effective);
             pool.force_commit(held);
             assert_eq!(
                 budgeted_info(pool, free, total),
                 want,
-                "budget {budget} held {held}"
+                "budget {budget} effective {effective} held {held}"
             );
             pool.release(held);
         }

@@ -24,6 +24,7 @@ use crate::base::threads::{
     THREAD_END_RECHECK_MS, THREAD_LOOK_GAP_MS,
 };
 use crate::base::{jemalloc, system};
+use crate::ledger::device_effective::{self, device_effective, DeviceInputs};
 use crate::ledger::effective::{
     self, effective_budget, effective_floor_bytes, reason_name, Inputs,
 };
@@ -118,6 +119,49 @@ fn sample_host() {
         );
     }
     watch_pressure(system::memory_pressure());
+}
+
+/// Reads each GPU the process uses and sets its effective budget: the budget less what NVML
+/// shows the process holding beyond the ledger's count, or what the CUDA memory pools keep
+/// beyond the live asynchronous allocations, whichever is more
+/// ([`device_effective`](crate::ledger::device_effective)).
+fn sample_gpus() {
+    let Some(driver) = crate::gpu::mempools::usable_driver() else {
+        return;
+    };
+    for index in 1..ledger::pool_count() {
+        if !crate::gpu::mempools::is_device_pool(index) {
+            continue;
+        }
+        let Some(pool) = ledger::pool(index) else {
+            continue;
+        };
+        let inputs = DeviceInputs {
+            budget: pool.budget(),
+            counted: pool.committed(),
+            pools_cached: crate::gpu::mempools::pools_cached(driver, index),
+            nvml_used: crate::gpu::nvml::process_used(driver, index - 1),
+        };
+        let e = device_effective(inputs);
+        let before = device_effective::last_unseen(index);
+        device_effective::remember(index, &inputs, &e);
+        if pool.effective() != e.bytes {
+            pool.set_effective(e.bytes);
+        }
+        if before != e.unseen {
+            qlog!(
+                Info,
+                "{} effective budget {} (budget {}, counted {}, unseen {}, NVML {}, pools cached {})",
+                PoolName(index),
+                Bytes(e.bytes),
+                Bytes(inputs.budget),
+                Bytes(inputs.counted),
+                Bytes(e.unseen),
+                Bytes(inputs.nvml_used.unwrap_or(0)),
+                Bytes(inputs.pools_cached)
+            );
+        }
+    }
 }
 
 /// PSI "some avg10" (hundredths of a percent) from which the machine is said to stall on
@@ -318,6 +362,12 @@ fn check_pool(index: usize, seen: &mut Seen) {
             Bytes(pool.largest_refused.load(Ordering::Relaxed))
         );
         seen.refusals = refusals;
+        // A GPU refusal: PyTorch's allocator frees its own cached blocks when it sees the
+        // code; the interpreter is asked to empty torch's cache too, between two bytecodes.
+        if index != ledger::HOST {
+            let told = runtime::python::request_relief(index, ledger::LEVEL_CRITICAL);
+            pool.notifications.fetch_add(told as u64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -399,6 +449,7 @@ fn run() {
             || never_sampled
         {
             sample_host();
+            sample_gpus();
             runtime::python::probe();
             if running_ms >= PYTHON_START_WATCH_MS {
                 runtime::python::start_watch_over();
@@ -465,6 +516,7 @@ pub fn after_fork_child() {
     threads::after_fork_child();
     doorbell::after_fork_child();
     runtime::after_fork_child();
+    crate::gpu::mempools::after_fork_child();
     diag::after_fork_child();
     start();
 }

@@ -7,6 +7,17 @@
  *   cuda_client alloc KIND CHUNK_MIB [MAX]  allocate until refused, free one, allocate again
  *   cuda_client devices                     per-device figures and charges
  *   cuda_client threads THREADS ROUNDS      many threads allocating and freeing at once
+ *   cuda_client steps STEP...               a script, one fact "sI value" per step:
+ *       dev:N            make device N current
+ *       a:KIND:MIB       allocate (value: the driver's code); f frees the last one allocated
+ *       touch:MIB        map and touch anonymous memory the ledger does not count
+ *       effbelow:POOL:MIB wait (20 s at most) until the pool's effective budget is below MIB MiB
+ *       info             cuMemGetInfo (value: free; "tI" the total)
+ *       eff:POOL:MIB     wait (20 s at most) until the pool's effective budget is MIB MiB
+ *                        (value: the effective budget in bytes at the end)
+ *       dump:PATH:TEXT   write the JSON dump to PATH until it contains TEXT (20 s at most;
+ *                        value: 1 when it did)
+ *     then "sequence ..." (the fake driver's allocation calls and trims, in order).
  *
  * Link with -ldl; built with -DDIRECT_LINK and -lcuda it calls the driver's exports by name.
  */
@@ -18,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 
 #include "qvshim.h"
 
@@ -425,6 +437,102 @@ static void run_threads(int threads, int n) {
     print_pool("pool", 1);
 }
 
+/* ---- steps ---------------------------------------------------------------------------------- */
+
+#define STEP_DEADLINE_MS 20000
+#define STEP_POLL_MS 10
+
+static unsigned long long effective_budget(int pool) {
+    struct qvshim_pool_stats s = {.struct_size = sizeof s};
+    if (!pool_stats || pool_stats(pool, &s) != 0) return 0;
+    return s.effective_budget;
+}
+
+static void sleep_ms(int ms) {
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* Writes the JSON dump to `path`; 1 when it contains `text`. */
+static int dump_contains(const char *path, const char *text) {
+    int (*dump)(int, int) = (int (*)(int, int))dlsym(RTLD_DEFAULT, "qvshim_dump");
+    if (!dump) return 0;
+    FILE *f = fopen(path, "w+");
+    if (!f) die("dump file");
+    dump(fileno(f), 1);
+    fflush(f);
+    rewind(f);
+    static char buffer[1 << 20];
+    size_t n = fread(buffer, 1, sizeof buffer - 1, f);
+    buffer[n] = 0;
+    fclose(f);
+    return strstr(buffer, text) != NULL;
+}
+
+static void run_steps(int count, char **steps) {
+    start();
+    u64 keys[64];
+    const char *kinds[64];
+    int held = 0;
+    for (int i = 0; i < count; i++) {
+        char step[512];
+        snprintf(step, sizeof step, "%s", steps[i]);
+        char *op = strtok(step, ":");
+        char *arg1 = strtok(NULL, ":");
+        char *arg2 = strtok(NULL, "");
+        if (!op) die("empty step");
+        if (strcmp(op, "dev") == 0 && arg1) {
+            use_device(atoi(arg1));
+            printf("s%d 0\n", i);
+        } else if (strcmp(op, "a") == 0 && arg1 && arg2 && held < 64) {
+            CUresult rc = allocate(arg1, (size_t)strtoull(arg2, NULL, 10) * MIB, &keys[held]);
+            printf("s%d %d\n", i, rc);
+            if (rc == 0) kinds[held++] = steps[i] + 2;
+        } else if (strcmp(op, "f") == 0 && held > 0) {
+            held--;
+            char kind[64];
+            snprintf(kind, sizeof kind, "%s", kinds[held]);
+            char *colon = strchr(kind, ':');
+            if (colon) *colon = 0;
+            printf("s%d %d\n", i, release(kind, keys[held]));
+        } else if (strcmp(op, "touch") == 0 && arg1) {
+            /* Anonymous memory the ledger does not count: the host's unseen anonymous memory. */
+            size_t bytes = (size_t)strtoull(arg1, NULL, 10) * MIB;
+            char *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (p == MAP_FAILED) die("mmap");
+            memset(p, 1, bytes);
+            printf("s%d 0\n", i);
+        } else if (strcmp(op, "effbelow") == 0 && arg1 && arg2) {
+            int pool = atoi(arg1);
+            unsigned long long below = strtoull(arg2, NULL, 10) * MIB;
+            for (int waited = 0; effective_budget(pool) >= below && waited < STEP_DEADLINE_MS; waited += STEP_POLL_MS)
+                sleep_ms(STEP_POLL_MS);
+            printf("s%d %llu\n", i, effective_budget(pool));
+        } else if (strcmp(op, "info") == 0) {
+            size_t free_bytes = 0, total = 0;
+            CUresult rc = p_mem_get_info(&free_bytes, &total);
+            printf("s%d %zu\nt%d %zu\ninfo_rc%d %d\n", i, free_bytes, i, total, i, rc);
+        } else if (strcmp(op, "eff") == 0 && arg1 && arg2) {
+            int pool = atoi(arg1);
+            unsigned long long want = strtoull(arg2, NULL, 10) * MIB;
+            for (int waited = 0; effective_budget(pool) != want && waited < STEP_DEADLINE_MS; waited += STEP_POLL_MS)
+                sleep_ms(STEP_POLL_MS);
+            printf("s%d %llu\n", i, effective_budget(pool));
+        } else if (strcmp(op, "dump") == 0 && arg1 && arg2) {
+            int found = 0;
+            for (int waited = 0; !(found = dump_contains(arg1, arg2)) && waited < STEP_DEADLINE_MS;
+                 waited += STEP_POLL_MS * 10)
+                sleep_ms(STEP_POLL_MS * 10);
+            printf("s%d %d\n", i, found);
+        } else {
+            die("bad step");
+        }
+    }
+    const char *(*sequence)(void) = driver ? (const char *(*)(void))dlsym(driver, "fake_cuda_sequence") : NULL;
+    printf("sequence %s\n", sequence ? sequence() : "");
+    print_pool("pool", 1);
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc >= 2 && strcmp(argv[1], "lookup") == 0) run_lookup();
@@ -434,7 +542,8 @@ int main(int argc, char **argv) {
     else if (argc >= 3 && strcmp(argv[1], "register_malloc") == 0)
         run_register_malloc((size_t)strtoull(argv[2], NULL, 10) * MIB);
     else if (argc >= 4 && strcmp(argv[1], "threads") == 0) run_threads(atoi(argv[2]), atoi(argv[3]));
+    else if (argc >= 2 && strcmp(argv[1], "steps") == 0) run_steps(argc - 2, argv + 2);
     else die("usage: cuda_client lookup | alloc KIND CHUNK_MIB [MAX] | devices | threads N ROUNDS | "
-             "register_malloc MIB");
+             "register_malloc MIB | steps STEP...");
     return 0;
 }

@@ -11,7 +11,14 @@
  *     one form newer than any the shim knows (cuMemGetInfo at 14.0);
  *   - calls its own functions directly, never through the dynamic linker.
  * Environment: FAKE_CUDA_MEMORY_MIB="8192,4096" sets the devices' sizes (at most 4 devices).
- * fake_cuda_calls(name) tells a test how often an entry point was reached.
+ * fake_cuda_calls(name) tells a test how often an entry point was reached, and
+ * fake_cuda_sequence() the order of the allocation calls and pool trims ("name:rc" each).
+ *
+ * Memory pools: each device has a default pool. With FAKE_CUDA_POOL_KEEPS=1 it keeps what
+ * cuMemFreeAsync gives back (as a pool whose release threshold PyTorch raised does) until
+ * cuMemPoolTrimTo, and reuses it for the next asynchronous allocations; cuMemPoolGetAttribute
+ * reports RESERVED_MEM_CURRENT. fake_cuda_device_used(device) is what the device holds, for
+ * the fake NVML. cuDeviceGetUuid(_v2) names device N fa ce 0N 00 ... .
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -60,7 +67,14 @@ static unsigned long long next_handle = 1;
 static int initialized;
 static __thread int current_device = -1;
 
-enum live_kind { LIVE_DEVICE, LIVE_HANDLE, LIVE_HOST, LIVE_REGISTERED };
+/* Each device's default pool: what it keeps after asynchronous frees, and what it serves. */
+static int pool_keeps;
+static unsigned long long pool_cached[MAX_DEVICES];
+static unsigned long long pool_live[MAX_DEVICES];
+#define POOL_HANDLE_BASE 0x9000
+#define ATTR_RESERVED_MEM_CURRENT 5
+
+enum live_kind { LIVE_DEVICE, LIVE_HANDLE, LIVE_HOST, LIVE_REGISTERED, LIVE_ASYNC };
 struct live {
     unsigned long long key;
     unsigned long long bytes;
@@ -71,6 +85,8 @@ struct live {
 static struct live live[MAX_LIVE];
 
 static void set_up_devices(void) {
+    const char *keeps = getenv("FAKE_CUDA_POOL_KEEPS");
+    pool_keeps = keeps && strcmp(keeps, "1") == 0;
     const char *sizes = getenv("FAKE_CUDA_MEMORY_MIB");
     if (!sizes || !*sizes) sizes = "8192,4096";
     device_count = 0;
@@ -111,6 +127,25 @@ __attribute__((visibility("default"))) unsigned long long fake_cuda_calls(const 
     return n;
 }
 
+#define SEQUENCE_BYTES 8192
+static char sequence[SEQUENCE_BYTES];
+
+/* Appends "name:rc " to the sequence (under lock). */
+static void note(const char *name, CUresult rc) {
+    size_t used = strlen(sequence);
+    if (used + 64 < SEQUENCE_BYTES) snprintf(sequence + used, SEQUENCE_BYTES - used, "%s:%d ", name, rc);
+}
+
+__attribute__((visibility("default"))) const char *fake_cuda_sequence(void) { return sequence; }
+
+__attribute__((visibility("default"))) unsigned long long fake_cuda_device_used(int device) {
+    unsigned long long used = 0;
+    pthread_mutex_lock(&lock);
+    if (device >= 0 && device < device_count) used = device_used[device];
+    pthread_mutex_unlock(&lock);
+    return used;
+}
+
 /* ---- bookkeeping of live allocations (under lock) ---------------------------------------- */
 
 static int remember(unsigned long long key, unsigned long long bytes, int device, int kind) {
@@ -133,13 +168,24 @@ static struct live *find(unsigned long long key, int kind) {
 static CUresult device_take(int device, unsigned long long bytes, int kind, unsigned long long *out) {
     if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;
     CUresult rc = CUDA_SUCCESS;
+    unsigned long long key;
     pthread_mutex_lock(&lock);
     if (device < 0 || device >= device_count) {
         rc = CUDA_ERROR_INVALID_DEVICE;
+    } else if (kind == LIVE_ASYNC && pool_cached[device] >= bytes) {
+        /* Served from what the pool keeps: the device holds no more. */
+        key = device_next[device];
+        device_next[device] += (bytes + ALIGN_BYTES - 1) / ALIGN_BYTES * ALIGN_BYTES;
+        if (remember(key, bytes, device, kind)) {
+            pool_cached[device] -= bytes;
+            pool_live[device] += bytes;
+            *out = key;
+        } else {
+            rc = CUDA_ERROR_OUT_OF_MEMORY;
+        }
     } else if (device_used[device] + bytes > device_total[device]) {
         rc = CUDA_ERROR_OUT_OF_MEMORY;
     } else {
-        unsigned long long key;
         if (kind == LIVE_HANDLE) {
             key = next_handle++;
         } else {
@@ -148,6 +194,7 @@ static CUresult device_take(int device, unsigned long long bytes, int kind, unsi
         }
         if (remember(key, bytes, device, kind)) {
             device_used[device] += bytes;
+            if (kind == LIVE_ASYNC) pool_live[device] += bytes;
             *out = key;
         } else {
             rc = CUDA_ERROR_OUT_OF_MEMORY;
@@ -161,8 +208,16 @@ static CUresult device_give(unsigned long long key, int kind) {
     CUresult rc = CUDA_ERROR_INVALID_VALUE;
     pthread_mutex_lock(&lock);
     struct live *l = find(key, kind);
+    if (!l && kind == LIVE_DEVICE) l = find(key, LIVE_ASYNC); /* cuMemFree of an async pointer */
+    if (!l && kind == LIVE_ASYNC) l = find(key, LIVE_DEVICE); /* cuMemFreeAsync of cuMemAlloc's */
     if (l) {
-        device_used[l->device] -= l->bytes;
+        if (l->kind == LIVE_ASYNC) {
+            pool_live[l->device] -= l->bytes;
+            if (pool_keeps) pool_cached[l->device] += l->bytes;
+            else device_used[l->device] -= l->bytes;
+        } else {
+            device_used[l->device] -= l->bytes;
+        }
         l->in_use = 0;
         rc = CUDA_SUCCESS;
     }
@@ -251,12 +306,19 @@ static CUresult impl_mem_get_info_v3(size_t *free_bytes, size_t *total_bytes, un
     return impl_mem_get_info_v2(free_bytes, total_bytes);
 }
 
-static CUresult device_alloc(const char *name, CUdeviceptr *dptr, size_t bytes) {
+static CUresult device_alloc_kind(const char *name, CUdeviceptr *dptr, size_t bytes, int kind) {
     count(name);
     CUresult rc = need_context();
-    if (rc != CUDA_SUCCESS) return rc;
-    if (!dptr) return CUDA_ERROR_INVALID_VALUE;
-    return device_take(current_device, bytes, LIVE_DEVICE, dptr);
+    if (rc == CUDA_SUCCESS && !dptr) rc = CUDA_ERROR_INVALID_VALUE;
+    if (rc == CUDA_SUCCESS) rc = device_take(current_device, bytes, kind, dptr);
+    pthread_mutex_lock(&lock);
+    note(name, rc);
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
+static CUresult device_alloc(const char *name, CUdeviceptr *dptr, size_t bytes) {
+    return device_alloc_kind(name, dptr, bytes, LIVE_DEVICE);
 }
 
 static CUresult impl_mem_alloc_v1(unsigned int *dptr, unsigned int bytes) {
@@ -286,23 +348,23 @@ static CUresult impl_mem_alloc_managed(CUdeviceptr *dptr, size_t bytes, unsigned
 
 static CUresult impl_mem_alloc_async(CUdeviceptr *dptr, size_t bytes, CUstream s) {
     (void)s;
-    return device_alloc("cuMemAllocAsync", dptr, bytes);
+    return device_alloc_kind("cuMemAllocAsync", dptr, bytes, LIVE_ASYNC);
 }
 
 static CUresult impl_mem_alloc_async_ptsz(CUdeviceptr *dptr, size_t bytes, CUstream s) {
     (void)s;
-    return device_alloc("cuMemAllocAsync_ptsz", dptr, bytes);
+    return device_alloc_kind("cuMemAllocAsync_ptsz", dptr, bytes, LIVE_ASYNC);
 }
 
 static CUresult impl_mem_alloc_from_pool_async(CUdeviceptr *dptr, size_t bytes, CUmemoryPool p, CUstream s) {
     (void)p; (void)s;
-    return device_alloc("cuMemAllocFromPoolAsync", dptr, bytes);
+    return device_alloc_kind("cuMemAllocFromPoolAsync", dptr, bytes, LIVE_ASYNC);
 }
 
 static CUresult impl_mem_alloc_from_pool_async_ptsz(CUdeviceptr *dptr, size_t bytes, CUmemoryPool p,
                                                     CUstream s) {
     (void)p; (void)s;
-    return device_alloc("cuMemAllocFromPoolAsync_ptsz", dptr, bytes);
+    return device_alloc_kind("cuMemAllocFromPoolAsync_ptsz", dptr, bytes, LIVE_ASYNC);
 }
 
 static CUresult impl_mem_free_v1(unsigned int dptr) {
@@ -319,13 +381,13 @@ static CUresult impl_mem_free_v2(CUdeviceptr dptr) {
 static CUresult impl_mem_free_async(CUdeviceptr dptr, CUstream s) {
     (void)s;
     count("cuMemFreeAsync");
-    return device_give(dptr, LIVE_DEVICE);
+    return device_give(dptr, LIVE_ASYNC);
 }
 
 static CUresult impl_mem_free_async_ptsz(CUdeviceptr dptr, CUstream s) {
     (void)s;
     count("cuMemFreeAsync_ptsz");
-    return device_give(dptr, LIVE_DEVICE);
+    return device_give(dptr, LIVE_ASYNC);
 }
 
 /* CUmemAllocationProp: type, requestedHandleTypes, location { type, id }, ... */
@@ -410,6 +472,62 @@ static CUresult impl_mem_host_unregister(void *p) {
     return l ? CUDA_SUCCESS : CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED;
 }
 
+/* ---- memory pools and UUIDs ------------------------------------------------------------- */
+
+static int pool_device(void *pool) {
+    intptr_t d = (intptr_t)pool - POOL_HANDLE_BASE;
+    return d >= 0 && d < device_count ? (int)d : -1;
+}
+
+static CUresult impl_device_get_default_mem_pool(void **pool, CUdevice device) {
+    count("cuDeviceGetDefaultMemPool");
+    if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (!pool) return CUDA_ERROR_INVALID_VALUE;
+    if (device < 0 || device >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    *pool = (void *)(intptr_t)(POOL_HANDLE_BASE + device);
+    return CUDA_SUCCESS;
+}
+
+static CUresult impl_mem_pool_get_attribute(void *pool, int attribute, void *value) {
+    count("cuMemPoolGetAttribute");
+    int device = pool_device(pool);
+    if (device < 0 || !value) return CUDA_ERROR_INVALID_VALUE;
+    if (attribute != ATTR_RESERVED_MEM_CURRENT) return CUDA_ERROR_NOT_SUPPORTED;
+    pthread_mutex_lock(&lock);
+    *(unsigned long long *)value = pool_live[device] + pool_cached[device];
+    pthread_mutex_unlock(&lock);
+    return CUDA_SUCCESS;
+}
+
+static CUresult impl_mem_pool_trim_to(void *pool, size_t keep) {
+    count("cuMemPoolTrimTo");
+    int device = pool_device(pool);
+    if (device < 0) return CUDA_ERROR_INVALID_VALUE;
+    pthread_mutex_lock(&lock);
+    unsigned long long reserved = pool_live[device] + pool_cached[device];
+    if (reserved > keep) {
+        unsigned long long give = reserved - keep;
+        if (give > pool_cached[device]) give = pool_cached[device];
+        pool_cached[device] -= give;
+        device_used[device] -= give;
+    }
+    note("cuMemPoolTrimTo", CUDA_SUCCESS);
+    pthread_mutex_unlock(&lock);
+    return CUDA_SUCCESS;
+}
+
+static CUresult impl_device_get_uuid(unsigned char *uuid, CUdevice device) {
+    count("cuDeviceGetUuid");
+    if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (!uuid) return CUDA_ERROR_INVALID_VALUE;
+    if (device < 0 || device >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    memset(uuid, 0, 16);
+    uuid[0] = 0xfa;
+    uuid[1] = 0xce;
+    uuid[2] = (unsigned char)device;
+    return CUDA_SUCCESS;
+}
+
 /* ---- cuGetProcAddress ---------------------------------------------------------------------- */
 
 static CUresult impl_get_proc_address_v2(const char *symbol, void **pfn, int version, unsigned long long flags,
@@ -456,6 +574,10 @@ static const struct form forms[] = {
     FORM("cuMemFreeHost", 2000, 0, impl_mem_free_host),
     FORM("cuMemHostRegister", 6050, 0, impl_mem_host_register_v2),
     FORM("cuMemHostUnregister", 4000, 0, impl_mem_host_unregister),
+    FORM("cuDeviceGetDefaultMemPool", 11020, 0, impl_device_get_default_mem_pool),
+    FORM("cuMemPoolGetAttribute", 11020, 0, impl_mem_pool_get_attribute),
+    FORM("cuMemPoolTrimTo", 11020, 0, impl_mem_pool_trim_to),
+    FORM("cuDeviceGetUuid", 9020, 0, impl_device_get_uuid),
 };
 
 /* The newest form of `symbol` not newer than `version`; a per-thread form when asked for and
@@ -536,6 +658,11 @@ EXPORT CUresult cuMemAllocHost_v2(void **pp, size_t b) { return impl_mem_alloc_h
 EXPORT CUresult cuMemFreeHost(void *p) { return impl_mem_free_host(p); }
 EXPORT CUresult cuMemHostRegister_v2(void *p, size_t b, unsigned int f) { return impl_mem_host_register_v2(p, b, f); }
 EXPORT CUresult cuMemHostUnregister(void *p) { return impl_mem_host_unregister(p); }
+EXPORT CUresult cuDeviceGetDefaultMemPool(void **p, CUdevice d) { return impl_device_get_default_mem_pool(p, d); }
+EXPORT CUresult cuMemPoolGetAttribute(void *p, int a, void *v) { return impl_mem_pool_get_attribute(p, a, v); }
+EXPORT CUresult cuMemPoolTrimTo(void *p, size_t keep) { return impl_mem_pool_trim_to(p, keep); }
+EXPORT CUresult cuDeviceGetUuid(unsigned char *u, CUdevice d) { return impl_device_get_uuid(u, d); }
+EXPORT CUresult cuDeviceGetUuid_v2(unsigned char *u, CUdevice d) { return impl_device_get_uuid(u, d); }
 EXPORT CUresult cuGetProcAddress(const char *s, void **pfn, int v, unsigned long long f) {
     return impl_get_proc_address(s, pfn, v, f);
 }

@@ -4,6 +4,8 @@ Everything lands in shim-tests/build/fake_cuda/: libcuda.so.1 (the fake driver, 
 through LD_LIBRARY_PATH), cuda_client (reaches the driver like a CUDA runtime: dlopen, then
 cuGetProcAddress_v2), cuda_client_direct (linked against libcuda, calls the exports by name),
 and the RTLD_NEXT pair (libwrapwrite.so, rtld_next_main) with its control, naive_dlsym.so.
+The fake NVML (libnvidia-ml.so.1) is built in three directories, one per newest form of the
+process list it exports: nvml_v3/, nvml_v2/, nvml_v1/ (see nvml_library_path).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ CUDA_ERROR_OUT_OF_MEMORY = 2
 RUN_TIMEOUT_SECONDS = 60
 C_FLAGS = ["-std=gnu11", "-O0", "-g", "-Wall", "-Wextra", "-Werror"]
 
-_SHIM_VARIABLE = re.compile(r"^(QVSHIM_|FAKE_CUDA_|LD_PRELOAD$|LD_LIBRARY_PATH$|PYTHONMALLOC$)")
+_SHIM_VARIABLE = re.compile(r"^(QVSHIM_|FAKE_CUDA_|FAKE_NVML_|LD_PRELOAD$|LD_LIBRARY_PATH$|PYTHONMALLOC$)")
 
 
 def _compile(output: Path, sources: list[Path], args: list[str]) -> Path:
@@ -58,7 +60,21 @@ def build_all() -> Path:
     _compile(b / "libwrapwrite.so", [HERE / "wrap_write.c"], ["-fPIC", "-shared", "-ldl"])
     _compile(b / "naive_dlsym.so", [HERE / "naive_dlsym.c"], ["-fPIC", "-shared", "-ldl"])
     _compile(b / "rtld_next_main", [HERE / "rtld_next_main.c"], [f"-L{b}", "-lwrapwrite"])
+    for form, hidden in NVML_FORMS.items():
+        (b / f"nvml_{form}").mkdir(exist_ok=True)
+        _compile(b / f"nvml_{form}" / "libnvidia-ml.so.1", [HERE / "fake_nvml.c"],
+                 ["-fPIC", "-shared", "-fvisibility=hidden", "-Wl,-soname,libnvidia-ml.so.1", "-ldl",
+                  *hidden])
     return b
+
+
+# The fake NVML's builds: the newest form of nvmlDeviceGetComputeRunningProcesses each exports.
+NVML_FORMS = {"v3": [], "v2": ["-DNO_V3"], "v1": ["-DNO_V3", "-DNO_V2"]}
+
+
+def nvml_library_path(form: str | None) -> str:
+    """LD_LIBRARY_PATH with the fake driver and, unless form is None, the fake NVML of that form."""
+    return str(BUILD_DIR) if form is None else f"{BUILD_DIR}:{BUILD_DIR / f'nvml_{form}'}"
 
 
 def environment(extra: dict[str, str] | None = None, preload: str | None = str(SHIM)) -> dict[str, str]:

@@ -105,7 +105,14 @@ BUDGET_CASES = [
     ("6G", [6 * GIB, 4 * GIB]),  # never more than the device has
     ("off", list(DEVICE_MEMORY)),
     ("lots", [int(m * 0.9) for m in DEVICE_MEMORY]),  # bad value: one line, the default
+    # A share of each device, for several processes on one GPU.
+    ("45%", [int(m * 45.0 / 100.0) for m in DEVICE_MEMORY]),
+    ("150%", [int(m * 0.9) for m in DEVICE_MEMORY]),
+    ("0%", [int(m * 0.9) for m in DEVICE_MEMORY]),
+    ("-45%", [int(m * 0.9) for m in DEVICE_MEMORY]),
+    ("45%%", [int(m * 0.9) for m in DEVICE_MEMORY]),
 ]
+BAD_BUDGETS = {"lots", "150%", "0%", "-45%", "45%%"}
 
 
 @pytest.mark.parametrize("budget,totals", BUDGET_CASES)
@@ -117,7 +124,9 @@ def test_gpu_budget_is_resolved_per_device_and_reported_as_its_size(fake_cuda, b
         for key in (f"device{device}_total_mem", f"device{device}_info_total", f"device{device}_info_free"):
             assert r.number(key) == total, f"QVSHIM_GPU_BUDGET={budget}: {key} expected {total}\n{r.describe()}"
     bad_lines = [l for l in r.stderr.splitlines() if "QVSHIM_GPU_BUDGET" in l]
-    assert len(bad_lines) == (1 if budget == "lots" else 0), r.describe()
+    assert len(bad_lines) == (1 if budget in BAD_BUDGETS else 0), r.describe()
+    if budget in BAD_BUDGETS:
+        assert "using default 90%" in bad_lines[0], f"expected the default named\n{r.describe()}"
 
 
 def test_allocations_are_charged_to_the_device_they_are_on(fake_cuda):

@@ -5,6 +5,7 @@ use core::ffi::CStr;
 use core::fmt::Write as _;
 
 use crate::gpu;
+use crate::ledger::device_effective;
 use crate::ledger::effective::{self};
 use crate::ledger::purges::{self};
 use crate::ledger::PoolName;
@@ -142,7 +143,7 @@ pub(super) fn block_json(block: &Block) -> J {
 
 pub(super) fn pool_json(p: &PoolReport) -> J {
     let s = &p.stats;
-    J::Obj(vec![
+    let mut object = J::Obj(vec![
         ("pool", J::Int(s.pool as i64)),
         ("name", J::Str(PoolName(s.pool as usize).to_string())),
         ("device", J::Int(s.device as i64)),
@@ -157,7 +158,15 @@ pub(super) fn pool_json(p: &PoolReport) -> J {
             "effective_reason",
             J::Str(
                 p.effective
-                    .map_or("budget", |e| effective::reason_name(e.reason))
+                    .map_or(
+                        // A GPU pool's budget is lowered only by what the device holds unseen.
+                        if s.effective_budget < s.budget {
+                            "unseen_device"
+                        } else {
+                            "budget"
+                        },
+                        |e| effective::reason_name(e.reason),
+                    )
                     .into(),
             ),
         ),
@@ -177,6 +186,67 @@ pub(super) fn pool_json(p: &PoolReport) -> J {
             J::Arr(p.largest.iter().map(block_json).collect()),
         ),
         ("untracked_large", J::UInt(p.untracked)),
+    ]);
+    if s.pool as usize != ledger::HOST {
+        if let J::Obj(fields) = &mut object {
+            fields.extend(device_fields(s.pool as usize));
+        }
+    }
+    object
+}
+
+/// A GPU pool's device figures: what the ledger counts, what NVML shows for the process, what
+/// the memory pools keep, and what is unseen (the larger of NVML past the count and the
+/// pools' cache; the effective budget is the budget less it).
+fn device_fields(index: usize) -> Vec<(&'static str, J)> {
+    let (trims, trimmed) = gpu::mempools::trims(index);
+    let nvml_error = gpu::nvml::device_error(index - 1);
+    vec![
+        (
+            "counted",
+            J::UInt(ledger::pool(index).map_or(0, |p| p.committed())),
+        ),
+        ("nvml_used", opt(device_effective::last_nvml_used(index))),
+        (
+            "nvml_error",
+            if nvml_error == gpu::nvml::ERROR_NONE {
+                J::Null
+            } else {
+                J::Int(nvml_error as i64)
+            },
+        ),
+        (
+            "pools_cached",
+            J::UInt(device_effective::last_pools_cached(index)),
+        ),
+        ("unseen", J::UInt(device_effective::last_unseen(index))),
+        ("pool_trims", J::UInt(trims)),
+        ("pool_trimmed", J::UInt(trimmed)),
+    ]
+}
+
+/// NVML's state: "unused" until the monitor first reads a GPU, then "ready" (with the form of
+/// the process list used), "missing", "init_failed" (with nvmlInit's code) or "no_function".
+fn nvml_json() -> J {
+    let (state, detail) = gpu::nvml::state();
+    J::Obj(vec![
+        ("state", J::Str(gpu::nvml::state_name(state).into())),
+        (
+            "processes_version",
+            if state == gpu::nvml::STATE_READY {
+                J::Int(detail as i64)
+            } else {
+                J::Null
+            },
+        ),
+        (
+            "init_error",
+            if state == gpu::nvml::STATE_INIT_FAILED {
+                J::Int(detail as i64)
+            } else {
+                J::Null
+            },
+        ),
     ])
 }
 
@@ -190,6 +260,7 @@ pub(super) fn report_json(r: &Report) -> J {
         ("level", J::Str(ledger::level_name(r.level).into())),
         ("config", config_json()),
         ("pools", J::Arr(r.pools.iter().map(pool_json).collect())),
+        ("nvml", nvml_json()),
         (
             "jemalloc",
             J::Obj(vec![

@@ -3,6 +3,7 @@
 use core::fmt::Write as _;
 
 use crate::base::log::Bytes;
+use crate::ledger::device_effective;
 use crate::ledger::effective::{self};
 use crate::ledger::purges::{self};
 use crate::ledger::PoolName;
@@ -96,6 +97,26 @@ pub(super) fn report_text(r: &Report) -> String {
             s.purges,
             s.level_changes,
             s.notifications
+        );
+    }
+    for p in r
+        .pools
+        .iter()
+        .filter(|p| p.stats.pool as usize != ledger::HOST)
+    {
+        let index = p.stats.pool as usize;
+        let (trims, trimmed) = crate::gpu::mempools::trims(index);
+        let _ = writeln!(
+            o,
+            "{}: counted {}, NVML {}, pools cached {}, unseen {}; pools trimmed {} times ({})",
+            PoolName(index),
+            b(ledger::pool(index).map_or(0, |pool| pool.committed())),
+            device_effective::last_nvml_used(index)
+                .map_or_else(|| "n/a".into(), |u| b(u).to_string()),
+            b(device_effective::last_pools_cached(index)),
+            b(device_effective::last_unseen(index)),
+            trims,
+            b(trimmed)
         );
     }
     let e = effective::host_effective();

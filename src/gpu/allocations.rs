@@ -5,6 +5,7 @@
 use crate::ledger::{self};
 
 use super::driver::{CuResult, CUDA_ERROR_OUT_OF_MEMORY, CUDA_SUCCESS};
+use super::mempools::{async_charged, async_freed, charge_or_trim};
 use super::table::{Kind, Record, Table};
 
 /// Device allocations live at once, most: PyTorch's caching allocator holds hundreds, the
@@ -30,7 +31,8 @@ fn now_ms() -> u64 {
 
 /// Charges `bytes` to pool `index`, makes the allocation with `call`, and remembers it under the
 /// key `key` reads afterwards. Refuses with CUDA_ERROR_OUT_OF_MEMORY, and nothing else, when the
-/// budget would be passed; a failed driver call gives the charge back and returns its own code.
+/// budget would be passed even after the device's memory pools were trimmed
+/// ([`charge_or_trim`]); a failed driver call gives the charge back and returns its own code.
 /// Without a pool (`None`) the call goes through uncounted.
 pub(crate) fn charged<const SLOTS: usize>(
     table: &Table<SLOTS>,
@@ -43,7 +45,7 @@ pub(crate) fn charged<const SLOTS: usize>(
     let Some(pool) = index.and_then(ledger::pool) else {
         return call();
     };
-    if !pool.charge_direct(bytes, false) {
+    if !charge_or_trim(index.unwrap_or(0), pool, bytes) {
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
     let result = call();
@@ -74,12 +76,17 @@ pub(crate) fn remember<const SLOTS: usize>(
         if let Some(pool) = ledger::pool(index) {
             pool.uncharge_direct(bytes);
         }
+    } else if kind == Kind::Async {
+        async_charged(index, bytes);
     }
 }
 
 /// Takes back what the allocation under `key` charged; nothing for one never counted.
 pub(crate) fn forget<const SLOTS: usize>(table: &Table<SLOTS>, key: u64) {
     if let Some(record) = table.remove(key) {
+        if record.kind == Kind::Async {
+            async_freed(record.pool as usize, record.bytes);
+        }
         if let Some(pool) = ledger::pool(record.pool as usize) {
             pool.uncharge_direct(record.bytes);
         }

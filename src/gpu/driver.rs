@@ -118,6 +118,14 @@ type GetProcAddressFn =
 type GetProcAddressV2Fn =
     unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64, *mut c_int) -> CuResult;
 pub type CtxGetDeviceFn = unsafe extern "C" fn(*mut c_int) -> CuResult;
+/// cuDeviceGetUuid(_v2): 16 bytes of the device's UUID.
+pub type DeviceGetUuidFn = unsafe extern "C" fn(*mut [u8; 16], c_int) -> CuResult;
+/// cuDeviceGetDefaultMemPool: the device's default CUDA memory pool.
+pub type DeviceGetDefaultMemPoolFn = unsafe extern "C" fn(*mut *mut c_void, c_int) -> CuResult;
+/// cuMemPoolGetAttribute, for the 64-bit attributes.
+pub type MemPoolGetAttributeFn = unsafe extern "C" fn(*mut c_void, c_int, *mut u64) -> CuResult;
+/// cuMemPoolTrimTo.
+pub type MemPoolTrimToFn = unsafe extern "C" fn(*mut c_void, usize) -> CuResult;
 
 /// glibc's `dlsym`, found once with `dlvsym` so the exported hook is never reached. 0 until found.
 pub static REAL_DLSYM: AtomicUsize = AtomicUsize::new(0);
@@ -163,6 +171,18 @@ pub unsafe fn real_dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_voi
     unsafe { dlsym(handle, name) }
 }
 
+/// `address` as the function pointer type `F`; None for 0.
+///
+/// # Safety
+/// `F` is an `extern "C"` function pointer type, and `address` is 0 or a function of that type.
+pub unsafe fn as_function<F: Copy>(address: usize) -> Option<F> {
+    if address == 0 {
+        return None;
+    }
+    // SAFETY: F is a function pointer (the size of usize) for this address (caller's contract).
+    Some(unsafe { core::mem::transmute_copy::<usize, F>(&address) })
+}
+
 /// The loaded driver: the real function of every wrapped form, and the addresses by which a
 /// caller may already hold the form (any of them may be one of the shim's own exports).
 pub struct Driver {
@@ -181,6 +201,12 @@ pub struct Driver {
     /// What a call that came back from below goes to: the driver's own export.
     floor: [usize; WRAPPED_COUNT],
     pub ctx_get_device: Option<CtxGetDeviceFn>,
+    /// Functions the shim calls but does not wrap: naming a device for NVML, and the CUDA
+    /// memory pools (`gpu/mempools.rs`). The driver's own exports only.
+    pub device_get_uuid: Option<DeviceGetUuidFn>,
+    pub device_get_default_mem_pool: Option<DeviceGetDefaultMemPoolFn>,
+    pub mem_pool_get_attribute: Option<MemPoolGetAttributeFn>,
+    pub mem_pool_trim_to: Option<MemPoolTrimToFn>,
 }
 
 static DRIVER: OnceLock<Option<Driver>> = OnceLock::new();
@@ -272,6 +298,10 @@ fn load() -> Option<Driver> {
         by_driver_proc: [0; WRAPPED_COUNT],
         floor: [0; WRAPPED_COUNT],
         ctx_get_device: None,
+        device_get_uuid: None,
+        device_get_default_mem_pool: None,
+        mem_pool_get_attribute: None,
+        mem_pool_trim_to: None,
     };
     for (index, (wrapped, form)) in FORMS.iter().enumerate() {
         let export = own(form.export);
@@ -298,6 +328,20 @@ fn load() -> Option<Driver> {
         driver.ctx_get_device =
             Some(unsafe { core::mem::transmute::<usize, CtxGetDeviceFn>(ctx_get_device) });
     }
+    // Each address is 0 or the driver's export of that name, whose signature the type is
+    // (cuDeviceGetUuid and its _v2 differ only in what they report for MIG instances).
+    let uuid = callable.first(&[own(c"cuDeviceGetUuid_v2"), own(c"cuDeviceGetUuid")]);
+    // SAFETY: as said above; as_function gives None for 0.
+    driver.device_get_uuid = unsafe { as_function(uuid) };
+    let default_pool = callable.first(&[own(c"cuDeviceGetDefaultMemPool")]);
+    // SAFETY: as said above.
+    driver.device_get_default_mem_pool = unsafe { as_function(default_pool) };
+    let pool_attribute = callable.first(&[own(c"cuMemPoolGetAttribute")]);
+    // SAFETY: as said above.
+    driver.mem_pool_get_attribute = unsafe { as_function(pool_attribute) };
+    let trim_to = callable.first(&[own(c"cuMemPoolTrimTo")]);
+    // SAFETY: as said above.
+    driver.mem_pool_trim_to = unsafe { as_function(trim_to) };
     Some(driver)
 }
 

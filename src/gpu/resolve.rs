@@ -4,6 +4,7 @@
 
 use core::ffi::{c_char, c_int, c_uint, c_void};
 
+pub(crate) use super::driver::as_function;
 use super::driver::{
     self, driver, CuResult, Driver, Inside, Wrapped, CUDA_ERROR_NOT_FOUND,
     CUDA_ERROR_NOT_INITIALIZED,
@@ -39,18 +40,6 @@ pub(crate) type GetProcAddressV2Fn =
 pub(crate) unsafe fn real_call<F: Copy>(driver: &Driver, form: Wrapped) -> Option<F> {
     // SAFETY: forwarded caller's contract.
     unsafe { as_function::<F>(driver.real(form)) }
-}
-
-/// `address` as the function pointer type `F`; None for 0.
-///
-/// # Safety
-/// `F` is an `extern "C"` function pointer type, and `address` is 0 or a function of that type.
-pub(crate) unsafe fn as_function<F: Copy>(address: usize) -> Option<F> {
-    if address == 0 {
-        return None;
-    }
-    // SAFETY: F is a function pointer (the size of usize) for this address (caller's contract).
-    Some(unsafe { core::mem::transmute_copy::<usize, F>(&address) })
 }
 
 /// How far calls may come back into the shim from below before one is refused: each level is

@@ -1,12 +1,13 @@
 //! The ledger: the truth about memory. Pools and levels ([`pools`]), the host's per-thread
 //! credit ([`credit`]), what is reported of them ([`stats`]), the host's effective budget
-//! ([`effective`]) and the history of purges ([`purges`]).
+//! ([`effective`]), each GPU's ([`device_effective`]) and the history of purges ([`purges`]).
 //!
 //! It rings the doorbell when something changed and knows no thread: the monitor decides what
 //! to do about it. Everything a pool is asked by an allocation is here, and never allocates,
 //! never takes a lock, never logs.
 
 pub mod credit;
+pub mod device_effective;
 pub mod effective;
 pub mod pools;
 pub mod purges;

@@ -296,6 +296,16 @@ impl Pool {
         }
     }
 
+    /// [`Pool::charge_direct`] without the reserve that counts no refusal when it fails: for a
+    /// caller that will try to make room and then charge again (`gpu/mempools.rs`).
+    pub fn try_charge_direct(&self, bytes: u64) -> bool {
+        let charged = self.try_commit(bytes, false);
+        if charged {
+            self.direct_allocs.fetch_add(1, Ordering::Relaxed);
+        }
+        charged
+    }
+
     pub fn uncharge_direct(&self, bytes: u64) {
         self.direct_frees.fetch_add(1, Ordering::Relaxed);
         self.release(bytes);

@@ -1,0 +1,157 @@
+/*
+ * fake_nvml.c - libnvidia-ml.so.1 with no GPU behind it, for the shim's NVML reading.
+ *
+ * Devices are the fake driver's (fake_cuda.c), found by the UUID cuDeviceGetUuid gives them
+ * ("GPU-face0N00-0000-..."). For its own process, nvmlDeviceGetComputeRunningProcesses reports
+ * what the fake driver holds on the device plus FAKE_NVML_EXTRA_MIB ("300,0": MiB per device,
+ * the driver's context and the like); another process (pid 1) is listed first with 1 TiB, which
+ * the shim must not take for its own.
+ *
+ * Built three ways: with every form of the process list (_v3, _v2, the original), with
+ * -DNO_V3, and with -DNO_V3 -DNO_V2. FAKE_NVML_FAIL makes one step fail: "init", "handle",
+ * "processes", "not_listed" (the process is absent, as in a pid namespace), "not_available".
+ * FAKE_NVML_LOG names a file each call of the process list appends its form to ("v3", "v2",
+ * "v1").
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+#define NVML_SUCCESS 0
+#define NVML_ERROR_UNINITIALIZED 1
+#define NVML_ERROR_INVALID_ARGUMENT 2
+#define NVML_ERROR_NOT_FOUND 6
+#define NVML_ERROR_INSUFFICIENT_SIZE 7
+#define NVML_ERROR_DRIVER_NOT_LOADED 9
+#define NVML_ERROR_UNKNOWN 999
+#define MIB (1024ULL * 1024ULL)
+#define MAX_DEVICES 4
+#define OTHER_PID 1
+#define OTHER_USED (1024ULL * 1024ULL * MIB)
+
+struct info_v1 { unsigned int pid; unsigned long long used; };
+struct info_v2 { unsigned int pid; unsigned long long used; unsigned int gi, ci; };
+
+static int initialized;
+static int handles[MAX_DEVICES];
+
+static int failing(const char *step) {
+    const char *fail = getenv("FAKE_NVML_FAIL");
+    return fail && strcmp(fail, step) == 0;
+}
+
+EXPORT int nvmlInit_v2(void) {
+    if (failing("init")) return NVML_ERROR_DRIVER_NOT_LOADED;
+    initialized = 1;
+    return NVML_SUCCESS;
+}
+
+EXPORT int nvmlInit(void) { return nvmlInit_v2(); }
+
+EXPORT int nvmlShutdown(void) {
+    initialized = 0;
+    return NVML_SUCCESS;
+}
+
+EXPORT int nvmlDeviceGetHandleByUUID(const char *uuid, void **device) {
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    if (!uuid || !device) return NVML_ERROR_INVALID_ARGUMENT;
+    if (failing("handle")) return NVML_ERROR_UNKNOWN;
+    unsigned int a = 0, b = 0;
+    /* GPU-face0N00-...: the third byte is the device. */
+    if (sscanf(uuid, "GPU-%4x%2x", &a, &b) != 2 || a != 0xface || b >= MAX_DEVICES) return NVML_ERROR_NOT_FOUND;
+    *device = &handles[b];
+    return NVML_SUCCESS;
+}
+
+/* For scripts/gpu-check's sampler: devices by index, as many as the fake driver has. */
+EXPORT int nvmlDeviceGetCount_v2(unsigned int *count) {
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    if (!count) return NVML_ERROR_INVALID_ARGUMENT;
+    *count = 2;
+    return NVML_SUCCESS;
+}
+
+EXPORT int nvmlDeviceGetHandleByIndex_v2(unsigned int index, void **device) {
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    if (!device || index >= MAX_DEVICES) return NVML_ERROR_INVALID_ARGUMENT;
+    *device = &handles[index];
+    return NVML_SUCCESS;
+}
+
+static unsigned long long driver_used(int device) {
+    void *driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (!driver) return 0;
+    unsigned long long (*used)(int) = (unsigned long long (*)(int))dlsym(driver, "fake_cuda_device_used");
+    unsigned long long bytes = used ? used(device) : 0;
+    dlclose(driver);
+    return bytes;
+}
+
+static unsigned long long extra(int device) {
+    const char *p = getenv("FAKE_NVML_EXTRA_MIB");
+    for (int i = 0; p && *p; i++) {
+        char *end;
+        unsigned long long mib = strtoull(p, &end, 10);
+        if (end == p) break;
+        if (i == device) return mib * MIB;
+        p = *end == ',' ? end + 1 : end;
+    }
+    return 0;
+}
+
+static void log_form(const char *form) {
+    const char *path = getenv("FAKE_NVML_LOG");
+    if (!path) return;
+    FILE *f = fopen(path, "a");
+    if (!f) return;
+    fprintf(f, "%s\n", form);
+    fclose(f);
+}
+
+/* Fills records of `size` bytes: pid 1 first, then this process (unless left out). */
+static int processes(const char *form, void *device, unsigned int *count, void *infos, size_t size) {
+    log_form(form);
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    if (!device || !count) return NVML_ERROR_INVALID_ARGUMENT;
+    if (failing("processes")) return NVML_ERROR_UNKNOWN;
+    int index = (int)((int *)device - handles);
+    unsigned int listed = failing("not_listed") ? 1 : 2;
+    if (*count < listed) {
+        *count = listed;
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    }
+    unsigned long long own = driver_used(index) + extra(index);
+    if (failing("not_available")) own = ~0ULL;
+    unsigned int pids[2] = {OTHER_PID, (unsigned int)getpid()};
+    unsigned long long used[2] = {OTHER_USED, own};
+    for (unsigned int i = 0; i < listed; i++) {
+        char *record = (char *)infos + i * size;
+        memset(record, 0xff, size); /* the MIG ids: "not in MIG mode" */
+        memcpy(record, &pids[i], sizeof pids[i]);
+        memcpy(record + 8, &used[i], sizeof used[i]);
+    }
+    *count = listed;
+    return NVML_SUCCESS;
+}
+
+#ifndef NO_V3
+EXPORT int nvmlDeviceGetComputeRunningProcesses_v3(void *device, unsigned int *count, struct info_v2 *infos) {
+    return processes("v3", device, count, infos, sizeof *infos);
+}
+#endif
+
+#ifndef NO_V2
+EXPORT int nvmlDeviceGetComputeRunningProcesses_v2(void *device, unsigned int *count, struct info_v2 *infos) {
+    return processes("v2", device, count, infos, sizeof *infos);
+}
+#endif
+
+EXPORT int nvmlDeviceGetComputeRunningProcesses(void *device, unsigned int *count, struct info_v1 *infos) {
+    return processes("v1", device, count, infos, sizeof *infos);
+}

@@ -1,0 +1,124 @@
+"""Device memory qvshim does not count lowers the GPU budget: what NVML shows the process using
+beyond the count (the fake NVML adds FAKE_NVML_EXTRA_MIB to what the fake driver holds), and
+what the CUDA memory pools keep after cuMemFreeAsync (FAKE_CUDA_POOL_KEEPS=1). Before a refusal
+the pools are trimmed and the allocation is tried once more. NVML missing or failing at any step
+changes nothing: the budget is the budget, and nothing is printed."""
+
+from __future__ import annotations
+
+import pytest
+
+from fakecuda import CUDA_ERROR_OUT_OF_MEMORY, MIB, nvml_library_path, run
+
+BUDGET_MIB = 1024
+# What the fake NVML shows beyond the fake driver's figure: a driver context.
+EXTRA_MIB = 300
+READY_V3 = '"nvml":{"state":"ready","processes_version":3'
+
+# (fake NVML form or None for no library, FAKE_NVML_FAIL, what the dump must show of NVML,
+#  what it must show of the device, effective budget in MiB, code of a 512 MiB allocation on
+#  top of the first 256 MiB)
+NVML_CASES = [
+    ("v3", None, READY_V3, f'"unseen":{EXTRA_MIB * MIB}', BUDGET_MIB - EXTRA_MIB, CUDA_ERROR_OUT_OF_MEMORY),
+    ("v2", None, '"state":"ready","processes_version":2', f'"nvml_used":{(256 + EXTRA_MIB) * MIB}',
+     BUDGET_MIB - EXTRA_MIB, CUDA_ERROR_OUT_OF_MEMORY),
+    ("v1", None, '"state":"ready","processes_version":1', f'"nvml_used":{(256 + EXTRA_MIB) * MIB}',
+     BUDGET_MIB - EXTRA_MIB, CUDA_ERROR_OUT_OF_MEMORY),
+    (None, None, '"state":"missing"', '"nvml_used":null', BUDGET_MIB, 0),
+    ("v3", "init", '"state":"init_failed","processes_version":null,"init_error":9', '"nvml_used":null',
+     BUDGET_MIB, 0),
+    ("v3", "handle", READY_V3, '"nvml_error":999', BUDGET_MIB, 0),
+    ("v3", "processes", READY_V3, '"nvml_error":999', BUDGET_MIB, 0),
+    ("v3", "not_listed", READY_V3, '"nvml_error":-2', BUDGET_MIB, 0),
+    ("v3", "not_available", READY_V3, '"nvml_error":-3', BUDGET_MIB, 0),
+]
+
+
+@pytest.mark.parametrize("form,fail,nvml_text,device_text,effective_mib,second_rc", NVML_CASES)
+def test_nvml_usage_beyond_the_count_lowers_the_gpu_budget_and_its_failures_change_nothing(
+        fake_cuda, tmp_path, form, fail, nvml_text, device_text, effective_mib, second_rc):
+    dump = tmp_path / "dump.json"
+    env = {"QVSHIM_GPU_BUDGET": f"{BUDGET_MIB}M", "QVSHIM_INTERVAL": "20ms",
+           "FAKE_NVML_EXTRA_MIB": str(EXTRA_MIB), "LD_LIBRARY_PATH": nvml_library_path(form),
+           "FAKE_NVML_LOG": str(tmp_path / "forms")}
+    if fail:
+        env["FAKE_NVML_FAIL"] = fail
+    r = run(["cuda_client", "steps", "a:alloc:256", f"dump:{dump}:{nvml_text}", f"dump:{dump}:{device_text}",
+             f"eff:1:{effective_mib}", "a:alloc:512"], env)
+    assert r.returncode == 0, r.describe()
+    got = [r.number(f"s{i}") for i in range(5)]
+    want = [0, 1, 1, effective_mib * MIB, second_rc]
+    assert got == want, (
+        f"NVML {form} failing at {fail}: expected allocation 0, dump with {nvml_text!r} and {device_text!r}, "
+        f"effective budget {effective_mib} MiB, then code {second_rc}; got {got}\n"
+        f"last dump: {dump.read_text() if dump.exists() else None}\n{r.describe()}")
+    assert "nvml" not in r.stderr.lower(), f"NVML's absence or failure must print nothing\n{r.describe()}"
+    if form and fail not in ("init", "handle"):
+        forms = set((tmp_path / "forms").read_text().split())
+        assert forms == {form}, f"expected only the newest form {form} to be called, got {forms}"
+
+
+def test_nvml_devices_are_matched_to_cuda_devices_by_uuid(fake_cuda, tmp_path):
+    # Only the second device has memory NVML sees beyond the count: only its budget is lowered.
+    env = {"QVSHIM_GPU_BUDGET": f"{BUDGET_MIB}M", "QVSHIM_INTERVAL": "20ms",
+           "FAKE_NVML_EXTRA_MIB": f"0,{EXTRA_MIB}", "LD_LIBRARY_PATH": nvml_library_path("v3")}
+    r = run(["cuda_client", "steps", "a:alloc:256", "dev:1", "a:alloc:256", f"eff:2:{BUDGET_MIB - EXTRA_MIB}",
+             f"eff:1:{BUDGET_MIB}"], env)
+    assert r.returncode == 0, r.describe()
+    got = (r.number("s3"), r.number("s4"))
+    assert got == ((BUDGET_MIB - EXTRA_MIB) * MIB, BUDGET_MIB * MIB), (
+        f"expected gpu 1 lowered by {EXTRA_MIB} MiB and gpu 0 not, got {got}\n{r.describe()}")
+
+
+def test_cuda_mem_get_info_reports_the_budget_as_total_and_the_effective_room_as_free(fake_cuda):
+    env = {"QVSHIM_GPU_BUDGET": f"{BUDGET_MIB}M", "QVSHIM_INTERVAL": "20ms",
+           "FAKE_NVML_EXTRA_MIB": str(EXTRA_MIB), "LD_LIBRARY_PATH": nvml_library_path("v3")}
+    r = run(["cuda_client", "steps", "a:alloc:256", f"eff:1:{BUDGET_MIB - EXTRA_MIB}", "info"], env)
+    assert r.returncode == 0, r.describe()
+    got = (r.number("s2"), r.number("t2"))
+    want = ((BUDGET_MIB - EXTRA_MIB - 256) * MIB, BUDGET_MIB * MIB)
+    assert got == want, f"expected (free, total) {want}: the budget stays the device's size\n{r.describe()}"
+
+
+# (FAKE_CUDA_POOL_KEEPS, steps after four 256 MiB cuMemAllocAsync in a 1 GiB budget and two
+#  frees, expected values of those steps, the fake driver's calls after the frees, refusals)
+POOL_CASES = [
+    # The pool keeps 512 MiB: it counts, the budget falls to 512 MiB; the next allocation is
+    # refused by that budget, the pool is trimmed, and the retry fits.
+    ("1", ["eff:1:512", "a:async:256"], [512 * MIB, 0],
+     "cuMemPoolTrimTo:0 cuMemAllocAsync:0", 0),
+    # Full even after the trim: refused without calling the driver, the trim came first.
+    ("1", ["eff:1:512", "a:async:256", "a:async:256", "a:async:256"], [512 * MIB, 0, 0, CUDA_ERROR_OUT_OF_MEMORY],
+     "cuMemPoolTrimTo:0 cuMemAllocAsync:0 cuMemAllocAsync:0 cuMemPoolTrimTo:0", 1),
+    # A pool that gives memory back at once: nothing is cached, the budget stays.
+    ("0", ["eff:1:1024", "a:async:256", "a:async:256", "a:async:256"], [1024 * MIB, 0, 0, CUDA_ERROR_OUT_OF_MEMORY],
+     "cuMemAllocAsync:0 cuMemAllocAsync:0 cuMemPoolTrimTo:0", 1),
+]
+
+
+@pytest.mark.parametrize("keeps,steps,values,calls,refusals", POOL_CASES)
+def test_memory_pools_reserve_counts_and_is_trimmed_before_a_refusal(fake_cuda, keeps, steps, values, calls,
+                                                                    refusals):
+    fill = ["a:async:256"] * 4 + ["f", "f"]
+    r = run(["cuda_client", "steps", *fill, *steps],
+            {"QVSHIM_GPU_BUDGET": "1G", "QVSHIM_INTERVAL": "20ms", "FAKE_CUDA_POOL_KEEPS": keeps})
+    assert r.returncode == 0, r.describe()
+    got = [r.number(f"s{i}") for i in range(len(fill) + len(steps))]
+    assert got == [0] * len(fill) + values, f"expected steps {fill + steps} to give {values}\n{r.describe()}"
+    sequence = r.facts.get("sequence", "").split()
+    after_frees = " ".join(sequence[4:])
+    assert after_frees == calls, (
+        f"expected the driver to see, after the fill: {calls!r}; it saw {after_frees!r}\n{r.describe()}")
+    assert r.number("pool_refusals") == refusals, r.describe()
+
+
+def test_a_pinned_host_refusal_leaves_the_host_effective_budget_to_the_monitor(fake_cuda):
+    # 256 MiB of anonymous memory the ledger does not see lowers the host's effective budget to
+    # about 290 MiB of its 512 MiB; a 300 MiB pinned allocation must be refused by it, not let
+    # through by a retry that took the budget back up (pinned memory has no pool to trim).
+    r = run(["cuda_client", "steps", "touch:256", "effbelow:0:320", "a:host_alloc:300"],
+            {"QVSHIM_BUDGET": "512M", "QVSHIM_INTERVAL": "20ms"})
+    assert r.returncode == 0, r.describe()
+    assert r.number("s1") < 320 * MIB, f"expected the host effective budget lowered\n{r.describe()}"
+    assert r.number("s2") == CUDA_ERROR_OUT_OF_MEMORY, (
+        f"expected the pinned allocation refused by the lowered host budget\n{r.describe()}")
