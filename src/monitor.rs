@@ -404,6 +404,7 @@ fn run() {
                 runtime::python::start_watch_over();
             }
             diag::check_dump_signal();
+            diag::publish::publish();
             last_sample_ms = now;
             never_sampled = false;
         }
