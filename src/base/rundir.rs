@@ -73,6 +73,16 @@ pub fn open(path: &[u8]) -> Result<c_int, String> {
     if unsafe { libc::mkdir(c.as_ptr(), RUN_DIR_MODE) } != 0 && errno() != libc::EEXIST {
         return Err(format!("cannot be created ({})", os_error(errno())));
     }
+    // Looked at first only to say why a link is refused (O_DIRECTORY|O_NOFOLLOW says ENOTDIR);
+    // the check that counts is the one on the descriptor below.
+    // SAFETY: a zeroed stat is a valid out-buffer; c is NUL-terminated.
+    let mut seen: libc::stat = unsafe { core::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::lstat(c.as_ptr(), &mut seen) } == 0
+        && seen.st_mode & libc::S_IFMT == libc::S_IFLNK
+    {
+        return Err("is a symbolic link, never followed".to_string());
+    }
     // SAFETY: c is NUL-terminated; the descriptor is closed on refusal below.
     let fd = unsafe {
         libc::open(

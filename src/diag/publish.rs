@@ -200,13 +200,26 @@ fn counters_name(pid: u32) -> String {
     format!("{pid}.json")
 }
 
-/// Publishes the counters file now. Monitor thread.
+/// When the first publication is due, while it has not happened (the monitor wakes for it even
+/// with a long QVSHIM_INTERVAL); None once it has, or when publishing is off.
+pub fn first_due_ms() -> Option<u64> {
+    if FIRST_DONE.load(Ordering::Relaxed) || STATE.load(Ordering::Relaxed) == STOPPED {
+        return None;
+    }
+    Some(NEXT_PUBLISH_MS.load(Ordering::Relaxed))
+}
+
+static FIRST_DONE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Publishes the counters file, when it is due (at most every [`PUBLISH_MIN_GAP_MS`], the
+/// first [`FIRST_PUBLISH_AFTER_MS`] after load or fork). Monitor thread.
 pub fn publish() {
     let now = clock::now_ms();
     if now < NEXT_PUBLISH_MS.load(Ordering::Relaxed) {
         return;
     }
     NEXT_PUBLISH_MS.store(now.saturating_add(PUBLISH_MIN_GAP_MS), Ordering::Relaxed);
+    FIRST_DONE.store(true, Ordering::Relaxed);
     if STATE
         .compare_exchange(IDLE, WRITING, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
@@ -251,6 +264,7 @@ pub fn withdraw() {
 /// In a fork child: it publishes its own file (under its own pid) from its own monitor; a
 /// publication the parent's monitor had under way at the fork is not the child's.
 pub(super) fn after_fork_child() {
+    FIRST_DONE.store(false, Ordering::Relaxed);
     NEXT_PUBLISH_MS.store(
         clock::now_ms().saturating_add(FIRST_PUBLISH_AFTER_MS),
         Ordering::Relaxed,
