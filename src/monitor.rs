@@ -408,7 +408,7 @@ fn run() {
             never_sampled = false;
         }
         // Gated inside: the first publication waits a moment, later ones come at most 4 a second.
-        diag::publish::publish();
+        diag::publish::publish(diag::request::dump_signal());
         // Computed afresh each time round: a rise to warn shortens the wait already running.
         let next_sample_ms = last_sample_ms.saturating_add(sample_interval_ms(level, running_ms));
         let purge_interval = PURGE_INTERVAL_MS.load(Ordering::Relaxed);

@@ -65,13 +65,33 @@ pub fn path(xdg: Option<&[u8]>) -> Vec<u8> {
     format!("{SHM_PREFIX}{}", euid()).into_bytes()
 }
 
+/// Why the directory is not used.
+#[derive(Debug)]
+pub struct Refused {
+    pub why: String,
+    /// Something is there that is not ours to use (a link, another user's directory, a wider
+    /// mode, a file): worth a warning. False when the directory merely cannot be made (no
+    /// /dev/shm, a read-only file system), which is no reason to speak at the default level.
+    pub hostile: bool,
+}
+
+fn refused(why: impl Into<String>, hostile: bool) -> Refused {
+    Refused {
+        why: why.into(),
+        hostile,
+    }
+}
+
 /// Creates (0700, when missing) and opens the directory at `path`, checked on its descriptor;
 /// the descriptor (O_CLOEXEC) or why it is refused.
-pub fn open(path: &[u8]) -> Result<c_int, String> {
-    let c = CString::new(path).map_err(|_| "contains a NUL byte".to_string())?;
+pub fn open(path: &[u8]) -> Result<c_int, Refused> {
+    let c = CString::new(path).map_err(|_| refused("contains a NUL byte", false))?;
     // SAFETY: c is NUL-terminated. EEXIST is fine: what exists is checked below.
     if unsafe { libc::mkdir(c.as_ptr(), RUN_DIR_MODE) } != 0 && errno() != libc::EEXIST {
-        return Err(format!("cannot be created ({})", os_error(errno())));
+        return Err(refused(
+            format!("cannot be created ({})", os_error(errno())),
+            false,
+        ));
     }
     // Looked at first only to say why a link is refused (O_DIRECTORY|O_NOFOLLOW says ENOTDIR);
     // the check that counts is the one on the descriptor below.
@@ -81,7 +101,7 @@ pub fn open(path: &[u8]) -> Result<c_int, String> {
     if unsafe { libc::lstat(c.as_ptr(), &mut seen) } == 0
         && seen.st_mode & libc::S_IFMT == libc::S_IFLNK
     {
-        return Err("is a symbolic link, never followed".to_string());
+        return Err(refused("is a symbolic link, never followed", true));
     }
     // SAFETY: c is NUL-terminated; the descriptor is closed on refusal below.
     let fd = unsafe {
@@ -93,18 +113,21 @@ pub fn open(path: &[u8]) -> Result<c_int, String> {
     if fd < 0 {
         let e = errno();
         return Err(match e {
-            libc::ELOOP => "is a symbolic link, never followed".to_string(),
-            libc::ENOTDIR => "not a directory".to_string(),
-            _ => format!("cannot be opened ({})", os_error(e)),
+            libc::ELOOP => refused("is a symbolic link, never followed", true),
+            libc::ENOTDIR => refused("not a directory", true),
+            _ => refused(format!("cannot be opened ({})", os_error(e)), false),
         });
     }
     // SAFETY: a zeroed stat is a valid out-buffer; fd is open.
     let mut st: libc::stat = unsafe { core::mem::zeroed() };
     // SAFETY: as above.
     let checked = if unsafe { libc::fstat(fd, &mut st) } == 0 {
-        private_dir(&st, euid()).map_err(str::to_string)
+        private_dir(&st, euid()).map_err(|why| refused(why, true))
     } else {
-        Err(format!("cannot be examined ({})", os_error(errno())))
+        Err(refused(
+            format!("cannot be examined ({})", os_error(errno())),
+            false,
+        ))
     };
     match checked {
         Ok(()) => Ok(fd),
@@ -114,6 +137,73 @@ pub fn open(path: &[u8]) -> Result<c_int, String> {
             Err(why)
         }
     }
+}
+
+/// The mode of every file made in the directory: its owner alone reads it.
+pub const FILE_MODE: libc::mode_t = 0o600;
+/// Temporary names tried before giving up (each random: a second try means someone made that
+/// exact name, or getrandom failed).
+pub const TEMP_NAME_ATTEMPTS: u32 = 8;
+
+/// 64 unpredictable bits for a temporary name: getrandom(2) through syscall (no glibc wrapper
+/// needed), else the clock and the attempt (O_EXCL still refuses a planted name).
+fn temp_suffix(attempt: u32) -> u64 {
+    let mut value = 0u64;
+    // SAFETY: the buffer is the 8 bytes of `value`.
+    let got = unsafe {
+        libc::syscall(
+            libc::SYS_getrandom,
+            (&mut value as *mut u64).cast::<libc::c_void>(),
+            core::mem::size_of::<u64>(),
+            libc::GRND_NONBLOCK,
+        )
+    };
+    if got == core::mem::size_of::<u64>() as libc::c_long {
+        return value;
+    }
+    super::clock::now_ms() ^ u64::from(attempt).rotate_left(48)
+}
+
+/// Writes `bytes` as `name` in the opened directory `dir`, whole: a temporary file beside it
+/// (O_CREAT|O_EXCL|O_NOFOLLOW, mode 0600) renamed over it, so a reader never sees half of one.
+pub fn replace_in(dir: c_int, name: &str, bytes: &[u8]) -> Result<(), String> {
+    let target = CString::new(name).map_err(|_| "contains a NUL byte".to_string())?;
+    for attempt in 0..TEMP_NAME_ATTEMPTS {
+        let Ok(temp) = CString::new(format!(".{name}.{:016x}", temp_suffix(attempt))) else {
+            return Err("contains a NUL byte".into());
+        };
+        // SAFETY: dir is an open directory; temp is NUL-terminated; fd is closed below.
+        let fd = unsafe {
+            libc::openat(
+                dir,
+                temp.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                FILE_MODE as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            let e = errno();
+            if e == libc::EEXIST {
+                continue;
+            }
+            return Err(format!("cannot be created ({})", os_error(e)));
+        }
+        let written = super::log::write_all(fd, bytes);
+        // SAFETY: fd was opened above.
+        let closed = unsafe { libc::close(fd) } == 0;
+        // SAFETY: both names are NUL-terminated and relative to the open directory.
+        let renamed = written
+            && closed
+            && unsafe { libc::renameat(dir, temp.as_ptr(), dir, target.as_ptr()) } == 0;
+        if renamed {
+            return Ok(());
+        }
+        let e = errno();
+        // SAFETY: temp is NUL-terminated; unlinkat never follows a link.
+        unsafe { libc::unlinkat(dir, temp.as_ptr(), 0) };
+        return Err(format!("cannot be written ({})", os_error(e)));
+    }
+    Err("no unused temporary name".into())
 }
 
 /// The system's words for an errno value.

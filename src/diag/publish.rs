@@ -19,12 +19,9 @@ use std::sync::OnceLock;
 
 use crate::base::clock;
 use crate::base::log::qlog;
-use crate::base::rundir;
+use crate::base::rundir::{self, replace_in};
 use crate::base::system;
 use crate::ledger::{self, level_name, PoolName};
-
-use super::file::{os_error, temp_suffix, DUMP_FILE_MODE, TEMP_NAME_ATTEMPTS};
-use super::request::DUMP_SIGNAL;
 
 /// Layout of the counters file ("format"): raised only when a key changes meaning.
 pub const COUNTERS_FORMAT: u32 = 1;
@@ -81,12 +78,20 @@ fn dir_fd() -> Option<c_int> {
             DIR_FD.store(fd, Ordering::Release);
             Some(fd)
         }
-        Err(why) => {
+        Err(refused) => {
             DIR_FD.store(REFUSED, Ordering::Release);
-            qlog!(
-                Warn,
-                "run directory {}: {why}; the counters file is not published (qvshim status will not see this process)",
-                String::from_utf8_lossy(&path)
+            let level = if refused.hostile {
+                crate::base::log::Level::Warn
+            } else {
+                crate::base::log::Level::Info
+            };
+            crate::base::log::write_line(
+                level,
+                format_args!(
+                    "run directory {}: {}; the counters file is not published (qvshim status will not see this process)",
+                    String::from_utf8_lossy(&path),
+                    refused.why
+                ),
             );
             None
         }
@@ -114,7 +119,8 @@ fn own_start_ticks() -> u64 {
 }
 
 /// The counters as one JSON object (docs/MONITOR.md).
-pub fn counters_json(pid: u32, start: u64) -> String {
+/// `dump_signal`: the signal that asks for a dump now (0: none).
+pub fn counters_json(pid: u32, start: u64, dump_signal: i32) -> String {
     let mut out = String::with_capacity(512);
     let _ = write!(
         out,
@@ -122,7 +128,7 @@ pub fn counters_json(pid: u32, start: u64) -> String {
          \"version\":\"{}\",\"updated_ms\":{},\"dump_signal\":{},\"pools\":[",
         env!("CARGO_PKG_VERSION"),
         clock::now_ms(),
-        DUMP_SIGNAL.load(Ordering::Relaxed)
+        dump_signal
     );
     let mut first = true;
     for index in 0..ledger::pool_count() {
@@ -154,48 +160,6 @@ pub fn counters_json(pid: u32, start: u64) -> String {
     out
 }
 
-/// Writes `bytes` as `name` in the directory `dir`: a temporary file (O_EXCL|O_NOFOLLOW, 0600)
-/// renamed over it.
-fn replace_in(dir: c_int, name: &str, bytes: &[u8]) -> Result<(), String> {
-    let target = CString::new(name).map_err(|_| "contains a NUL byte".to_string())?;
-    for attempt in 0..TEMP_NAME_ATTEMPTS {
-        let Ok(temp) = CString::new(format!(".{name}.{:016x}", temp_suffix(attempt))) else {
-            return Err("contains a NUL byte".into());
-        };
-        // SAFETY: dir is an open directory; temp is NUL-terminated; fd is closed below.
-        let fd = unsafe {
-            libc::openat(
-                dir,
-                temp.as_ptr(),
-                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-                DUMP_FILE_MODE as libc::c_uint,
-            )
-        };
-        if fd < 0 {
-            let e = super::file::errno();
-            if e == libc::EEXIST {
-                continue;
-            }
-            return Err(format!("cannot be created ({})", os_error(e)));
-        }
-        let written = crate::base::log::write_all(fd, bytes);
-        // SAFETY: fd was opened above.
-        let closed = unsafe { libc::close(fd) } == 0;
-        // SAFETY: both names are NUL-terminated and relative to the open directory.
-        let renamed = written
-            && closed
-            && unsafe { libc::renameat(dir, temp.as_ptr(), dir, target.as_ptr()) } == 0;
-        if renamed {
-            return Ok(());
-        }
-        let e = super::file::errno();
-        // SAFETY: temp is NUL-terminated; unlinkat never follows a link.
-        unsafe { libc::unlinkat(dir, temp.as_ptr(), 0) };
-        return Err(format!("cannot be written ({})", os_error(e)));
-    }
-    Err("no unused temporary name".into())
-}
-
 fn counters_name(pid: u32) -> String {
     format!("{pid}.json")
 }
@@ -212,8 +176,9 @@ pub fn first_due_ms() -> Option<u64> {
 static FIRST_DONE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
 /// Publishes the counters file, when it is due (at most every [`PUBLISH_MIN_GAP_MS`], the
-/// first [`FIRST_PUBLISH_AFTER_MS`] after load or fork). Monitor thread.
-pub fn publish() {
+/// first [`FIRST_PUBLISH_AFTER_MS`] after load or fork), naming `dump_signal` as the signal
+/// that asks for a dump now (0: none). Monitor thread.
+pub fn publish(dump_signal: i32) {
     let now = clock::now_ms();
     if now < NEXT_PUBLISH_MS.load(Ordering::Relaxed) {
         return;
@@ -228,7 +193,7 @@ pub fn publish() {
     }
     if let Some(dir) = dir_fd() {
         let pid = std::process::id();
-        let text = counters_json(pid, own_start_ticks());
+        let text = counters_json(pid, own_start_ticks(), dump_signal);
         if let Err(why) = replace_in(dir, &counters_name(pid), text.as_bytes()) {
             qlog!(Debug, "counters file {pid}.json: {why}");
         }
