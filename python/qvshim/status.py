@@ -16,7 +16,6 @@ import sys
 EXIT_BAD_USAGE = 2
 EXIT_NOT_FOUND = 1
 UNLIMITED = 2**64 - 1
-LIBRARY_NAME = "libqvshim.so"
 
 USAGE = "usage: qvshim status [PID]"
 
@@ -86,10 +85,12 @@ def command_line(pid, width=40):
 
 
 def has_library(pid):
-    """True when the library is mapped in the process, False when it is not, None when unreadable."""
+    """True when the library is mapped in the process, False when it is not, None when unreadable.
+    Any mapped path that holds "qvshim" counts, so a library copied under another file name
+    (QVSHIM_LIBRARY=/opt/qvshim-1.0.so) is never taken for a process that exec'd away."""
     try:
         with open(f"/proc/{pid}/maps", "rb") as f:
-            return LIBRARY_NAME.encode() in f.read()
+            return b"qvshim" in f.read()
     except OSError:
         return None
 
