@@ -14,6 +14,7 @@ reported and is not a failure.
 import ctypes
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -63,7 +64,9 @@ class Report:
 
 
 def _probe(library):
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "PYTHONMALLOC")}
+    # Without QVSHIM_LOG_FILE, so that the library's lines about bad values come back on stderr
+    # (the log file itself is checked here, in _log_file).
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "PYTHONMALLOC", "QVSHIM_LOG_FILE")}
     env["LD_PRELOAD"] = library
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = package_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -203,12 +206,40 @@ CONFIG_KEYS = {
 }
 
 
+def _log_file(report, path):
+    """QVSHIM_LOG_FILE as the library will take it (CONFIGURATION.md, Logging)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        directory = os.path.dirname(os.path.abspath(path))
+        if os.access(directory, os.W_OK | os.X_OK):
+            report.line("ok", "QVSHIM_LOG_FILE", f"{path!r} (created mode 0600 on first use)")
+        else:
+            report.line("FAIL", "QVSHIM_LOG_FILE", f"{path!r}: {directory} is not writable; the log stays on stderr")
+        return
+    except OSError as error:
+        report.line("FAIL", "QVSHIM_LOG_FILE", f"{path!r}: {error.strerror}; the log stays on stderr")
+        return
+    if stat.S_ISLNK(st.st_mode):
+        report.line("FAIL", "QVSHIM_LOG_FILE", f"{path!r} is a symbolic link, which the library never follows; "
+                    "the log stays on stderr")
+    elif not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        report.line("FAIL", "QVSHIM_LOG_FILE", f"{path!r} is not a regular file, FIFO or character device; "
+                    "the log stays on stderr")
+    elif not os.access(path, os.W_OK):
+        report.line("FAIL", "QVSHIM_LOG_FILE", f"{path!r} is not writable; the log stays on stderr")
+    else:
+        report.line("ok", "QVSHIM_LOG_FILE", repr(path))
+
+
 def _variables(report, environ, stderr, config):
     names = sorted(k for k in environ if k.startswith("QVSHIM_"))
     bad = [line for line in stderr.splitlines() if line.startswith("[qvshim] ERROR QVSHIM_")]
     for name in names:
         lines = [line for line in bad if line.startswith(f"[qvshim] ERROR {name}=")]
-        if lines:
+        if name == "QVSHIM_LOG_FILE":
+            _log_file(report, environ[name])
+        elif lines:
             for line in lines:
                 report.line("FAIL", name, line[len("[qvshim] ERROR "):])
         else:

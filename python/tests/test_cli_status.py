@@ -252,11 +252,27 @@ def test_bad_input_gets_one_clear_line_and_a_failure_status(args, code, message,
     assert os.path.exists(f"/proc/{plain_sleeper}"), "the process not under qvshim must not be signalled"
 
 
-def test_doctor_fails_on_a_bad_variable_and_names_it(library):
-    result = qvshim("doctor", env=plain_env(QVSHIM_BUDGET="lots", QVSHIM_WARN="50"))
-    assert result.returncode == 1, f"a bad QVSHIM_BUDGET should fail doctor:\n{result.stdout}"
-    assert 'FAIL  QVSHIM_BUDGET    QVSHIM_BUDGET="lots": not a size' in result.stdout, result.stdout
-    assert "ok    QVSHIM_WARN      '50' -> warn_percent 50" in result.stdout, result.stdout
+# (environment, exit status, lines doctor must print)
+DOCTOR_VARIABLE_CASES = [
+    ({"QVSHIM_BUDGET": "lots", "QVSHIM_WARN": "50"}, 1,
+     ['FAIL  QVSHIM_BUDGET    QVSHIM_BUDGET="lots": not a size', "ok    QVSHIM_WARN      '50' -> warn_percent 50"]),
+    ({"QVSHIM_BUDGET": "1G", "QVSHIM_PUBLISH": "0"}, 0,
+     ["ok    QVSHIM_BUDGET    '1G' -> budget 1073741824", "ok    QVSHIM_PUBLISH   '0'"]),
+    # With a log file the library's line about a bad value would go there: doctor still sees it.
+    ({"QVSHIM_LOG_FILE": "{tmp}/log", "QVSHIM_INTERVAL": "1ms"}, 1,
+     ["ok    QVSHIM_LOG_FILE  '{tmp}/log'", 'FAIL  QVSHIM_INTERVAL  QVSHIM_INTERVAL="1ms": shorter than 10ms']),
+    ({"QVSHIM_LOG_FILE": "{tmp}/link"}, 1, ["FAIL  QVSHIM_LOG_FILE  '{tmp}/link' is a symbolic link"]),
+]
+
+
+@pytest.mark.parametrize("env,code,want", DOCTOR_VARIABLE_CASES, ids=[" ".join(c[0]) for c in DOCTOR_VARIABLE_CASES])
+def test_doctor_shows_how_each_variable_parses_and_fails_on_a_bad_one(library, tmp_path, env, code, want):
+    os.symlink(tmp_path / "elsewhere", tmp_path / "link")
+    env = {k: v.format(tmp=tmp_path) for k, v in env.items()}
+    result = qvshim("doctor", env=plain_env(**env))
+    assert result.returncode == code, f"{env}: expected exit {code}, got {result.returncode}\n{result.stdout}"
+    for line in want:
+        assert line.format(tmp=tmp_path) in result.stdout, f"{env}: expected {line!r}:\n{result.stdout}"
 
 
 def test_doctor_fails_without_the_library(tmp_path):
