@@ -97,7 +97,8 @@ def has_library(pid):
 
 def _remove(directory, pid):
     for name in os.listdir(directory):
-        if name in (f"{pid}.json", f"{pid}.dump", f"{pid}.dump-ask") or name.startswith(f".{pid}.json."):
+        # The temporary files of a write the process's end cut short too (".<pid>.json.<hex>").
+        if name in (f"{pid}.json", f"{pid}.dump", f"{pid}.dump-ask") or name.startswith(f".{pid}."):
             try:
                 os.unlink(os.path.join(directory, name))
             except OSError:

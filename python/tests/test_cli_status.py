@@ -431,3 +431,24 @@ def test_publish_off_writes_no_file(library):
         quiet.end()
         loud.end()
 
+
+
+def test_top_refreshes_until_ctrl_c_and_then_exits_0_quietly(governed):
+    governed.published()
+    top = subprocess.Popen([sys.executable, "-m", "qvshim", "top"], env=plain_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        frames = 0
+        for line in top.stdout:
+            frames += line.startswith("qvshim top")
+            if frames == 2:  # a second frame: it refreshes
+                break
+        assert frames == 2, "expected top to print a second frame"
+        top.send_signal(signal.SIGINT)
+        out, err = top.communicate(timeout=DEADLINE_S)
+    finally:
+        if top.poll() is None:
+            top.kill()
+            top.wait()
+    assert top.returncode == 0 and err == "", f"Ctrl+C: expected exit 0 and nothing on stderr, got " \
+                                              f"{top.returncode}:\n{err}"
