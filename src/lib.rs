@@ -199,6 +199,7 @@ fn apply(settings: &Settings) -> Settings {
     runtime::python::set_exit_report(diag::report_exit_once);
     runtime::signal::configure(settings.notify_signal);
     diag::configure(settings, budget, env_bytes("QVSHIM_DUMP_FILE"));
+    diag::publish::configure(settings.publish, env_bytes("XDG_RUNTIME_DIR"));
     if settings.backtrace {
         tracker::enable_backtraces();
     }

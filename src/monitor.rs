@@ -458,6 +458,8 @@ fn run() {
             last_sample_ms = now;
             never_sampled = false;
         }
+        // Gated inside: the first publication waits a moment, later ones come at most 4 a second.
+        diag::publish::publish(diag::request::dump_signal());
         // Computed afresh each time round: a rise to warn shortens the wait already running.
         let next_sample_ms = last_sample_ms.saturating_add(sample_interval_ms(level, running_ms));
         let purge_interval = PURGE_INTERVAL_MS.load(Ordering::Relaxed);
@@ -476,6 +478,9 @@ fn run() {
         if level > LEVEL_NORMAL {
             let purge_due = last_purge_ms.saturating_add(purge_interval);
             timeout = timeout.min(purge_due.saturating_sub(now).max(1));
+        }
+        if let Some(due_ms) = diag::publish::first_due_ms() {
+            timeout = timeout.min(due_ms.saturating_sub(now).max(1));
         }
         let count_due_ms = last_count_ms.saturating_add(count_every_ms);
         timeout = timeout.min(count_due_ms.saturating_sub(now).max(1));

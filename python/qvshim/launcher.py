@@ -5,6 +5,7 @@ LD_PRELOAD set (the library has to be there before Python starts, to count every
 then the script runs in this interpreter as __main__, as `python script.py` would run it.
 """
 
+import importlib
 import os
 import runpy
 import sys
@@ -20,9 +21,14 @@ USAGE = """\
 usage: python -m qvshim run SCRIPT [ARGS...]
        python -m qvshim run -m MODULE [ARGS...]
        python -m qvshim library
+       python -m qvshim status [PID] | top [--once] | dump PID [--json] | doctor
 
 run      run a Python script or module with libqvshim.so preloaded (no LD_PRELOAD to type)
 library  print the path of the libqvshim.so that `run` would preload
+status   the live figures of your processes under qvshim (budget, live, peak, level, pools)
+top      the status table refreshed every second, a bar per pool; --once prints one frame
+dump     ask a process under qvshim for its diagnostic dump and print it (--json: JSON)
+doctor   check the library, the allocator, the Python hook, CUDA, the budget, QVSHIM_* variables
 
 The library is $QVSHIM_LIBRARY, else libqvshim.so next to this package, else the
 repository's target/release/libqvshim.so. Configure it with QVSHIM_* variables,
@@ -155,6 +161,8 @@ def main(argv=None):
     command, rest = argv[0], argv[1:]
     if command == "run":
         return run(rest)
+    if command in ("status", "top", "dump", "doctor"):  # docs/CLI.md
+        return importlib.import_module(f".{command}", __package__).main(rest)
     if command == "library":
         try:
             print(find_library())

@@ -74,6 +74,8 @@ pub struct Settings {
     pub dump_json: bool,
     /// QVSHIM_BACKTRACE: native backtraces of the largest live allocations.
     pub backtrace: bool,
+    /// QVSHIM_PUBLISH: publish the counters file `qvshim status` reads (docs/MONITOR.md).
+    pub publish: bool,
 }
 
 impl Default for Settings {
@@ -95,6 +97,7 @@ impl Default for Settings {
             dump_signal: Some(libc::SIGUSR2),
             dump_json: false,
             backtrace: false,
+            publish: true,
         }
     }
 }
@@ -242,6 +245,12 @@ impl Settings {
         if let Some((value, bad)) = read("QVSHIM_BACKTRACE", "0") {
             match parse_switch(value) {
                 Ok(on) => s.backtrace = on,
+                Err(reason) => report(bad(reason)),
+            }
+        }
+        if let Some((value, bad)) = read("QVSHIM_PUBLISH", "on") {
+            match parse_switch(value) {
+                Ok(on) => s.publish = on,
                 Err(reason) => report(bad(reason)),
             }
         }
@@ -566,8 +575,10 @@ mod tests {
             ("QVSHIM_DUMP_SIGNAL", "off"),
             ("QVSHIM_DUMP_FORMAT", "json"),
             ("QVSHIM_BACKTRACE", "1"),
+            ("QVSHIM_PUBLISH", "0"),
         ]);
         assert!(lines.is_empty(), "unexpected lines {lines:?}");
+        assert!(!s.publish, "QVSHIM_PUBLISH=0 turns publishing off");
         assert_eq!((s.interval_ms, s.purge_interval_ms), (250, 5000));
         assert_eq!(s.system_reserve_bytes, 1 << 30);
         assert!(!s.python && s.dump_json && s.backtrace);
@@ -576,12 +587,18 @@ mod tests {
             (Some(libc::SIGUSR1), None)
         );
 
-        let (s, lines) = load_with(&[("QVSHIM_INTERVAL", "1ms"), ("QVSHIM_SIGNAL", "KILL")]);
+        let (s, lines) = load_with(&[
+            ("QVSHIM_INTERVAL", "1ms"),
+            ("QVSHIM_SIGNAL", "KILL"),
+            ("QVSHIM_PUBLISH", "maybe"),
+        ]);
+        assert!(s.publish, "a bad QVSHIM_PUBLISH keeps publishing on");
         assert_eq!(
             lines,
             [
                 "QVSHIM_INTERVAL=\"1ms\": shorter than 10ms; using default 1s",
                 "QVSHIM_SIGNAL=\"KILL\": not a signal meant for users (USR1, USR2, RTMIN+n, RTMAX-n or their numbers, or off); using default off",
+                "QVSHIM_PUBLISH=\"maybe\": not on or off (1, on, yes, true / 0, off, no, false); using default on",
             ]
         );
         assert_eq!(

@@ -7,7 +7,8 @@
 //! * [`clock`]: monotonic milliseconds;
 //! * [`jemalloc`]: jemalloc's control interface (stats, purge);
 //! * [`doorbell`]: wakes the monitor thread (async-signal-safe);
-//! * [`threads`]: the shim's own threads and the count of the program's.
+//! * [`threads`]: the shim's own threads and the count of the program's;
+//! * [`rundir`]: the user's private run directory (0700, never another user's or a link).
 
 pub mod cgroup;
 pub mod clock;
@@ -15,5 +16,6 @@ pub mod config;
 pub mod doorbell;
 pub mod jemalloc;
 pub mod log;
+pub mod rundir;
 pub mod system;
 pub mod threads;

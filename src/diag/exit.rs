@@ -53,6 +53,7 @@ pub(super) static EXIT_REPORTED: AtomicBool = AtomicBool::new(false);
 /// Writes the exit line, once per process (CPython's finalization and atexit both call this).
 pub fn report_exit_once() {
     finish_requested_dump();
+    super::publish::withdraw();
     // Written past the log's rate limit: a busy last second must not swallow the summary.
     if !EXIT_REPORTED.swap(true, Ordering::AcqRel)
         && crate::base::log::enabled(crate::base::log::Level::Info)

@@ -312,6 +312,14 @@ pub fn write_requested_dump() {
     let Some(config) = CONFIG.get() else {
         return;
     };
+    // `qvshim dump` asked: the reply goes to the run directory, whatever QVSHIM_DUMP_FILE says.
+    if let Some(json) = super::publish::take_dump_ask() {
+        match super::publish::write_dump_reply(&render(json)) {
+            Ok(()) => qlog!(Info, "dump written for qvshim dump"),
+            Err(why) => qlog!(Error, "the dump qvshim dump asked for: {why}"),
+        }
+        return;
+    }
     let json = config.settings.dump_json;
     let Some(pattern) = &config.dump_path else {
         write_dump(crate::base::log::fd(), json);

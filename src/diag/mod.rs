@@ -12,11 +12,13 @@
 //! * [`json`] and [`text`]: the two views of it, chosen by [`render()`];
 //! * [`file`](mod@file): where a requested dump goes (QVSHIM_DUMP_FILE, safely);
 //! * [`request`]: the dump signal and the flags the monitor and the exit path share;
-//! * [`exit`]: the one-line exit report.
+//! * [`exit`]: the one-line exit report;
+//! * [`publish`]: the counters file `qvshim status` reads, and the reply to `qvshim dump`.
 
 pub mod exit;
 pub mod file;
 pub mod json;
+pub mod publish;
 pub mod render;
 pub mod report;
 pub mod request;
@@ -31,4 +33,5 @@ pub use request::{check_dump_signal, install_dump_signal};
 pub fn after_fork_child() {
     request::after_fork_child();
     exit::after_fork_child();
+    publish::after_fork_child();
 }

@@ -82,6 +82,11 @@ extern "C" fn on_dump_signal(_signal: c_int) {
 /// The signal whose handler is the shim's now (0: none, dumps by signal are off).
 pub(super) static DUMP_SIGNAL: core::sync::atomic::AtomicI32 =
     core::sync::atomic::AtomicI32::new(0);
+/// The signal that asks for a dump now; 0 when dumps by signal are off.
+pub fn dump_signal() -> i32 {
+    DUMP_SIGNAL.load(Ordering::Relaxed)
+}
+
 /// QVSHIM_DUMP_SIGNAL was set by the user: what becomes of it is said at WARN, not INFO.
 pub(super) static DUMP_SIGNAL_CHOSEN: AtomicBool = AtomicBool::new(false);
 
