@@ -222,6 +222,25 @@ def rows(record):
     return out
 
 
+def device_lines(found):
+    """Under the table, one line per GPU pool: what the ledger counts, what NVML shows for the
+    process and what it holds unseen (the driver's context, a memory pool's cache), which
+    lowers the pool's budget (docs/GPU.md)."""
+    out = []
+    for record in found:
+        for pool in record.get("pools", []):
+            if "counted" not in pool:
+                continue
+            nvml = pool.get("nvml_used")
+            out.append(
+                f"{record['pid']} {pool.get('pool', '?')}: counted {size(pool['counted'])}, "
+                f"unseen {size(pool.get('unseen', 0))}, "
+                f"NVML {'n/a' if nvml is None else size(nvml)}, "
+                f"pools keep {size(pool.get('pools_cached', 0))}"
+            )
+    return out
+
+
 def table(all_rows, extra=None):
     """The rows as aligned text; extra: a column of text (bars) added at the end of each row."""
     lines = [HEADER] + list(all_rows)
@@ -252,4 +271,6 @@ def main(argv):
         print("no process of yours runs under qvshim")
         return 0
     print(table([r for record in found for r in rows(record)]))
+    for line in device_lines(found):
+        print(line)
     return 0

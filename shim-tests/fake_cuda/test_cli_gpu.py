@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import fakecuda
+import pytest
 
 PYTHON_DIR = fakecuda.REPO / "python"
 DEADLINE_S = 20
@@ -64,6 +65,36 @@ def test_status_shows_each_gpu_pool_in_use(fake_cuda):
         assert done.returncode == 0, done.stderr
         row = [line for line in done.stdout.splitlines() if line.lstrip().startswith("gpu 0")]
         assert row and "256.0 MiB" in row[0] and "7.2 GiB" in row[0], f"expected a gpu 0 row:\n{done.stdout}"
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=DEADLINE_S)
+
+
+# (fake NVML form or None for no NVML, MiB NVML shows past the count, what the status line must say)
+UNSEEN_CASES = [
+    ("v3", 100, "counted 256.0 MiB, unseen 100.0 MiB, NVML 356.0 MiB"),
+    (None, 0, "counted 256.0 MiB, unseen 0 B, NVML n/a"),
+]
+
+
+@pytest.mark.parametrize("form,extra_mib,want", UNSEEN_CASES)
+def test_status_shows_counted_unseen_and_the_nvml_figure(fake_cuda, form, extra_mib, want):
+    env = fakecuda.environment({"QVSHIM_INTERVAL": "20ms", "FAKE_NVML_EXTRA_MIB": str(extra_mib),
+                                "LD_LIBRARY_PATH": fakecuda.nvml_library_path(form)})
+    holder = subprocess.Popen([fakecuda.python(), "-c", GPU_HOLDER], env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + DEADLINE_S
+        line = ""
+        while time.monotonic() < deadline:
+            done = qvshim("status", str(holder.pid))
+            lines = [x for x in done.stdout.splitlines() if x.startswith(f"{holder.pid} gpu 0:")]
+            line = lines[0] if lines else ""
+            if want in line:
+                break
+            time.sleep(0.1)
+        assert want in line, f"NVML {form} with {extra_mib} MiB past the count: expected {want!r}, got:\n{done.stdout}"
     finally:
         holder.stdin.close()
         holder.wait(timeout=DEADLINE_S)

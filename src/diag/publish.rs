@@ -21,7 +21,7 @@ use crate::base::clock;
 use crate::base::log::qlog;
 use crate::base::rundir::{self, replace_in};
 use crate::base::system;
-use crate::ledger::{self, level_name, PoolName};
+use crate::ledger::{self, device_effective, level_name, PoolName};
 
 /// Layout of the counters file ("format"): raised only when a key changes meaning.
 pub const COUNTERS_FORMAT: u32 = 1;
@@ -142,7 +142,7 @@ pub fn counters_json(pid: u32, start: u64, dump_signal: i32) -> String {
         let _ = write!(
             out,
             "{}{{\"pool\":\"{}\",\"device\":{},\"level\":\"{}\",\"budget\":{},\
-             \"effective_budget\":{},\"live\":{},\"peak\":{},\"refusals\":{},\"purges\":{}}}",
+             \"effective_budget\":{},\"live\":{},\"peak\":{},\"refusals\":{},\"purges\":{}",
             if first { "" } else { "," },
             PoolName(index),
             s.device,
@@ -154,6 +154,25 @@ pub fn counters_json(pid: u32, start: u64, dump_signal: i32) -> String {
             s.refusals,
             s.purges
         );
+        if index != ledger::HOST {
+            // What `qvshim status` shows under a GPU pool (docs/GPU.md, Unseen device memory):
+            // the ledger's count, NVML's figure for the process (null when NVML gave none),
+            // what the memory pools keep, and the unseen part that lowers the budget.
+            let _ = write!(
+                out,
+                ",\"counted\":{},\"pools_cached\":{},\"unseen\":{},\"nvml_used\":",
+                ledger::pool(index).map_or(0, |p| p.committed()),
+                device_effective::last_pools_cached(index),
+                device_effective::last_unseen(index)
+            );
+            match device_effective::last_nvml_used(index) {
+                Some(used) => {
+                    let _ = write!(out, "{used}");
+                }
+                None => out.push_str("null"),
+            }
+        }
+        out.push('}');
         first = false;
     }
     out.push_str("]}\n");
