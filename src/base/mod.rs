@@ -7,7 +7,8 @@
 //! * [`clock`]: monotonic milliseconds;
 //! * [`jemalloc`]: jemalloc's control interface (stats, purge);
 //! * [`doorbell`]: wakes the monitor thread (async-signal-safe);
-//! * [`threads`]: the shim's own threads and the count of the program's.
+//! * [`threads`]: the shim's own threads and the count of the program's;
+//! * [`shared_file`]: a file mapped shared by processes of one user, in a private directory.
 
 pub mod cgroup;
 pub mod clock;
@@ -15,5 +16,6 @@ pub mod config;
 pub mod doorbell;
 pub mod jemalloc;
 pub mod log;
+pub mod shared_file;
 pub mod system;
 pub mod threads;
