@@ -29,7 +29,7 @@ pub fn totals(index: usize) -> PoolTotals {
         frees += slot_frees;
     }
     PoolTotals {
-        live: (pool.committed() as i64 - credit).max(0) as u64,
+        live: (pool.own_committed() as i64 - credit).max(0) as u64,
         allocs,
         frees,
     }
