@@ -115,6 +115,7 @@ FAMILY_CASES = [
                         "top_got_600M_after": True}),
     ("optout", ["process"], {"child": "got"}),
     ("optout", ["tree"], {"child": "MemoryError"}),
+    ("stats", [], {"child_sees_600M_or_more": True}),
 ]
 
 

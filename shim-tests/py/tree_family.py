@@ -7,6 +7,7 @@ shim-tests/test_tree.py. Run under the shim; prints one JSON line with what it s
     tree_family.py grandchild        a grandchild holds memory; the top cannot have it
     tree_family.py optout process|tree   the top holds 600 MiB; a child whose own
                                      environment says QVSHIM_SCOPE=... allocates 600 MiB
+    tree_family.py stats             a child's C API shows the tree's live bytes
     tree_family.py alone             allocates 600 MiB of a 1 GiB budget, nothing else
 """
 
@@ -180,6 +181,22 @@ def optout(scope):
     return {"child": done.stdout.strip(), "child_stderr": done.stderr}
 
 
+STATS_CHILD_CODE = """
+import shimstats
+print(shimstats.host_live() >> 20)
+"""
+
+
+def stats():
+    """The tree's figures in a member's C API: a child sees what the top holds."""
+    held = touched(600 * MIB)
+    done = subprocess.run([sys.executable, "-c", STATS_CHILD_CODE], capture_output=True,
+                          text=True, timeout=DEADLINE_SECONDS)
+    del held
+    return {"child_sees_600M_or_more": int(done.stdout.strip() or 0) >= 600,
+            "child_stderr": done.stderr}
+
+
 def main():
     mode = sys.argv[1]
     if mode == "pool":
@@ -191,6 +208,8 @@ def main():
         result = grandchild()
     elif mode == "optout":
         result = optout(sys.argv[2])
+    elif mode == "stats":
+        result = stats()
     elif mode == "alone":
         result = {"got_600M": try_alloc(600 * MIB)}
     else:

@@ -208,7 +208,7 @@ impl Pool {
     /// How far past the effective budget a request that may use the reserve may go: the
     /// reserve, in tree scope once for each member of the tree, so that every process can still
     /// handle its own MemoryError when another used its reserve.
-    #[cold]
+    #[inline]
     fn reserve_limit(&self, tree: bool) -> u64 {
         let reserve = self.reserve.load(Ordering::Relaxed);
         let members = self.tree_members.load(Ordering::Acquire);
