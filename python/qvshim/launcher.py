@@ -17,8 +17,9 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl+C
 _REEXEC_MARK = "QVSHIM_RUN_REEXEC"
 
 USAGE = """\
-usage: python -m qvshim run [--tree] SCRIPT [ARGS...]
-       python -m qvshim run [--tree] -m MODULE [ARGS...]
+usage: python -m qvshim run SCRIPT [ARGS...]
+       python -m qvshim run -m MODULE [ARGS...]
+       python -m qvshim run --tree SCRIPT|-m MODULE [ARGS...]
        python -m qvshim library
 
 run      run a Python script or module with libqvshim.so preloaded (no LD_PRELOAD to type);

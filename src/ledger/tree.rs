@@ -193,10 +193,11 @@ fn join(named: &[u8], ns: u64) -> Outcome {
     // gone, so is its share.
     if let Some((pid, start)) = me() {
         for m in l.members.iter() {
-            if m.pid.load(Ordering::Relaxed) == pid
+            if m.state.load(Ordering::Acquire) == LIVE
+                && m.pid.load(Ordering::Relaxed) == pid
                 && m.start_ticks.load(Ordering::Relaxed) == start
             {
-                take_back(l, m);
+                let _ = take_back(l, m, pid, start);
             }
         }
     }
@@ -241,29 +242,35 @@ fn create(dir: Option<shared_file::Path>, ns: u64, host_budget: u64) -> Outcome 
     Outcome::Created
 }
 
-/// Empties member record `m` (a process that is gone): its share leaves the tree's totals.
-fn take_back(l: &Ledger, m: &Member) -> bool {
-    if m.state
+/// Empties member record `m` of process `pid` started at `start_ticks` (gone): its share leaves
+/// the tree's totals. Returns the bytes taken back; None when the record is not that process's
+/// live record any more (another member took it back first, and perhaps a new process took the
+/// record since: it is left alone).
+fn take_back(l: &Ledger, m: &Member, pid: u32, start_ticks: u64) -> Option<u64> {
+    m.state
         .compare_exchange(LIVE, BUSY, Ordering::AcqRel, Ordering::Relaxed)
-        .is_err()
+        .ok()?;
+    if m.pid.load(Ordering::Relaxed) != pid || m.start_ticks.load(Ordering::Relaxed) != start_ticks
     {
-        return false;
+        m.state.store(LIVE, Ordering::Release);
+        return None;
     }
+    let mut taken = 0u64;
     for (total, own) in l.totals.iter().zip(m.committed.iter()) {
         let share = own.swap(0, Ordering::AcqRel);
         if share != 0 {
             total.fetch_sub(share, Ordering::AcqRel);
+            taken = taken.wrapping_add(share);
         }
     }
     l.header.members.fetch_sub(1, Ordering::AcqRel);
     m.state.store(FREE, Ordering::Release);
-    true
+    Some(taken)
 }
 
-/// Whether the process of record `m` is gone: no such pid, a zombie, or a later process that
-/// was given the same pid.
-fn is_gone(m: &Member) -> bool {
-    let pid = m.pid.load(Ordering::Relaxed);
+/// Whether process `pid` started at `start_ticks` is gone: no such pid, a zombie, or a later
+/// process that was given the same pid.
+fn is_gone(pid: u32, start_ticks: u64) -> bool {
     match system::process_identity(pid) {
         None => {
             // SAFETY: kill with signal 0 only asks whether the pid exists.
@@ -272,7 +279,7 @@ fn is_gone(m: &Member) -> bool {
                 || unsafe { *libc::__errno_location() } == libc::EPERM;
             !exists
         }
-        Some(id) => !id.running || id.start_ticks != m.start_ticks.load(Ordering::Relaxed),
+        Some(id) => !id.running || id.start_ticks != start_ticks,
     }
 }
 
@@ -285,16 +292,15 @@ pub fn reclaim_dead() -> u64 {
     let mine = MEMBER_INDEX.load(Ordering::Relaxed);
     let mut bytes = 0u64;
     for (index, m) in l.members.iter().enumerate() {
-        if index == mine || m.state.load(Ordering::Acquire) != LIVE || !is_gone(m) {
+        if index == mine || m.state.load(Ordering::Acquire) != LIVE {
             continue;
         }
-        let share: u64 = m
-            .committed
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .fold(0, u64::wrapping_add);
-        if take_back(l, m) {
-            bytes = bytes.wrapping_add(share);
+        let (pid, start) = (
+            m.pid.load(Ordering::Relaxed),
+            m.start_ticks.load(Ordering::Relaxed),
+        );
+        if is_gone(pid, start) {
+            bytes = bytes.wrapping_add(take_back(l, m, pid, start).unwrap_or(0));
         }
     }
     bytes
@@ -327,10 +333,14 @@ pub fn at_exit() {
         return;
     };
     let mine = MEMBER_INDEX.load(Ordering::Relaxed);
-    let others =
-        l.members.iter().enumerate().any(|(index, m)| {
-            index != mine && m.state.load(Ordering::Acquire) != FREE && !is_gone(m)
-        });
+    let others = l.members.iter().enumerate().any(|(index, m)| {
+        index != mine
+            && m.state.load(Ordering::Acquire) != FREE
+            && !is_gone(
+                m.pid.load(Ordering::Relaxed),
+                m.start_ticks.load(Ordering::Relaxed),
+            )
+    });
     if !others {
         // SAFETY: written only while the process had one thread, long before exit.
         shared_file::remove(unsafe { (*core::ptr::addr_of!(PATH)).as_cstr() });
@@ -364,11 +374,21 @@ mod tests {
             m.state.store(LIVE, Ordering::Relaxed);
             l.totals[0].fetch_add(100, Ordering::Relaxed);
             l.header.members.fetch_add(1, Ordering::Relaxed);
-            assert_eq!(is_gone(m), gone, "case {i}: pid {pid} start {start}");
+            assert_eq!(
+                is_gone(pid, start),
+                gone,
+                "case {i}: pid {pid} start {start}"
+            );
             if gone {
-                assert!(take_back(l, m));
+                assert_eq!(
+                    take_back(l, m, pid, start + 7),
+                    None,
+                    "a record another process holds now is left alone"
+                );
+                assert_eq!(m.state.load(Ordering::Relaxed), LIVE);
+                assert_eq!(take_back(l, m, pid, start), Some(100));
                 assert_eq!(m.state.load(Ordering::Relaxed), FREE);
-                assert!(!take_back(l, m), "a record is taken back once");
+                assert_eq!(take_back(l, m, pid, start), None, "taken back once");
             }
         }
         assert_eq!(
