@@ -135,6 +135,15 @@ fn open_log(buf: &[u8]) -> Result<i32, &'static str> {
 }
 
 extern "C" fn after_fork_child() {
+    // A new member of the tree first: the credits given back next leave its share.
+    if let Err(reason) = ledger::tree::after_fork_child() {
+        qlog!(
+            Warn,
+            "this fork child keeps its own budget: the tree's ledger {} refused it ({})",
+            config::Printable(ledger::tree::path()),
+            reason
+        );
+    }
     ledger::after_fork_child();
     monitor::after_fork_child();
 }
@@ -188,6 +197,9 @@ fn apply(settings: &Settings) -> Settings {
     host.set_reserve(settings.reserve_bytes);
     host.set_budget(budget);
     host.activate();
+    if settings.tree {
+        take_part_in_tree(budget);
+    }
     gpu::driver::know_wrappers(surface::cuda::wrapper);
     gpu::configure(settings.gpu_budget);
     monitor::configure(
@@ -204,6 +216,67 @@ fn apply(settings: &Settings) -> Settings {
         tracker::enable_backtraces();
     }
     *settings
+}
+
+/// QVSHIM_SCOPE=tree: creates the tree's ledger (and names it in QVSHIM_TREE_LEDGER for the
+/// children) or joins the one the environment names; when neither works, one line and the
+/// process keeps its own budget.
+fn take_part_in_tree(budget: u64) {
+    use ledger::tree::Outcome;
+    let named = env_bytes("QVSHIM_TREE_LEDGER").filter(|v| !v.is_empty());
+    let dir = if named.is_none() {
+        base::shared_file::private_directory(env_bytes("XDG_RUNTIME_DIR"))
+    } else {
+        None
+    };
+    match ledger::tree::take_part(named, dir, budget) {
+        Outcome::Created => {
+            let path = ledger::tree::path();
+            let mut value = [0u8; base::shared_file::PATH_MAX_BYTES];
+            if let Some(dst) = value.get_mut(..path.len()) {
+                dst.copy_from_slice(path);
+            }
+            if let Ok(value) = CStr::from_bytes_until_nul(&value) {
+                // SAFETY: both strings are NUL-terminated; the constructor runs before main,
+                // while the process has one thread, so nothing reads the environment meanwhile.
+                unsafe { libc::setenv(c"QVSHIM_TREE_LEDGER".as_ptr(), value.as_ptr(), 1) };
+            }
+            qlog!(
+                Info,
+                "tree scope: created the tree's ledger {} (host budget {})",
+                config::Printable(path),
+                Bytes(budget)
+            );
+        }
+        Outcome::Joined { host_budget } => {
+            ledger::host().set_budget(host_budget);
+            qlog!(
+                Info,
+                "tree scope: joined the tree's ledger {} ({} members, host budget {})",
+                config::Printable(ledger::tree::path()),
+                ledger::tree::members(),
+                Bytes(host_budget)
+            );
+        }
+        Outcome::Refused(reason) => match named {
+            Some(path) => log::write_error_always(format_args!(
+                "{}",
+                BadValue {
+                    variable: "QVSHIM_TREE_LEDGER",
+                    value: path,
+                    reason,
+                    default: "this process's own budget",
+                }
+            )),
+            None => log::write_error_always(format_args!(
+                "QVSHIM_SCOPE=\"tree\": the tree's ledger: {reason}; using default process"
+            )),
+        },
+    }
+}
+
+extern "C" fn tree_at_exit() {
+    ledger::tree::at_exit();
 }
 
 /// The dump signal, kept for [`install_deferred_dump_signal`] while a CPython starts.
@@ -269,5 +342,9 @@ fn init() {
         }
     }
     diag::install_exit_report();
+    if ledger::tree::active() {
+        // SAFETY: registering a plain extern "C" function.
+        unsafe { libc::atexit(tree_at_exit) };
+    }
     monitor::start();
 }

@@ -63,6 +63,34 @@ pub fn configure(interval_ms: u64, purge_interval_ms: u64, system_reserve_bytes:
 // ---------------------------------------------------------------------------------------------
 // The effective budget and memory pressure.
 
+/// This process's RssAnon, in tree scope plus the rest of the tree's bytes: the effective
+/// budget is the tree's, and what the ledger cannot see is this process's own.
+fn own_rss_anon(host: &ledger::Pool) -> Option<u64> {
+    let others = host.committed().saturating_sub(host.own_committed());
+    system::process_memory().map(|p| p.rss_anon.saturating_add(others))
+}
+
+/// Tree scope: takes back the shares of members gone without a word and recomputes the levels
+/// from the tree's figures, which other processes move.
+fn look_after_tree() {
+    if !ledger::tree::active() {
+        return;
+    }
+    let taken = ledger::tree::reclaim_dead();
+    if taken > 0 {
+        qlog!(
+            Info,
+            "tree scope: took back {} held by members that are gone",
+            Bytes(taken)
+        );
+    }
+    for index in 0..ledger::pool_count() {
+        if let Some(pool) = ledger::pool(index) {
+            pool.refresh_level();
+        }
+    }
+}
+
 /// Reads the machine and sets the host's effective budget.
 fn sample_host() {
     let host = ledger::host();
@@ -72,7 +100,7 @@ fn sample_host() {
         committed: host.committed(),
         available: system::meminfo().map(|m| m.available),
         cgroup_room,
-        rss_anon: system::process_memory().map(|p| p.rss_anon),
+        rss_anon: own_rss_anon(host),
         system_reserve: effective::system_reserve_bytes(),
         cgroup_margin: host.reserve(),
         floor: effective_floor_bytes(),
@@ -87,7 +115,7 @@ fn sample_host() {
         let stats = jemalloc::stats();
         if stats.resident.saturating_sub(stats.active) >= DIRTY_PURGE_MIN_BYTES {
             purge(ledger::HOST, host.level(), PURGE_DIRTY);
-            inputs.rss_anon = system::process_memory().map(|p| p.rss_anon);
+            inputs.rss_anon = own_rss_anon(host);
             e = effective_budget(inputs);
         }
     }
@@ -333,7 +361,22 @@ fn check_pool(index: usize, seen: &mut Seen) {
             new: level,
             changes: changes.wrapping_sub(old_changes),
         };
-        if crate::base::log::enabled(change.log_level()) {
+        if crate::base::log::enabled(change.log_level()) && pool.in_tree() {
+            // The level is the tree's: say so, with this process's part of it.
+            let tree = pool.committed();
+            crate::base::log::write_line(
+                change.log_level(),
+                format_args!(
+                    "{} level {}: tree holds {} of budget {} ({}%), this process {} live",
+                    PoolName(index),
+                    change,
+                    Bytes(tree),
+                    Bytes(pool.effective()),
+                    percent(tree, pool.effective()),
+                    Bytes(live)
+                ),
+            );
+        } else if crate::base::log::enabled(change.log_level()) {
             crate::base::log::write_line(
                 change.log_level(),
                 format_args!(
@@ -448,6 +491,7 @@ fn run() {
         if now >= last_sample_ms.saturating_add(sample_interval_ms(level, running_ms))
             || never_sampled
         {
+            look_after_tree();
             sample_host();
             sample_gpus();
             runtime::python::probe();

@@ -20,10 +20,13 @@ _REEXEC_MARK = "QVSHIM_RUN_REEXEC"
 USAGE = """\
 usage: python -m qvshim run SCRIPT [ARGS...]
        python -m qvshim run -m MODULE [ARGS...]
+       python -m qvshim run --tree SCRIPT|-m MODULE [ARGS...]
        python -m qvshim library
        python -m qvshim status [PID] | top [--once] | dump PID [--json] | doctor
 
-run      run a Python script or module with libqvshim.so preloaded (no LD_PRELOAD to type)
+run      run a Python script or module with libqvshim.so preloaded (no LD_PRELOAD to type);
+         --tree: it and every process it starts share one budget (QVSHIM_SCOPE=tree,
+         docs/TREE.md)
 library  print the path of the libqvshim.so that `run` would preload
 status   the live figures of your processes under qvshim (budget, live, peak, level, pools)
 top      the status table refreshed every second, a bar per pool; --once prints one frame
@@ -122,8 +125,29 @@ def _ensure_preloaded(argv):
     return None  # not reached
 
 
+def _enter_tree_scope(argv):
+    """QVSHIM_SCOPE=tree for this process and its children: the library reads it at load, so a
+    process that already has the library in another scope starts again (no return)."""
+    if os.environ.get("QVSHIM_SCOPE") == "tree":
+        return None
+    os.environ["QVSHIM_SCOPE"] = "tree"
+    if not _capi.is_loaded():
+        return None  # _ensure_preloaded re-executes with the variable
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable,
+              getattr(sys, "orig_argv", [sys.executable, "-m", "qvshim", "run", *argv]),
+              dict(os.environ))
+    return None  # not reached
+
+
 def run(argv):
     """`run` with its arguments: [-m MODULE | SCRIPT] ARGS..."""
+    if argv and argv[0] == "--tree":
+        code = _enter_tree_scope(argv)
+        if code is not None:
+            return code
+        argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stderr if not argv else sys.stdout)
         return 2 if not argv else 0

@@ -165,3 +165,26 @@ def test_cooperative_demo_stays_under_the_budget_without_a_refusal(library):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "refusals 0" in result.stdout and "stayed under the budget" in result.stdout
     assert "making room for" in result.stderr, "the demo's budget is meant to force an eviction"
+
+
+TREE_SCRIPT = """
+import os, subprocess, sys
+child = subprocess.run([sys.executable, "-c",
+                        "import os; print(os.environ.get('QVSHIM_TREE_LEDGER'))"],
+                       capture_output=True, text=True)
+print(os.environ.get("QVSHIM_SCOPE"), os.environ.get("QVSHIM_TREE_LEDGER"),
+      child.stdout.strip())
+"""
+
+
+@pytest.mark.parametrize("preloaded", [False, True], ids=["not-loaded", "loaded-in-process-scope"])
+def test_run_tree_puts_the_program_and_its_children_in_one_tree(tmp_path, library, preloaded):
+    env = plain_env(**({"LD_PRELOAD": str(library), "QVSHIM_SCOPE": "process"} if preloaded else {}))
+    script = tmp_path / "script.py"
+    script.write_text(TREE_SCRIPT)
+    result = run_python(["-m", "qvshim", "run", "--tree", str(script)], env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    scope, ledger, childs = result.stdout.split()
+    assert scope == "tree" and ledger.startswith("/") and childs == ledger, (
+        f"expected QVSHIM_SCOPE=tree and one ledger path seen by the program and its child; "
+        f"got {result.stdout!r}\n{result.stderr}")

@@ -76,6 +76,8 @@ pub struct Settings {
     pub backtrace: bool,
     /// QVSHIM_PUBLISH: publish the counters file `qvshim status` reads (docs/MONITOR.md).
     pub publish: bool,
+    /// QVSHIM_SCOPE=tree: share one budget with the process tree (docs/TREE.md).
+    pub tree: bool,
 }
 
 impl Default for Settings {
@@ -98,6 +100,7 @@ impl Default for Settings {
             dump_json: false,
             backtrace: false,
             publish: true,
+            tree: false,
         }
     }
 }
@@ -239,6 +242,12 @@ impl Settings {
         if let Some((value, bad)) = read("QVSHIM_DUMP_FORMAT", "text") {
             match parse_dump_format(value) {
                 Ok(json) => s.dump_json = json,
+                Err(reason) => report(bad(reason)),
+            }
+        }
+        if let Some((value, bad)) = read("QVSHIM_SCOPE", "process") {
+            match parse_scope(value) {
+                Ok(tree) => s.tree = tree,
                 Err(reason) => report(bad(reason)),
             }
         }
@@ -562,6 +571,27 @@ mod tests {
             assert_eq!(SignalName(signal).to_string(), want, "signal {signal}");
         }
         assert_eq!(parse_dump_format(b"xml"), Err("not text or json"));
+    }
+
+    #[test]
+    fn scope_is_process_unless_tree_and_a_bad_value_keeps_process() {
+        // (QVSHIM_SCOPE, tree scope, lines printed)
+        let cases: &[(&str, bool, &[&str])] = &[
+            ("tree", true, &[]),
+            (" TREE ", true, &[]),
+            ("process", false, &[]),
+            (
+                "family",
+                false,
+                &["QVSHIM_SCOPE=\"family\": not process or tree; using default process"],
+            ),
+        ];
+        for &(value, tree, want) in cases {
+            let (s, lines) = load_with(&[("QVSHIM_SCOPE", value)]);
+            assert_eq!(s.tree, tree, "QVSHIM_SCOPE={value:?}");
+            assert_eq!(lines, want, "QVSHIM_SCOPE={value:?}");
+        }
+        assert!(!load_with(&[]).0.tree, "process scope is the default");
     }
 
     #[test]

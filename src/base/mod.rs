@@ -9,6 +9,7 @@
 //! * [`doorbell`]: wakes the monitor thread (async-signal-safe);
 //! * [`threads`]: the shim's own threads and the count of the program's;
 //! * [`rundir`]: the user's private run directory (0700, never another user's or a link).
+//! * [`shared_file`]: a file mapped shared by processes of one user, in a private directory.
 
 pub mod cgroup;
 pub mod clock;
@@ -17,5 +18,6 @@ pub mod doorbell;
 pub mod jemalloc;
 pub mod log;
 pub mod rundir;
+pub mod shared_file;
 pub mod system;
 pub mod threads;

@@ -105,6 +105,63 @@ pub fn process_memory() -> Option<ProcessMemory> {
     parse_status(read_file(c"/proc/self/status", &mut buf)?)
 }
 
+/// A process as /proc/<pid>/stat names it: whether it still runs (not a zombie) and when it
+/// started (clock ticks since boot), which tells it from a later process given the same pid.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProcessIdentity {
+    pub running: bool,
+    pub start_ticks: u64,
+}
+
+/// Parses /proc/<pid>/stat: the state is the first field after the command's closing
+/// parenthesis (the command itself may hold spaces and parentheses), the start time the 22nd.
+pub fn parse_stat_identity(text: &[u8]) -> Option<ProcessIdentity> {
+    let close = text.iter().rposition(|&b| b == b')')?;
+    let mut fields = text
+        .get(close + 1..)?
+        .split(|&b| b == b' ')
+        .filter(|f| !f.is_empty());
+    let state = *fields.next()?.first()?;
+    // Field 3 was the state; the start time is field 22, 19 further on.
+    let start_ticks = parse_u64(fields.nth(18)?)?;
+    Some(ProcessIdentity {
+        running: !matches!(state, b'Z' | b'X' | b'x'),
+        start_ticks,
+    })
+}
+
+/// The identity of process `pid`; None when there is no such process (or /proc is unreadable).
+pub fn process_identity(pid: u32) -> Option<ProcessIdentity> {
+    let mut path = *b"/proc/\0\0\0\0\0\0\0\0\0\0/stat\0\0\0\0\0\0\0\0\0\0\0";
+    let mut digits = [0u8; 10];
+    let (mut at, mut value) = (digits.len(), pid);
+    loop {
+        at -= 1;
+        *digits.get_mut(at)? = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    let number = digits.get(at..)?;
+    let end = 6 + number.len();
+    path.get_mut(6..end)?.copy_from_slice(number);
+    path.get_mut(end..end + 5)?.copy_from_slice(b"/stat");
+    *path.get_mut(end + 5)? = 0;
+    let cpath = core::ffi::CStr::from_bytes_until_nul(&path).ok()?;
+    let mut buf = [0u8; 1024];
+    parse_stat_identity(read_file(cpath, &mut buf)?)
+}
+
+/// The inode of this process's pid namespace: processes that share a ledger of pids must
+/// share it too. None when /proc does not say.
+pub fn pid_namespace() -> Option<u64> {
+    // SAFETY: an all-zero stat is a valid plain C struct; stat only writes it.
+    let mut st: libc::stat = unsafe { core::mem::zeroed() };
+    // SAFETY: the path is NUL-terminated and st a valid out-pointer.
+    (unsafe { libc::stat(c"/proc/self/ns/pid".as_ptr(), &mut st) } == 0).then_some(st.st_ino as u64)
+}
+
 /// Memory pressure stall information (PSI), in hundredths of a percent of wall time.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Pressure {
@@ -169,6 +226,39 @@ pub fn memory_pressure() -> Option<Pressure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stat_identity_reads_state_and_start_past_a_command_with_spaces_and_parens() {
+        // (a /proc/<pid>/stat line, expected identity)
+        let cases: &[(&[u8], Option<ProcessIdentity>)] = &[
+            (
+                b"42 (python3) S 1 42 42 0 -1 4194304 100 0 0 0 5 3 0 0 20 0 1 0 987654 1000 10",
+                Some(ProcessIdentity {
+                    running: true,
+                    start_ticks: 987654,
+                }),
+            ),
+            (
+                b"43 (a b) (c) Z 1 43 43 0 -1 4194304 100 0 0 0 5 3 0 0 20 0 1 0 123 0 0",
+                Some(ProcessIdentity {
+                    running: false,
+                    start_ticks: 123,
+                }),
+            ),
+            (b"44 (short) R 1 2 3", None),
+            (b"garbage", None),
+        ];
+        for &(text, want) in cases {
+            assert_eq!(
+                parse_stat_identity(text),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(text)
+            );
+        }
+        let me = process_identity(std::process::id()).expect("this process has a stat file");
+        assert!(me.running && me.start_ticks > 0);
+    }
 
     #[test]
     fn meminfo_fields_are_read_in_bytes() {

@@ -1,6 +1,7 @@
 //! The ledger: the truth about memory. Pools and levels ([`pools`]), the host's per-thread
 //! credit ([`credit`]), what is reported of them ([`stats`]), the host's effective budget
-//! ([`effective`]), each GPU's ([`device_effective`]) and the history of purges ([`purges`]).
+//! ([`effective`]), each GPU's ([`device_effective`]), the history of purges ([`purges`]) and
+//! the ledger a process tree shares ([`tree`]).
 //!
 //! It rings the doorbell when something changed and knows no thread: the monitor decides what
 //! to do about it. Everything a pool is asked by an allocation is here, and never allocates,
@@ -12,6 +13,7 @@ pub mod effective;
 pub mod pools;
 pub mod purges;
 pub mod stats;
+pub mod tree;
 
 pub use credit::*;
 pub use pools::*;

@@ -6,8 +6,14 @@
 //! it is never exceeded, not even for an instant. Host allocations reach it through the
 //! per-thread credit of [`super::credit`]; GPU pools see few, large allocations and charge
 //! `committed` directly, exactly.
+//!
+//! In tree scope ([`super::tree`]) the counter checked against the budget is the tree's total
+//! in the shared ledger, and `committed` counts this process's share beside it (mirrored in the
+//! process's member record there, so that its share can be taken back if it dies). Process
+//! scope pays one load and one predictable branch for this, on the pool's path only (a thread's
+//! credit is untouched).
 
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use crossbeam_utils::CachePadded;
 
@@ -53,7 +59,14 @@ const GRANT_USED: u8 = 2;
 
 /// One budgeted pool of memory.
 pub struct Pool {
+    /// This process's bytes: what the budget is held against in process scope.
     committed: AtomicU64,
+    /// Tree scope: the tree's total for this pool in the shared ledger (what the budget is held
+    /// against), this process's member record's count of it, and the tree's member count. Null
+    /// in process scope; set while the process has one thread (at load, in a fork child).
+    tree_total: AtomicPtr<AtomicU64>,
+    tree_own: AtomicPtr<AtomicU64>,
+    tree_members: AtomicPtr<AtomicU32>,
     budget: AtomicU64,
     effective: AtomicU64,
     reserve: AtomicU64,
@@ -77,6 +90,9 @@ impl Pool {
     const fn new() -> Self {
         Pool {
             committed: AtomicU64::new(0),
+            tree_total: AtomicPtr::new(core::ptr::null_mut()),
+            tree_own: AtomicPtr::new(core::ptr::null_mut()),
+            tree_members: AtomicPtr::new(core::ptr::null_mut()),
             budget: AtomicU64::new(UNLIMITED),
             effective: AtomicU64::new(UNLIMITED),
             reserve: AtomicU64::new(0),
@@ -109,12 +125,14 @@ impl Pool {
         unused: u64,
     ) -> bool {
         let effective = self.effective.load(Ordering::Relaxed);
+        let tree = self.tree();
         let limit = if may_use_reserve {
-            effective.saturating_add(self.reserve.load(Ordering::Relaxed))
+            effective.saturating_add(self.reserve_limit(tree.is_some()))
         } else {
             effective
         };
-        let mut current = self.committed.load(Ordering::Relaxed);
+        let counter = tree.map_or(&self.committed, |(total, _)| total);
+        let mut current = counter.load(Ordering::Relaxed);
         let new = loop {
             let Some(new) = current.checked_add(bytes) else {
                 return false;
@@ -122,16 +140,17 @@ impl Pool {
             if new > limit {
                 return false;
             }
-            match self.committed.compare_exchange_weak(
-                current,
-                new,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
+            match counter.compare_exchange_weak(current, new, Ordering::AcqRel, Ordering::Relaxed) {
                 Ok(_) => break new,
                 Err(seen) => current = seen,
             }
         };
+        if let Some((_, own)) = tree {
+            // After the tree's total: a process killed between the two leaves these bytes
+            // charged to the tree (never an overrun), not its record short of them.
+            own.fetch_add(bytes, Ordering::Relaxed);
+            self.committed.fetch_add(bytes, Ordering::Relaxed);
+        }
         let peak_candidate = new - unused.min(new);
         if peak_candidate > self.peak.load(Ordering::Relaxed) {
             self.peak.fetch_max(peak_candidate, Ordering::Relaxed);
@@ -143,10 +162,15 @@ impl Pool {
     /// Commits `bytes` whatever the budget: for memory that already exists (a realloc that
     /// grew in place past its estimate, an allocation made before the budget was known).
     pub fn force_commit(&self, bytes: u64) {
-        let new = self
-            .committed
+        let tree = self.tree();
+        let counter = tree.map_or(&self.committed, |(total, _)| total);
+        let new = counter
             .fetch_add(bytes, Ordering::AcqRel)
             .saturating_add(bytes);
+        if let Some((_, own)) = tree {
+            own.fetch_add(bytes, Ordering::Relaxed);
+            self.committed.fetch_add(bytes, Ordering::Relaxed);
+        }
         if new > self.peak.load(Ordering::Relaxed) {
             self.peak.fetch_max(new, Ordering::Relaxed);
         }
@@ -154,8 +178,90 @@ impl Pool {
     }
 
     pub fn release(&self, bytes: u64) {
-        let old = self.committed.fetch_sub(bytes, Ordering::AcqRel);
+        let old = match self.tree() {
+            None => self.committed.fetch_sub(bytes, Ordering::AcqRel),
+            Some((total, own)) => {
+                // This process's record first: a process killed between the two leaves the
+                // bytes charged to the tree (never an overrun).
+                own.fetch_sub(bytes, Ordering::Relaxed);
+                self.committed.fetch_sub(bytes, Ordering::Relaxed);
+                total.fetch_sub(bytes, Ordering::AcqRel)
+            }
+        };
         self.update_level(old.wrapping_sub(bytes));
+    }
+
+    /// Tree scope: the tree's total and this process's record of its share; None in process
+    /// scope (one load and a branch).
+    #[inline(always)]
+    fn tree(&self) -> Option<(&AtomicU64, &AtomicU64)> {
+        let total = self.tree_total.load(Ordering::Acquire);
+        if total.is_null() {
+            return None;
+        }
+        let own = self.tree_own.load(Ordering::Acquire);
+        // SAFETY: both point into the shared ledger's mapping, which is never unmapped, and are
+        // set together (own first) by `join_tree` while the process has one thread.
+        unsafe { Some((&*total, own.as_ref()?)) }
+    }
+
+    /// How far past the effective budget a request that may use the reserve may go: the
+    /// reserve, in tree scope once for each member of the tree, so that every process can still
+    /// handle its own MemoryError when another used its reserve.
+    #[inline]
+    fn reserve_limit(&self, tree: bool) -> u64 {
+        let reserve = self.reserve.load(Ordering::Relaxed);
+        let members = self.tree_members.load(Ordering::Acquire);
+        if !tree || members.is_null() {
+            return reserve;
+        }
+        // SAFETY: points into the shared ledger's mapping, which is never unmapped.
+        let members = unsafe { &*members }.load(Ordering::Relaxed).max(1);
+        reserve.saturating_mul(members as u64)
+    }
+
+    /// Tree scope: from now on the budget is held against `total`, the tree's total for this
+    /// pool, and this process's share is also counted in `own`. What the process already holds
+    /// is added to both. Only while the process has one thread (at load, in a fork child).
+    ///
+    /// # Safety
+    /// The three pointers point into a shared mapping that is never unmapped.
+    pub unsafe fn join_tree(
+        &self,
+        total: *mut AtomicU64,
+        own: *mut AtomicU64,
+        members: *mut AtomicU32,
+    ) {
+        let mine = self.committed.load(Ordering::Relaxed);
+        // SAFETY: the caller's promise: valid for the process's life.
+        unsafe {
+            (*own).store(mine, Ordering::Relaxed);
+            (*total).fetch_add(mine, Ordering::AcqRel);
+        }
+        self.tree_members.store(members, Ordering::Release);
+        self.tree_own.store(own, Ordering::Release);
+        self.tree_total.store(total, Ordering::Release);
+    }
+
+    /// Back to process scope (a fork child that found no room in the tree): the budget is held
+    /// against this process's own bytes again. Only while the process has one thread.
+    pub fn leave_tree(&self) {
+        self.tree_total
+            .store(core::ptr::null_mut(), Ordering::Release);
+        self.tree_own
+            .store(core::ptr::null_mut(), Ordering::Release);
+        self.tree_members
+            .store(core::ptr::null_mut(), Ordering::Release);
+    }
+
+    /// Whether the pool's budget is the tree's.
+    pub fn in_tree(&self) -> bool {
+        !self.tree_total.load(Ordering::Relaxed).is_null()
+    }
+
+    /// Recomputes the level from the figures (in tree scope other processes move them).
+    pub fn refresh_level(&self) {
+        self.update_level(self.committed());
     }
 
     /// Commits `bytes` for a request of `requested` bytes that may go past the effective budget
@@ -246,7 +352,7 @@ impl Pool {
     pub fn set_effective(&self, bytes: u64) {
         let bytes = bytes.min(self.budget.load(Ordering::Relaxed));
         self.effective.store(bytes, Ordering::Relaxed);
-        self.update_level(self.committed.load(Ordering::Relaxed));
+        self.update_level(self.committed());
     }
 
     pub fn set_reserve(&self, bytes: u64) {
@@ -273,7 +379,16 @@ impl Pool {
         self.reserve.load(Ordering::Relaxed)
     }
 
+    /// The bytes the budget is held against: this process's, in tree scope the tree's.
     pub fn committed(&self) -> u64 {
+        match self.tree() {
+            None => self.committed.load(Ordering::Relaxed),
+            Some((total, _)) => total.load(Ordering::Relaxed),
+        }
+    }
+
+    /// This process's bytes (the same as [`Pool::committed`] in process scope).
+    pub fn own_committed(&self) -> u64 {
         self.committed.load(Ordering::Relaxed)
     }
 

@@ -29,7 +29,7 @@ pub fn totals(index: usize) -> PoolTotals {
         frees += slot_frees;
     }
     PoolTotals {
-        live: (pool.committed() as i64 - credit).max(0) as u64,
+        live: (pool.own_committed() as i64 - credit).max(0) as u64,
         allocs,
         frees,
     }
@@ -108,7 +108,12 @@ pub struct PoolStats {
 /// Gathers one pool's figures; None for a pool index out of range.
 pub fn pool_stats(index: usize) -> Option<PoolStats> {
     let pool = pool(index)?;
-    let totals = totals(index);
+    let mut totals = totals(index);
+    // In tree scope the figures held against the budget are the tree's: this process's live
+    // bytes plus what the other members hold (their credits included).
+    totals.live = totals
+        .live
+        .saturating_add(pool.committed().saturating_sub(pool.own_committed()));
     Some(PoolStats {
         struct_size: core::mem::size_of::<PoolStats>() as u32,
         pool: index as i32,

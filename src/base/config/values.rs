@@ -297,6 +297,18 @@ pub fn parse_dump_format(text: &[u8]) -> Result<bool, &'static str> {
     }
 }
 
+/// Parses QVSHIM_SCOPE: `process` (false) or `tree` (true).
+pub fn parse_scope(text: &[u8]) -> Result<bool, &'static str> {
+    let trimmed = trim(text);
+    if trimmed.eq_ignore_ascii_case(b"process") {
+        Ok(false)
+    } else if trimmed.eq_ignore_ascii_case(b"tree") {
+        Ok(true)
+    } else {
+        Err("not process or tree")
+    }
+}
+
 fn trim(mut s: &[u8]) -> &[u8] {
     while let [first, rest @ ..] = s {
         if !first.is_ascii_whitespace() {
