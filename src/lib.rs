@@ -11,6 +11,8 @@ pub mod base;
 pub mod diag;
 pub mod gpu;
 pub mod heap;
+#[cfg(feature = "extent-prototype")]
+pub mod heap_extent;
 pub mod heap_stats;
 pub mod ledger;
 pub mod monitor;
@@ -188,6 +190,8 @@ fn apply(settings: &Settings) -> Settings {
     host.set_reserve(settings.reserve_bytes);
     host.set_budget(budget);
     host.activate();
+    #[cfg(feature = "extent-prototype")]
+    heap_extent::install();
     gpu::driver::know_wrappers(surface::cuda::wrapper);
     gpu::configure(settings.gpu_budget);
     monitor::configure(
