@@ -15,7 +15,9 @@
 //! large-allocation table (the dump and cuMemHostRegister see none), keeps no per-thread live
 //! figures, leaves the pass-through to another preloaded allocator out, does not hook arenas a
 //! program creates itself with `arenas.create`, and counts nothing jemalloc mapped before the
-//! constructor installed the hooks.
+//! constructor installed the hooks. The purge before a refusal runs `arena.4096.purge` from
+//! inside jemalloc's alloc hook (jemalloc marks the thread reentrant around hooks): it did not
+//! deadlock in the two-thread storm of scripts/bench-budget, which is all that was checked.
 
 use core::ffi::{c_char, c_uint, c_void};
 use core::ptr;
