@@ -136,7 +136,13 @@ const FAST_PATH_MAX_BYTES: usize = 64 << 10;
 /// sets ENOMEM), the charge is not given back, and the ledger overstates by that block (at most
 /// 64 KiB) for the rest of the run.
 #[inline(always)]
+#[cfg_attr(feature = "extent-prototype", allow(unreachable_code))]
 pub fn malloc(size: usize) -> *mut c_void {
+    #[cfg(feature = "extent-prototype")]
+    // SAFETY: the prototype (src/heap_extent.rs) passes the call to jemalloc unchanged; the
+    // caller's contract carries over.
+    #[allow(unused_unsafe)]
+    return unsafe { je::malloc(size) };
     if size <= FAST_PATH_MAX_BYTES && ledger::take_slotted_credit(usable_size_for(size) as u64) {
         // SAFETY: a plain allocation; jemalloc serves size 0 as its smallest class and sets
         // ENOMEM itself when it fails.
@@ -189,7 +195,18 @@ fn aligned_span_fits(size: usize, align: usize) -> bool {
 /// Allocates `size` bytes aligned to `align` (a power of two), zeroed when `zero`.
 /// Null with errno ENOMEM when the budget or jemalloc refuses.
 #[inline(always)]
+#[cfg_attr(feature = "extent-prototype", allow(unreachable_code))]
 pub fn alloc(size: usize, align: usize, zero: bool) -> *mut c_void {
+    #[cfg(feature = "extent-prototype")]
+    // SAFETY: the prototype (src/heap_extent.rs) passes the call to jemalloc unchanged; the
+    // caller's contract carries over.
+    #[allow(unused_unsafe)]
+    return unsafe {
+        je::mallocx(
+            size.max(1),
+            align_flags(align) | if zero { je::MALLOCX_ZERO } else { 0 },
+        )
+    };
     if size > ADDRESS_SPACE_MAX_BYTES
         || (align > ALIGN_RESERVES_SPAN_MIN_BYTES && !aligned_span_fits(size, align))
     {
@@ -250,7 +267,13 @@ pub fn alloc(size: usize, align: usize, zero: bool) -> *mut c_void {
 /// # Safety
 /// `p` is null or a live block from this module not freed before.
 #[inline(always)]
+#[cfg_attr(feature = "extent-prototype", allow(unreachable_code))]
 pub unsafe fn free(p: *mut c_void) {
+    #[cfg(feature = "extent-prototype")]
+    // SAFETY: the prototype (src/heap_extent.rs) passes the call to jemalloc unchanged; the
+    // caller's contract carries over.
+    #[allow(unused_unsafe)]
+    return unsafe { je::free(p) };
     if p.is_null() {
         return;
     }
@@ -375,7 +398,13 @@ pub fn calloc(count: usize, size: usize) -> *mut c_void {
 ///
 /// # Safety
 /// `p` is null or a live block from this module.
+#[cfg_attr(feature = "extent-prototype", allow(unreachable_code))]
 pub unsafe fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
+    #[cfg(feature = "extent-prototype")]
+    // SAFETY: the prototype (src/heap_extent.rs) passes the call to jemalloc unchanged; the
+    // caller's contract carries over.
+    #[allow(unused_unsafe)]
+    return unsafe { je::realloc(p, size) };
     if p.is_null() {
         return alloc(size, MALLOC_ALIGNMENT, false);
     }

@@ -11,6 +11,8 @@ pub mod base;
 pub mod diag;
 pub mod gpu;
 pub mod heap;
+#[cfg(feature = "extent-prototype")]
+pub mod heap_extent;
 pub mod heap_stats;
 pub mod ledger;
 pub mod monitor;
@@ -200,6 +202,8 @@ fn apply(settings: &Settings) -> Settings {
     if settings.tree {
         take_part_in_tree(budget);
     }
+    #[cfg(feature = "extent-prototype")]
+    heap_extent::install();
     gpu::driver::know_wrappers(surface::cuda::wrapper);
     gpu::configure(settings.gpu_budget);
     monitor::configure(
