@@ -146,8 +146,9 @@ pub const FILE_MODE: libc::mode_t = 0o600;
 pub const TEMP_NAME_ATTEMPTS: u32 = 8;
 
 /// 64 unpredictable bits for a temporary name: getrandom(2) through syscall (no glibc wrapper
-/// needed), else the clock and the attempt (O_EXCL still refuses a planted name).
-fn temp_suffix(attempt: u32) -> u64 {
+/// needed), else the clock and the attempt (O_EXCL still refuses a planted name). Also names
+/// the dump file's temporary (diag/file.rs).
+pub fn temp_suffix(attempt: u32) -> u64 {
     let mut value = 0u64;
     // SAFETY: the buffer is the 8 bytes of `value`.
     let got = unsafe {

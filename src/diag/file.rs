@@ -5,8 +5,8 @@
 use core::ffi::{c_int, CStr};
 use std::ffi::CString;
 
-use crate::base::clock;
 use crate::base::log::qlog;
+use crate::base::{clock, rundir};
 
 use super::render::{render, write_dump};
 use super::report::CONFIG;
@@ -187,38 +187,14 @@ pub(super) fn write_without_blocking(fd: c_int, mut bytes: &[u8]) -> bool {
     true
 }
 
-/// 64 unpredictable bits for a temporary name: getrandom(2), called through syscall so the
-/// library does not need a glibc that has the wrapper; the clock and the attempt number if it
-/// fails (O_EXCL still keeps a planted name from being used, the name is only guessable then).
-pub(super) fn temp_suffix(attempt: u32) -> u64 {
-    let mut value = 0u64;
-    // SAFETY: the buffer is the 8 bytes of `value`.
-    let got = unsafe {
-        libc::syscall(
-            libc::SYS_getrandom,
-            (&mut value as *mut u64).cast::<libc::c_void>(),
-            core::mem::size_of::<u64>(),
-            libc::GRND_NONBLOCK,
-        )
-    };
-    if got == core::mem::size_of::<u64>() as libc::c_long {
-        return value;
-    }
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-    (ts.tv_sec as u64).rotate_left(32) ^ ts.tv_nsec as u64 ^ u64::from(attempt).rotate_left(48)
-}
-
 /// Creates a temporary file beside `path` (same directory, so the rename stays on one file
 /// system): a random name, O_EXCL|O_NOFOLLOW (nothing planted there is opened), mode 0600.
 pub(super) fn create_temp(path: &[u8]) -> Result<(CString, c_int), String> {
     for attempt in 0..TEMP_NAME_ATTEMPTS {
         let mut name = path.to_vec();
-        name.extend_from_slice(format!(".{:016x}.partial", temp_suffix(attempt)).as_bytes());
+        name.extend_from_slice(
+            format!(".{:016x}.partial", rundir::temp_suffix(attempt)).as_bytes(),
+        );
         let Ok(name) = CString::new(name) else {
             return Err("contains a NUL byte".into());
         };
