@@ -179,7 +179,8 @@ class TTSApp:
         if not recent:
             return table, '<p class="qvshim-events">No loads, unloads or refusals yet.</p>'
         lines = "".join(
-            f"<li>{time.strftime('%H:%M:%S', time.localtime(event.time))} {html.escape(self._readable(event.message))}</li>"
+            f"<li>{time.strftime('%H:%M:%S', time.localtime(event.time))} "
+            f"{html.escape(self._readable(event.message))}</li>"
             for event in recent)
         return table, f'<ul class="qvshim-events">{lines}</ul>'
 
@@ -260,7 +261,8 @@ def build_ui(app):
                             cv_instruct = gr.Textbox(label="Instruction (optional)")
                             cv_audio = gr.Audio(label="Speech", type="numpy", elem_id="custom-voice-speech")
                             gr.Button("Speak").click(
-                                fail_as_gradio(lambda t, l, s, i: app.speak("custom_voice", t, l, speaker=s, instruct=i)),
+                                fail_as_gradio(lambda t, l, s, i: app.speak("custom_voice", t, l, speaker=s,
+                                                                        instruct=i)),
                                 [cv_text, cv_language, cv_speaker, cv_instruct], cv_audio, api_name="custom_voice")
                     if "voice_clone" in app.configs:
                         with gr.Tab(MODES["voice_clone"][0], id="voice_clone"):
@@ -298,14 +300,18 @@ def build_ui(app):
                         b_file = gr.File(label="All lines, joined", elem_id="batch-file")
                         b_status = gr.Textbox(label="Status", elem_id="batch-status")
 
-                        def run_batch(mode, lines, language, speaker, instruct, ref, ref_text, progress=gr.Progress()):
+                        def run_batch(mode, lines, language, speaker, instruct, ref, ref_text,
+                                      progress=gr.Progress()):
                             texts = lines.splitlines()
                             total = max(1, sum(1 for t in texts if t.strip()))
-                            joined, summary = app.batch(
-                                mode, texts, language, speaker=speaker, instruct=instruct, ref_audio=ref, ref_text=ref_text,
-                                on_written=lambda index, path, seconds: progress((index + 1) / total,
-                                                                              desc=f"line {index + 1} of {total} written"))
-                            return joined, f"{summary.lines} lines, {summary.seconds:.1f} s of audio in {summary.out_dir}"
+
+                            def written(index, path, seconds):
+                                progress((index + 1) / total, desc=f"line {index + 1} of {total} written")
+
+                            joined, summary = app.batch(mode, texts, language, speaker=speaker, instruct=instruct,
+                                                        ref_audio=ref, ref_text=ref_text, on_written=written)
+                            return joined, (f"{summary.lines} lines, {summary.seconds:.1f} s of audio "
+                                            f"in {summary.out_dir}")
 
                         gr.Button("Speak all").click(
                             fail_as_gradio(run_batch),

@@ -143,7 +143,8 @@ def pool(refusals=0, level_name="normal", live=100, largest_refused=0, name="hos
          [("shim", "host: the shim refused 2 allocations (largest refused so far 2.0 KiB)")]),
         ([pool(refusals=1)], [pool(refusals=2, largest_refused=10)],
          [("shim", "host: the shim refused 1 allocation (largest refused so far 10 B)")]),
-        ([pool()], [pool(level_name="critical", live=1 << 20)], [("level", "host: pressure normal -> critical (1.0 MiB live)")]),
+        ([pool()], [pool(level_name="critical", live=1 << 20)],
+         [("level", "host: pressure normal -> critical (1.0 MiB live)")]),
         ([pool()], [pool(), pool(name="gpu0", refusals=5)], []),  # a new pool: its first look is the baseline
     ],
 )
