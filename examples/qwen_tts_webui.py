@@ -17,6 +17,7 @@ Needs: pip install qwen-tts (which brings gradio, torch and transformers).
 """
 
 import argparse
+import html
 import json
 import os
 import sys
@@ -33,6 +34,8 @@ MODES = {  # mode -> (label, the qwen-tts model type its directory must hold)
     "voice_design": ("Voice design", "voice_design"),
 }
 DEFAULT_LANGUAGES = ["Auto"]
+MEMORY_REFRESH_S = 1.5  # how often the memory panel reads the pools while a page is open
+MEMORY_EVENTS_SHOWN = 12  # the newest lines of the companion's feed under the pools
 
 
 def read_model_config(directory):
@@ -68,6 +71,7 @@ class TTSApp:
         self.generate_kwargs = dict(generate_kwargs or {})
         pool = qvshim.gpu_pool(int(device.split(":")[1]) if ":" in device else 0) if device.startswith("cuda") else qvshim.POOL_HOST
         self.models = qvshim.ModelManager(keep_alive=keep_alive, pool=pool)
+        self.watcher = qvshim.events.StatsWatcher()  # the shim's refusals and level changes, as lines
 
     # -- models ----------------------------------------------------------------------------
 
@@ -88,7 +92,19 @@ class TTSApp:
     # -- one line at a time ----------------------------------------------------------------
 
     def _generate(self, mode, texts, language, speaker=None, instruct=None, clone_prompt=None):
-        """(wavs, sample_rate) for a list of texts, with the model held only while it runs."""
+        """(wavs, sample_rate) for a list of texts, with the model held only while it runs.
+
+        torch reports a refused allocation as RuntimeError (CPU) or torch.OutOfMemoryError (GPU);
+        both leave here as MemoryError, so a batch retries in halves and the UI says what happened.
+        """
+        try:
+            return self._generate_with_model(mode, texts, language, speaker, instruct, clone_prompt)
+        except RuntimeError as error:
+            if not _is_out_of_memory(error):
+                raise
+            raise MemoryError(f"{_first_line(error)}") from error
+
+    def _generate_with_model(self, mode, texts, language, speaker, instruct, clone_prompt):
         with self.use(mode) as tts:
             if mode == "custom_voice":
                 return tts.generate_custom_voice(text=texts, speaker=speaker, language=language,
@@ -115,7 +131,14 @@ class TTSApp:
         if not text or not text.strip():
             raise ValueError("there is no text to speak")
         prompt = self.clone_prompt(ref_audio, ref_text, x_vector_only) if mode == "voice_clone" else None
-        wavs, rate = self._generate(mode, [text], language, speaker, instruct, prompt)
+        try:
+            wavs, rate = self._generate(mode, [text], language, speaker, instruct, prompt)
+        except MemoryError as error:
+            if not isinstance(error, qvshim.ModelDoesNotFit):  # the manager has recorded those itself
+                qvshim.events.record("line", f"a {MODES[mode][0].lower()} line of {len(text)} characters "
+                                             f"could not fit: {_first_line(error)}")
+            raise MemoryError(f"this line could not fit in memory and was not spoken ({_first_line(error)}); "
+                              "the next one can be") from error
         return rate, wavs[0]
 
     # -- batches ---------------------------------------------------------------------------
@@ -137,8 +160,62 @@ class TTSApp:
                                           combined=joined, on_written=on_written)
         return joined, summary
 
+    # -- memory ----------------------------------------------------------------------------
+
+    def memory_report(self):
+        """(pools HTML, events HTML) for the memory panel: qvshim's pools and the companion's feed."""
+        pools = self.watcher.poll()
+        if pools is None:
+            return ('<p class="qvshim-ungoverned"><b>Not governed:</b> this app is not running under qvshim, so '
+                    "nothing bounds its memory. Start it with <code>python -m qvshim run "
+                    "examples/qwen_tts_webui.py ...</code></p>", "")
+        rows = "".join(
+            f"<tr><td>{html.escape(p['name'])}</td><td>{_size(p['live'])}</td><td>{_budget(p['effective_budget'])}</td>"
+            f"<td>{html.escape(p['level_name'])}</td><td>{_size(p['peak'])}</td><td>{p['refusals']}</td></tr>"
+            for p in pools)
+        table = ('<table class="qvshim-pools"><thead><tr><th>pool</th><th>live</th><th>budget</th><th>level</th>'
+                 f"<th>peak</th><th>refused</th></tr></thead><tbody>{rows}</tbody></table>")
+        recent = qvshim.events.recent()[-MEMORY_EVENTS_SHOWN:]
+        if not recent:
+            return table, '<p class="qvshim-events">No loads, unloads or refusals yet.</p>'
+        lines = "".join(
+            f"<li>{time.strftime('%H:%M:%S', time.localtime(event.time))} "
+            f"{html.escape(self._readable(event.message))}</li>"
+            for event in recent)
+        return table, f'<ul class="qvshim-events">{lines}</ul>'
+
+    @staticmethod
+    def _readable(message):
+        for mode, (label, _) in MODES.items():
+            message = message.replace(repr(mode), label)
+        return message
+
     def close(self):
         self.models.close()
+
+
+def _is_out_of_memory(error):
+    # torch's CPU allocator raises RuntimeError("... DefaultCPUAllocator: can't allocate memory ...").
+    return type(error).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(error)
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+UNLIMITED_BYTES = 2**64 - 1  # a pool's budget when it is off
+
+
+def _size(n_bytes):
+    for unit, name in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if n_bytes >= unit:
+            return f"{n_bytes / unit:.1f} {name}"
+    return f"{n_bytes} B"
+
+
+def _budget(n_bytes):
+    return "off" if n_bytes >= UNLIMITED_BYTES else _size(n_bytes)
 
 
 def _to_float_mono(samples):
@@ -168,64 +245,88 @@ def build_ui(app):
         wrapped.__name__ = function.__name__
         return wrapped
 
+    # Only the modes with a model get a tab: a hidden first tab would still be the selected one,
+    # and the page would open blank (the Batch tab is always there and always usable).
     with gr.Blocks(title="Qwen3-TTS under qvshim") as ui:
         gr.Markdown("# Qwen3-TTS\nModels load on first use and leave when idle; memory is governed by qvshim.")
-        with gr.Tab(MODES["custom_voice"][0], visible="custom_voice" in app.configs):
-            speakers = app.configs.get("custom_voice", {}).get("speakers", [])
-            cv_text = gr.Textbox(label="Text", lines=3)
-            cv_language = gr.Dropdown(languages("custom_voice"), value="Auto", label="Language")
-            cv_speaker = gr.Dropdown(speakers, value=speakers[0] if speakers else None, label="Speaker")
-            cv_instruct = gr.Textbox(label="Instruction (optional)")
-            cv_audio = gr.Audio(label="Speech", type="numpy")
-            gr.Button("Speak").click(
-                fail_as_gradio(lambda t, l, s, i: app.speak("custom_voice", t, l, speaker=s, instruct=i)),
-                [cv_text, cv_language, cv_speaker, cv_instruct], cv_audio, api_name="custom_voice")
-        with gr.Tab(MODES["voice_clone"][0], visible="voice_clone" in app.configs):
-            vc_text = gr.Textbox(label="Text", lines=3)
-            vc_language = gr.Dropdown(languages("voice_clone"), value="Auto", label="Language")
-            vc_ref = gr.Audio(label="Reference recording", type="numpy")
-            vc_ref_text = gr.Textbox(label="What the reference says (empty: voice only)")
-            vc_xvec = gr.Checkbox(label="Use the voice only, not the words", value=False)
-            vc_audio = gr.Audio(label="Speech", type="numpy")
-            gr.Button("Speak").click(
-                fail_as_gradio(lambda t, l, r, rt, x: app.speak("voice_clone", t, l, ref_audio=r, ref_text=rt,
-                                                                x_vector_only=x)),
-                [vc_text, vc_language, vc_ref, vc_ref_text, vc_xvec], vc_audio, api_name="voice_clone")
-        with gr.Tab(MODES["voice_design"][0], visible="voice_design" in app.configs):
-            vd_text = gr.Textbox(label="Text", lines=3)
-            vd_language = gr.Dropdown(languages("voice_design"), value="Auto", label="Language")
-            vd_instruct = gr.Textbox(label="Describe the voice", lines=2)
-            vd_audio = gr.Audio(label="Speech", type="numpy")
-            gr.Button("Speak").click(
-                fail_as_gradio(lambda t, l, i: app.speak("voice_design", t, l, instruct=i)),
-                [vd_text, vd_language, vd_instruct], vd_audio, api_name="voice_design")
-        with gr.Tab("Batch"):
-            modes = [mode for mode in MODES if mode in app.configs]
-            b_mode = gr.Radio([(MODES[m][0], m) for m in modes], value=modes[0], label="Mode")
-            b_lines = gr.Textbox(label="Lines (one per line)", lines=10)
-            b_language = gr.Dropdown(sorted({lang for m in modes for lang in languages(m)}), value="Auto",
-                                     label="Language")
-            all_speakers = app.configs.get("custom_voice", {}).get("speakers", [])
-            b_speaker = gr.Dropdown(all_speakers, value=all_speakers[0] if all_speakers else None,
-                                    label="Speaker (custom voice)")
-            b_instruct = gr.Textbox(label="Instruction / voice description")
-            b_ref = gr.Audio(label="Reference recording (voice clone)", type="numpy")
-            b_ref_text = gr.Textbox(label="What the reference says (voice clone)")
-            b_file = gr.File(label="All lines, joined")
-            b_status = gr.Textbox(label="Status")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                with gr.Tabs():
+                    if "custom_voice" in app.configs:
+                        with gr.Tab(MODES["custom_voice"][0], id="custom_voice"):
+                            speakers = app.configs["custom_voice"]["speakers"]
+                            cv_text = gr.Textbox(label="Text", lines=3)
+                            cv_language = gr.Dropdown(languages("custom_voice"), value="Auto", label="Language")
+                            cv_speaker = gr.Dropdown(speakers, value=speakers[0] if speakers else None, label="Speaker")
+                            cv_instruct = gr.Textbox(label="Instruction (optional)")
+                            cv_audio = gr.Audio(label="Speech", type="numpy", elem_id="custom-voice-speech")
+                            gr.Button("Speak").click(
+                                fail_as_gradio(lambda t, l, s, i: app.speak("custom_voice", t, l, speaker=s,
+                                                                        instruct=i)),
+                                [cv_text, cv_language, cv_speaker, cv_instruct], cv_audio, api_name="custom_voice")
+                    if "voice_clone" in app.configs:
+                        with gr.Tab(MODES["voice_clone"][0], id="voice_clone"):
+                            vc_text = gr.Textbox(label="Text", lines=3)
+                            vc_language = gr.Dropdown(languages("voice_clone"), value="Auto", label="Language")
+                            vc_ref = gr.Audio(label="Reference recording", type="numpy")
+                            vc_ref_text = gr.Textbox(label="What the reference says (empty: voice only)")
+                            vc_xvec = gr.Checkbox(label="Use the voice only, not the words", value=False)
+                            vc_audio = gr.Audio(label="Speech", type="numpy", elem_id="voice-clone-speech")
+                            gr.Button("Speak").click(
+                                fail_as_gradio(lambda t, l, r, rt, x: app.speak("voice_clone", t, l, ref_audio=r,
+                                                                                ref_text=rt, x_vector_only=x)),
+                                [vc_text, vc_language, vc_ref, vc_ref_text, vc_xvec], vc_audio, api_name="voice_clone")
+                    if "voice_design" in app.configs:
+                        with gr.Tab(MODES["voice_design"][0], id="voice_design"):
+                            vd_text = gr.Textbox(label="Text", lines=3)
+                            vd_language = gr.Dropdown(languages("voice_design"), value="Auto", label="Language")
+                            vd_instruct = gr.Textbox(label="Describe the voice", lines=2)
+                            vd_audio = gr.Audio(label="Speech", type="numpy", elem_id="voice-design-speech")
+                            gr.Button("Speak").click(
+                                fail_as_gradio(lambda t, l, i: app.speak("voice_design", t, l, instruct=i)),
+                                [vd_text, vd_language, vd_instruct], vd_audio, api_name="voice_design")
+                    with gr.Tab("Batch"):
+                        modes = [mode for mode in MODES if mode in app.configs]
+                        b_mode = gr.Radio([(MODES[m][0], m) for m in modes], value=modes[0], label="Mode")
+                        b_lines = gr.Textbox(label="Lines (one per line)", lines=10)
+                        b_language = gr.Dropdown(sorted({lang for m in modes for lang in languages(m)}), value="Auto",
+                                                 label="Language")
+                        all_speakers = app.configs.get("custom_voice", {}).get("speakers", [])
+                        b_speaker = gr.Dropdown(all_speakers, value=all_speakers[0] if all_speakers else None,
+                                                label="Speaker (custom voice)")
+                        b_instruct = gr.Textbox(label="Instruction / voice description")
+                        b_ref = gr.Audio(label="Reference recording (voice clone)", type="numpy")
+                        b_ref_text = gr.Textbox(label="What the reference says (voice clone)")
+                        b_file = gr.File(label="All lines, joined", elem_id="batch-file")
+                        b_status = gr.Textbox(label="Status", elem_id="batch-status")
 
-            def run_batch(mode, lines, language, speaker, instruct, ref, ref_text, progress=gr.Progress()):
-                texts = lines.splitlines()
-                total = max(1, sum(1 for t in texts if t.strip()))
-                joined, summary = app.batch(
-                    mode, texts, language, speaker=speaker, instruct=instruct, ref_audio=ref, ref_text=ref_text,
-                    on_written=lambda index, path, seconds: progress((index + 1) / total, desc="speaking"))
-                return joined, f"{summary.lines} lines, {summary.seconds:.1f} s of audio in {summary.out_dir}"
+                        def run_batch(mode, lines, language, speaker, instruct, ref, ref_text,
+                                      progress=gr.Progress()):
+                            texts = lines.splitlines()
+                            total = max(1, sum(1 for t in texts if t.strip()))
 
-            gr.Button("Speak all").click(
-                fail_as_gradio(run_batch),
-                [b_mode, b_lines, b_language, b_speaker, b_instruct, b_ref, b_ref_text], [b_file, b_status],
-                api_name="batch")
+                            def written(index, path, seconds):
+                                progress((index + 1) / total, desc=f"line {index + 1} of {total} written")
+
+                            joined, summary = app.batch(mode, texts, language, speaker=speaker, instruct=instruct,
+                                                        ref_audio=ref, ref_text=ref_text, on_written=written)
+                            return joined, (f"{summary.lines} lines, {summary.seconds:.1f} s of audio "
+                                            f"in {summary.out_dir}")
+
+                        gr.Button("Speak all").click(
+                            fail_as_gradio(run_batch),
+                            [b_mode, b_lines, b_language, b_speaker, b_instruct, b_ref, b_ref_text], [b_file, b_status],
+                            api_name="batch")
+            # The memory panel reads the pools on a timer of its own, outside the queue's one-at-a-time
+            # limit, so it keeps moving while a batch runs.
+            with gr.Column(scale=2, elem_id="memory-panel"):
+                gr.Markdown("### Memory")
+                mem_pools = gr.HTML(elem_id="memory-pools")
+                mem_events = gr.HTML(elem_id="memory-events")
+        refresh = dict(fn=app.memory_report, inputs=None, outputs=[mem_pools, mem_events], show_progress="hidden",
+                       concurrency_limit=None)
+        gr.Timer(MEMORY_REFRESH_S).tick(**refresh)
+        ui.load(**refresh)
     return ui
 
 

@@ -2,6 +2,7 @@
 
     import qvshim
     qvshim.stats()                       # the pools, as in the dump
+    qvshim.events.recent()               # loads, unloads and refusals, as lines for people
     qvshim.on_pressure(lambda level, pool: cache.clear(), level="warn")
     models = qvshim.ModelManager(keep_alive=300)
     with models.use("tts", load_tts, path="/models/tts") as tts: ...
@@ -11,6 +12,7 @@ Run a program under the shim with `python -m qvshim run script.py` (or the `qvsh
 Standard library only; numpy and torch are used when the app passes their objects.
 """
 
+from . import events
 from ._capi import NotLoaded, is_loaded
 from .batch import BatchSummary, generate_batches
 from .memory import POOL_HOST, gpu_pool, headroom, in_use, level, purge, release_memory, set_budget, stats
@@ -30,6 +32,7 @@ __all__ = [
     "POOL_HOST",
     "WavWriter",
     "concat_wavs",
+    "events",
     "generate_batches",
     "gpu_pool",
     "headroom",

@@ -7,7 +7,7 @@ written through WavWriter and dropped, so a million lines cost what one batch co
 import itertools
 import os
 
-from . import memory
+from . import events, memory
 from ._log import logger
 from .wav import WavWriter
 
@@ -72,13 +72,17 @@ def generate_batches(lines, generate, out_dir, batch_size=DEFAULT_BATCH_SIZE, sa
 def _generate_and_write(batch, generate, out_dir, name, summary, state, on_written):
     try:
         results = generate(batch)
-    except MemoryError:
+    except MemoryError as error:
+        first = summary.lines + 1  # lines are numbered from 1 for people
         if len(batch) == 1:
+            events.record("line", f"line {first} could not fit: {error or 'MemoryError'}")
             raise
         memory.release_memory()
         half = len(batch) // 2
         summary.splits += 1
         logger.info("MemoryError generating %d lines; retrying as %d and %d", len(batch), half, len(batch) - half)
+        events.record("split", f"lines {first}-{first + len(batch) - 1} could not fit together: "
+                               f"retried as {half} and {len(batch) - half}")
         _generate_and_write(batch[:half], generate, out_dir, name, summary, state, on_written)
         _generate_and_write(batch[half:], generate, out_dir, name, summary, state, on_written)
         return

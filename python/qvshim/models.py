@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 
-from . import memory, pressure
+from . import events, memory, pressure
 from ._log import logger, size_text
 
 DEFAULT_KEEP_ALIVE_S = 300  # five minutes, as the seed's manager and Ollama
@@ -195,6 +195,8 @@ class ModelManager:
             "loaded model %r in %.1f s: %s%s",
             name, time.monotonic() - started, _moved_text(before, after), expected_note,
         )
+        events.record("load", f"model {name!r} loaded in {time.monotonic() - started:.1f} s: "
+                              f"{_moved_text(before, after)}{expected_note}")
         entry = _Entry(model, expected, moved, time.monotonic())
         self._models[name] = entry
         self._start_timer()
@@ -217,13 +219,15 @@ class ModelManager:
             f"{other} ({size_text(entry.moved)}, {'in use' if entry.uses else 'idle'})"
             for other, entry in self._models.items()
         )
-        raise ModelDoesNotFit(
+        refusal = ModelDoesNotFit(
             f"cannot load model {name!r}: it needs {size_text(expected)} but only "
             f"{size_text(max(room.free, 0))} is free in {memory.pool_name(self.pool)} memory "
             f"({size_text(room.held)} held of {size_text(room.limit)}, "
             f"{self.margin:.0%} kept free)"
             + (f"; models loaded: {loaded}" if loaded else "; no other model is loaded")
         )
+        events.record("refusal", str(refusal))
+        raise refusal
 
     def _unload_idle(self, reason):
         names = [name for name, entry in self._models.items() if not entry.uses]
@@ -241,9 +245,11 @@ class ModelManager:
         del entries
         memory.release_memory()
         after = memory.in_use()
+        moved = _moved_text(before, after)
         logger.info("unloaded model%s %s (%s): %s",
-                    "s" if len(names) > 1 else "", ", ".join(map(repr, names)), reason,
-                    _moved_text(before, after))
+                    "s" if len(names) > 1 else "", ", ".join(map(repr, names)), reason, moved)
+        events.record("unload", f"model{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))} "
+                                f"unloaded, {reason}: {moved}")
 
     # -- the idle timer and pressure -------------------------------------------------------
 
@@ -272,7 +278,7 @@ class ModelManager:
                 name for name, entry in self._models.items()
                 if not entry.uses and now - entry.last_used >= self.keep_alive
             ]
-            self._unload(expired, f"idle for {self.keep_alive:g} s")
+            self._unload(expired, f"after {self.keep_alive:g} s idle")
             waits = [entry.last_used + self.keep_alive - now
                      for entry in self._models.values() if not entry.uses]
             return max(min(waits), 0) if waits else None

@@ -159,3 +159,44 @@ def test_web_ui_serves_every_mode_under_the_shim_and_stops_on_ctrl_c(tiny_models
     assert "[qvshim] INFO qvshim" in output and "host budget 4.00 GiB" in output, output
     assert "loaded model 'custom_voice'" in output and "loaded model 'voice_clone'" in output
     assert server.returncode in (0, 130), output
+
+
+def test_memory_report_without_the_library_says_not_governed(app):
+    def not_loaded():
+        raise qvshim.NotLoaded()
+
+    app.watcher = qvshim.events.StatsWatcher(read_stats=not_loaded)
+    pools, feed = app.memory_report()
+    assert "Not governed" in pools and feed == "", f"without the library the panel must say so: {pools!r}"
+
+
+def test_memory_report_shows_the_pools_and_the_feed(app):
+    app.speak("voice_design", "Hello.", "Auto", instruct="calm")
+    pools, feed = app.memory_report()
+    assert "<td>host</td>" in pools and "<th>budget</th>" in pools, pools
+    assert "model Voice design loaded" in feed, f"the load must be in the feed, by its tab's name: {feed!r}"
+
+
+def test_torch_refusing_a_line_is_a_memory_error_and_the_next_line_speaks(app, monkeypatch):
+    # What torch's CPU allocator raises when the shim refuses it (seen under a 400 MiB-room budget).
+    refusal = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 522283520 bytes. Error code 12 (Cannot allocate memory)")
+    real = app._generate_with_model
+    calls = []
+
+    def refuse_once(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise refusal
+        return real(*args)
+
+    monkeypatch.setattr(app, "_generate_with_model", refuse_once)
+    with pytest.raises(MemoryError, match="this line could not fit in memory.*the next one can be"):
+        app.speak("custom_voice", "A long line.", "Auto", speaker="Ryan")
+    assert "could not fit" in qvshim.events.recent()[-1].message
+    rate, samples = app.speak("custom_voice", "A short line.", "Auto", speaker="Ryan")
+    assert samples.size > 0
+    other = RuntimeError("some other failure")
+    monkeypatch.setattr(app, "_generate_with_model", lambda *args: (_ for _ in ()).throw(other))
+    with pytest.raises(RuntimeError, match="some other failure"):
+        app.speak("custom_voice", "Hello.", "Auto", speaker="Ryan")
