@@ -113,12 +113,14 @@ def test_memory_pools_reserve_counts_and_is_trimmed_before_a_refusal(fake_cuda, 
 
 
 def test_a_pinned_host_refusal_leaves_the_host_effective_budget_to_the_monitor(fake_cuda):
-    # 256 MiB of anonymous memory the ledger does not see lowers the host's effective budget to
-    # about 290 MiB of its 512 MiB; a 300 MiB pinned allocation must be refused by it, not let
-    # through by a retry that took the budget back up (pinned memory has no pool to trim).
-    r = run(["cuda_client", "steps", "touch:256", "effbelow:0:320", "a:host_alloc:300"],
+    # 320 MiB of anonymous memory the ledger does not see lowers the host's effective budget to
+    # about 220-260 MiB of its 512 MiB (what else the process holds unseen varies from run to run:
+    # with 256 MiB touched it was sometimes 317 MiB, above the 300 MiB asked for below); a 300 MiB
+    # pinned allocation must be refused by it, not let through by a retry that took the budget back
+    # up (pinned memory has no pool to trim).
+    r = run(["cuda_client", "steps", "touch:320", "effbelow:0:280", "a:host_alloc:300"],
             {"QVSHIM_BUDGET": "512M", "QVSHIM_INTERVAL": "20ms"})
     assert r.returncode == 0, r.describe()
-    assert r.number("s1") < 320 * MIB, f"expected the host effective budget lowered\n{r.describe()}"
+    assert r.number("s1") < 280 * MIB, f"expected the host effective budget lowered\n{r.describe()}"
     assert r.number("s2") == CUDA_ERROR_OUT_OF_MEMORY, (
         f"expected the pinned allocation refused by the lowered host budget\n{r.describe()}")
