@@ -97,11 +97,10 @@ def build_library():
     if mode == "native" or triple is None:
         run(["cargo", "build", "--release", "--lib"])
         return os.path.join(target_dir, "release", LIBRARY_NAME)
-    import ziglang  # a build requirement: its zig binary lies in the package folder
-
-    env = dict(os.environ)
-    env["PATH"] = os.path.dirname(os.path.abspath(ziglang.__file__)) + os.pathsep + env.get("PATH", "")
-    zigbuild = shutil.which("cargo-zigbuild", path=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
+    # cargo-zigbuild runs zig as `PYTHON -m ziglang`: this interpreter is the one whose build
+    # environment holds ziglang (a build requirement), whatever python3 is first on PATH.
+    env = dict(os.environ, CARGO_ZIGBUILD_PYTHON_PATH=sys.executable)
+    zigbuild = shutil.which("cargo-zigbuild", path=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
     if zigbuild is None:
         sys.exit("setup.py: cargo-zigbuild not found (a build requirement in pyproject.toml)")
     run([zigbuild, "zigbuild", "--release", "--lib", "--target", f"{triple}.{OLDEST_GLIBC}"], env)
