@@ -82,16 +82,52 @@ def test_path_that_ld_preload_cannot_carry_is_refused(path):
         (["run"], {}, 2, "usage: python -m qvshim run"),
         (["frobnicate"], {}, 2, "unknown command 'frobnicate'"),
         (["library"], {"QVSHIM_LIBRARY": "/nonexistent/libqvshim.so"}, 127, "is not a file"),
+        (["run", "--budget", "lots", "SCRIPT"], {}, 2, "qvshim: --budget 'lots': not a size (e.g. 6G, 512MiB, 1.5G, 50%, off)"),
+        (["run", "--budget=15M", "SCRIPT"], {}, 2, "qvshim: --budget '15M': below the 16 MiB minimum"),
+        (["run", "--gpu-budget", "101%", "SCRIPT"], {}, 2, "qvshim: --gpu-budget '101%': a percentage over 100"),
+        (["run", "--gpu-budget", "-1G", "SCRIPT"], {}, 2, "qvshim: --gpu-budget '-1G': negative"),
+        (["run", "--budget"], {}, 2, "qvshim: --budget needs a size"),
+        (["run", "--budget", "1G"], {}, 2, "qvshim: run needs a script, -m MODULE or a program"),
+        (["run", "no-such-program-qvshim"], {}, 127, "qvshim: no-such-program-qvshim: command not found"),
+        (["run", "NOT_EXECUTABLE"], {}, 126, "permission denied (not an executable file)"),
+        (["run", "/bin/sh"], {"QVSHIM_LIBRARY": "/nonexistent/libqvshim.so"}, 127, "QVSHIM_LIBRARY=/nonexistent/libqvshim.so is not a file"),
     ],
 )
 def test_command_line_errors(tmp_path, args, env_extra, code, stderr_has):
     script = tmp_path / "script.py"
     script.write_text("print('ran')\n")
-    args = [str(script) if arg == "SCRIPT" else arg for arg in args]
+    not_executable = tmp_path / "tool"
+    not_executable.write_text("echo ran\n")
+    args = [{"SCRIPT": str(script), "NOT_EXECUTABLE": str(not_executable)}.get(arg, arg) for arg in args]
     result = run_python(["-m", "qvshim", *args], plain_env(**env_extra), cwd=tmp_path)
     assert result.returncode == code, result.stderr
     assert stderr_has in result.stderr
     assert "ran" not in result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("argv, settings, rest", [
+    (["app.py", "--budget", "1G"], {}, ["app.py", "--budget", "1G"]),  # after the program: the program's
+    (["--budget", "1G", "app.py"], {"QVSHIM_BUDGET": "1G"}, ["app.py"]),
+    (["--budget=50%", "--gpu-budget", "off", "-m", "http.server"], {"QVSHIM_BUDGET": "50%", "QVSHIM_GPU_BUDGET": "off"}, ["-m", "http.server"]),
+    (["--", "--budget"], {}, ["--budget"]),  # a program named like an option
+    (["sh", "-c", "true"], {}, ["sh", "-c", "true"]),
+])
+def test_run_options_come_before_the_program(argv, settings, rest):
+    assert launcher.parse_run_options(argv) == (settings, rest)
+
+
+@pytest.mark.parametrize("target, is_script", [
+    ("webui.py", True), ("./app/webui.py", True), ("gui.pyw", True),
+    ("python3", False), ("/bin/sh", False), ("webui", False), ("notes.py.txt", False),
+])
+def test_a_path_ending_in_py_is_a_script_anything_else_a_program(target, is_script):
+    assert launcher.is_python_script(target) == is_script
+
+
+def test_preload_is_not_repeated_when_already_there():
+    env = launcher.preload_environment("/lib/libqvshim.so", {"LD_PRELOAD": "/lib/other.so /lib/libqvshim.so::"})
+    assert env["LD_PRELOAD"] == "/lib/libqvshim.so:/lib/other.so"
 
 
 def test_help_exits_zero():

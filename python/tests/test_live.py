@@ -188,3 +188,42 @@ def test_run_tree_puts_the_program_and_its_children_in_one_tree(tmp_path, librar
     assert scope == "tree" and ledger.startswith("/") and childs == ledger, (
         f"expected QVSHIM_SCOPE=tree and one ledger path seen by the program and its child; "
         f"got {result.stdout!r}\n{result.stderr}")
+
+
+# `run PROGRAM`: any program, exec'd with the library preloaded. (run's arguments, expected status,
+# expected stdout); {library} is the build under test. A signal shows as -N, as for a shell.
+PROGRAM_ROWS = [
+    (["/bin/sh", "-c", "echo $LD_PRELOAD"], 0, "{library}"),
+    (["sh", "-c", "echo $LD_PRELOAD"], 0, "{library}"),  # looked up in PATH
+    (["--budget", "1G", "--gpu-budget=50%", "sh", "-c", "echo $QVSHIM_BUDGET $QVSHIM_GPU_BUDGET"], 0, "1G 50%"),
+    (["sh", "-c", "exit 7"], 7, ""),
+    (["sh", "-c", "kill -TERM $$"], -signal.SIGTERM, ""),
+    (["--budget", "100M", "PYTHON", "-c", "import qvshim; print(qvshim.is_loaded(), qvshim.stats()[0]['budget'])"], 0, f"True {100 * MIB}"),
+]
+
+
+@pytest.mark.parametrize("args, code, stdout", PROGRAM_ROWS)
+def test_run_any_program_under_the_library(tmp_path, library, args, code, stdout):
+    args = [sys.executable if arg == "PYTHON" else arg for arg in args]
+    result = run_python(["-m", "qvshim", "run", *args], plain_env(), cwd=tmp_path)
+    assert result.returncode == code, f"expected status {code}, got {result.returncode}: {result.stderr}"
+    assert result.stdout.strip() == stdout.format(library=library), result.stderr
+
+
+def test_run_with_the_library_already_preloaded_keeps_one_copy(tmp_path, library):
+    env = plain_env(LD_PRELOAD=library)
+    result = run_python(["-m", "qvshim", "run", "/bin/sh", "-c", "echo $LD_PRELOAD"], env, cwd=tmp_path)
+    assert (result.returncode, result.stdout.strip()) == (0, library), result.stderr
+
+
+def test_budget_flag_reaches_a_script_even_when_python_already_runs_under_the_library(tmp_path, library):
+    # The library reads QVSHIM_BUDGET when it loads: a flag the process did not start with needs a re-exec.
+    result = run_script(tmp_path, """
+        import qvshim
+        print(qvshim.stats()[0]["budget"])
+    """, plain_env(LD_PRELOAD=library, QVSHIM_BUDGET="1G"))
+    assert (result.returncode, result.stdout.strip()) == (0, str(1024 * MIB)), result.stderr
+    script = tmp_path / "script.py"
+    flagged = run_python(["-m", "qvshim", "run", "--budget", "200M", str(script)],
+                         plain_env(LD_PRELOAD=library, QVSHIM_BUDGET="1G"), cwd=tmp_path)
+    assert (flagged.returncode, flagged.stdout.strip()) == (0, str(200 * MIB)), flagged.stderr

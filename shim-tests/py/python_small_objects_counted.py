@@ -16,6 +16,9 @@ from shimstats import host_live
 N_FLOATS = 200_000
 FLOAT_BYTES = 24  # sizeof(PyFloatObject) on 64-bit
 ARENA_BYTES = 1 << 20
+# The interpreter's own few mallocs between the two readings (seen: 768 bytes), far below the
+# 8 MiB the floats take, so a leak of them still fails.
+SLACK_BYTES = 64 << 10
 
 expected, counting = sys.argv[1], sys.argv[2]
 got = os.environ.get("PYTHONMALLOC", "unset")
@@ -43,5 +46,5 @@ gc.collect()
 back = host_live() - before
 print(f"after del: live {back:+d} bytes from before")
 # pymalloc gives an arena back only when it is wholly empty; a few partly used ones may stay.
-assert back <= 2 * ARENA_BYTES, f"expected the floats' memory given back to the ledger, still {back} bytes"
+assert back <= 2 * ARENA_BYTES + SLACK_BYTES, f"expected the floats' memory given back to the ledger, still {back} bytes"
 print("PASS")
