@@ -128,6 +128,108 @@ fn defining_object(address: *const c_void) -> Option<(usize, &'static CStr)> {
     Some((info.dli_fbase as usize, name))
 }
 
+/// dladdr1's request for the symbol table entry of the symbol found (dlfcn.h).
+const RTLD_DL_SYMENT: i32 = 1;
+/// st_shndx of a symbol the object does not define (elf.h).
+const SHN_UNDEF: u16 = 0;
+
+#[cfg(target_pointer_width = "64")]
+type ElfSym = libc::Elf64_Sym;
+#[cfg(target_pointer_width = "32")]
+type ElfSym = libc::Elf32_Sym;
+
+/// Whether `address` is an import stub rather than a definition: a program linked without PIE
+/// that takes the address of a function it imports (CPython's `/usr/bin/python3` on Debian and
+/// Ubuntu takes malloc's) gets a "canonical PLT entry": its own symbol table lists the function
+/// as undefined but with the PLT entry's address as its value, so that every object sees one
+/// address for it, and a global lookup returns that address. Calls through it still go where
+/// the program's relocation sends them: the first definition after the program.
+fn is_import_stub(address: *const c_void) -> bool {
+    // SAFETY: Dl_info is pointers only; all-null is a valid value.
+    let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
+    let mut sym: *const ElfSym = core::ptr::null();
+    // SAFETY: dladdr1 only reads the loader's tables and writes info and sym; with
+    // RTLD_DL_SYMENT, sym receives a pointer into the object's symbol table (or null).
+    let found = unsafe {
+        libc::dladdr1(
+            address,
+            &mut info,
+            (&mut sym as *mut *const ElfSym).cast(),
+            RTLD_DL_SYMENT,
+        )
+    };
+    // SAFETY: a non-null sym points into the symbol table of a loaded object, which stays.
+    found != 0 && !sym.is_null() && unsafe { (*sym).st_shndx } == SHN_UNDEF
+}
+
+/// What [`first_definition_after_program`] walks with: this library's base, and the answer.
+struct Walk {
+    own: usize,
+    found: Option<(usize, &'static CStr)>,
+}
+
+/// dl_iterate_phdr's callback: the objects come in load order, the program first, then what
+/// LD_PRELOAD named, then the program's needed libraries: the global scope's order. Stops at the
+/// first object after the program that defines malloc itself (or at this library).
+unsafe extern "C" fn definition_walk(
+    info: *mut libc::dl_phdr_info,
+    _size: usize,
+    data: *mut c_void,
+) -> i32 {
+    // SAFETY: data is the Walk passed to dl_iterate_phdr below, alive for its call.
+    let walk = unsafe { &mut *data.cast::<Walk>() };
+    // SAFETY: the loader passes a valid dl_phdr_info for the duration of the callback.
+    let name_ptr = unsafe { (*info).dlpi_name };
+    if name_ptr.is_null() {
+        return 0;
+    }
+    // SAFETY: the loader's object names are NUL-terminated and live as long as the object.
+    let name = unsafe { CStr::from_ptr(name_ptr) };
+    if name.to_bytes().is_empty() {
+        return 0; // the program (and the vDSO's unnamed entry), whose stub brought us here
+    }
+    let real_dlopen = REAL_DLOPEN.load(Ordering::Acquire);
+    if real_dlopen == 0 {
+        return 1;
+    }
+    // SAFETY: REAL_DLOPEN holds glibc's dlopen (resolve_real_dlopen never stores ours).
+    let dlopen: unsafe extern "C" fn(*const c_char, i32) -> *mut c_void =
+        unsafe { core::mem::transmute(real_dlopen) };
+    // SAFETY: a name of a loaded object; RTLD_NOLOAD only takes a reference to it.
+    let handle = unsafe { dlopen(name.as_ptr(), libc::RTLD_NOLOAD | libc::RTLD_LAZY) };
+    if handle.is_null() {
+        return 0;
+    }
+    // SAFETY: a valid handle and a NUL-terminated name. The handle's scope is the object and its
+    // dependencies, so the answer is this object's only when dladdr names this object.
+    let found = unsafe { crate::gpu::driver::real_dlsym(handle, c"malloc".as_ptr()) };
+    // SAFETY: the reference taken by dlopen above is given back; the object stays loaded.
+    unsafe { libc::dlclose(handle) };
+    match defining_object(found) {
+        Some((base, owner)) if owner.as_ptr() == name_ptr || owner == name => {
+            walk.found = Some((base, owner));
+            1
+        }
+        Some((base, _)) if base == walk.own => {
+            walk.found = Some((base, name));
+            1
+        }
+        _ => 0,
+    }
+}
+
+/// Past a non-PIE program's import stub: the first object after the program that defines
+/// malloc, in the global scope's order, with its file name; None when it cannot be told.
+fn first_definition_after_program(own: usize) -> Option<(usize, &'static CStr)> {
+    resolve_real_dlopen();
+    let mut walk = Walk { own, found: None };
+    // SAFETY: the callback only reads the loader's entries and writes walk, which outlives the
+    // call; dlopen(RTLD_NOLOAD) and dlsym from inside it take the loader's recursive lock again
+    // on this same thread, which glibc allows.
+    unsafe { libc::dl_iterate_phdr(Some(definition_walk), (&mut walk as *mut Walk).cast()) };
+    walk.found
+}
+
 /// The base address of this library.
 fn own_base() -> usize {
     static ANCHOR: u8 = 0;
@@ -150,9 +252,17 @@ pub fn decide_at_load() -> bool {
     let own = own_base();
     // SAFETY: RTLD_DEFAULT and a NUL-terminated name.
     let malloc = unsafe { crate::gpu::driver::real_dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr()) };
-    let Some((base, owner)) = defining_object(malloc) else {
+    let Some((mut base, mut owner)) = defining_object(malloc) else {
         return true;
     };
+    if base != own && is_import_stub(malloc) {
+        // A program built without PIE (Debian's and Ubuntu's /usr/bin/python3) answered with
+        // the PLT entry it calls malloc through: the definition its calls reach comes later.
+        match first_definition_after_program(own) {
+            Some(found) => (base, owner) = found,
+            None => return true,
+        }
+    }
     if own == 0 || base == own {
         return true;
     }
