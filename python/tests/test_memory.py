@@ -1,0 +1,24 @@
+"""The pool numbers and names of qvshim.memory, as include/qvshim.h numbers the pools."""
+
+import pytest
+
+import qvshim
+from qvshim import memory
+
+POOL_ROWS = [
+    # (CUDA device, its pool: QVSHIM_POOL_GPU(device) = 1 + device, the name in log lines)
+    (0, 1, "gpu0"),
+    (1, 2, "gpu1"),
+    (15, 16, "gpu15"),  # the last of QVSHIM_MAX_POOLS (17: host + 16 GPUs)
+]
+
+
+@pytest.mark.parametrize("device,pool,name", POOL_ROWS, ids=[r[2] for r in POOL_ROWS])
+def test_gpu_pool_numbers_and_names_follow_the_c_header(device, pool, name):
+    assert qvshim.gpu_pool(device) == pool, f"expected gpu_pool({device}) == {pool}, got {qvshim.gpu_pool(device)}"
+    assert memory.pool_name(pool) == name, f"expected pool_name({pool}) == {name!r}, got {memory.pool_name(pool)!r}"
+
+
+def test_host_pool_is_zero_and_named_host():
+    assert qvshim.POOL_HOST == 0
+    assert memory.pool_name(qvshim.POOL_HOST) == "host", f"got {memory.pool_name(qvshim.POOL_HOST)!r}"
