@@ -118,6 +118,17 @@ def test_run_reexecs_under_the_library_with_argv_and_exit_code(tmp_path, library
     assert second == "False", "the re-exec mark must not leak into the program"
 
 
+def test_run_script_imports_its_neighbours_from_its_own_folder(tmp_path, library):
+    # As `python app/main.py` does: the script's folder, not the working directory, comes first.
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "helper.py").write_text("WHERE = 'next to the script'\n")
+    (app / "main.py").write_text("import helper\nprint(helper.WHERE)\n")
+    result = run_python(["-m", "qvshim", "run", str(app / "main.py")], plain_env(), cwd=tmp_path)
+    assert result.returncode == 0, f"expected the script to import helper.py beside it: {result.stderr[-2000:]}"
+    assert result.stdout.strip() == "next to the script"
+
+
 def test_run_module_and_console_style_invocation(tmp_path, library):
     (tmp_path / "mymod.py").write_text("import sys, qvshim\nprint(__name__, sys.argv[1:], qvshim.is_loaded())\n")
     result = run_python(["-m", "qvshim", "run", "-m", "mymod", "x"], plain_env(), cwd=tmp_path)
