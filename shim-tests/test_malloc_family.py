@@ -47,6 +47,7 @@ MALLOC_FAMILY_CASES = [
     "malloc_of_impossible_size_returns_null_with_enomem",
     "malloc_trim_returns_and_malloc_still_works",
     "malloc_trim_gives_freed_pages_back",
+    "malloc_stats_reports_the_heap_on_stderr",
 ]
 
 

@@ -725,6 +725,34 @@ static void malloc_trim_gives_freed_pages_back(void)
            "(%ld KiB with the 64 MiB written)", SLACK_KIB, start, trimmed, written);
 }
 
+/* malloc_stats writes glibc's summary to stderr, with jemalloc's figures: the bytes in use
+ * include a 1 MiB block the program holds. */
+static void malloc_stats_reports_the_heap_on_stderr(void)
+{
+    char *keep = malloc(MIB);
+    REQUIRE(keep != NULL, "expected malloc(1 MiB) to succeed");
+    memset(keep, 1, MIB);
+    FILE *capture = tmpfile();
+    REQUIRE(capture != NULL, "expected a temporary file");
+    fflush(stderr);
+    int saved = dup(STDERR_FILENO);
+    REQUIRE(saved >= 0 && dup2(fileno(capture), STDERR_FILENO) >= 0, "expected to redirect stderr");
+    malloc_stats();
+    dup2(saved, STDERR_FILENO);
+    close(saved);
+    static char text[4096];
+    rewind(capture);
+    size_t got = fread(text, 1, sizeof text - 1, capture);
+    text[got] = '\0';
+    fclose(capture);
+    const char *in_use = strstr(text, "in use bytes");
+    unsigned long long bytes = 0;
+    EXPECT(strstr(text, "Arena 0:") != NULL, "expected malloc_stats to write \"Arena 0:\" to stderr, got \"%s\"", text);
+    EXPECT(in_use != NULL && sscanf(in_use, "in use bytes = %llu", &bytes) == 1 && bytes >= MIB,
+           "expected malloc_stats to report at least %d bytes in use, got \"%s\"", MIB, text);
+    free(keep);
+}
+
 /* One thread: the peak is exactly the highest live figure (no credit counted into it). */
 static void peak_of_a_single_thread_is_exact(void)
 {
@@ -777,6 +805,7 @@ static const struct check_case cases[] = {
     CASE(malloc_of_impossible_size_returns_null_with_enomem),
     CASE(malloc_trim_returns_and_malloc_still_works),
     CASE(malloc_trim_gives_freed_pages_back),
+    CASE(malloc_stats_reports_the_heap_on_stderr),
     CASE(free_restores_errno_that_jemalloc_changed_inside_free),
     CASE(peak_of_a_single_thread_is_exact),
 };
