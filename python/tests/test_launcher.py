@@ -96,6 +96,13 @@ def test_command_line_errors(tmp_path, args, env_extra, code, stderr_has):
     assert "ran" not in result.stdout
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_run_help_prints_the_usage_on_stdout_and_exits_zero(flag):
+    result = run_python(["-m", "qvshim", "run", flag], plain_env())
+    assert result.returncode == 0, f"expected `qvshim run {flag}` to exit 0: {result.stderr}"
+    assert "usage: python -m qvshim run" in result.stdout, f"expected the usage on stdout, got {result.stdout!r}"
+
+
 def test_help_exits_zero():
     result = run_python(["-m", "qvshim", "--help"], plain_env())
     assert result.returncode == 0 and "python -m qvshim run SCRIPT" in result.stdout

@@ -10,6 +10,7 @@ import pytest
 
 import qvshim
 from qvshim import memory, models
+from qvshim._log import GIB, MIB
 
 WAIT_S = 10  # generous bound for background events; the tests never assert speed
 
@@ -288,3 +289,21 @@ def test_model_in_use_when_the_manager_closes_leaves_when_its_block_ends(fake):
         models_.close()
         assert models_.loaded() == ["busy"]
     assert models_.loaded() == [] and fake.held == 0
+
+
+MOVED_ROWS = [
+    # (in use before, in use after, the text of a load or unload line)
+    ({"host": 0}, {"host": 312 * MIB}, "host +312.0 MiB"),
+    ({"host": 2 * GIB}, {"host": GIB}, "host -1.00 GiB"),
+    ({"host": 5}, {"host": 5}, "host +0 B"),
+    ({"host": 1}, {}, "host -1 B"),  # a pool gone from the figures counts as 0
+    ({}, {"gpu0": 1}, "gpu0 +1 B"),
+    ({}, {"gpu0": 0}, "gpu0 +0 B"),  # a new pool is counted from 0 too
+    ({"host": MIB, "gpu0": 0}, {"host": 0, "gpu0": GIB}, "gpu0 +1.00 GiB, host -1.0 MiB"),
+]
+
+
+@pytest.mark.parametrize("before,after,text", MOVED_ROWS, ids=[r[2] for r in MOVED_ROWS])
+def test_moved_text_names_each_pool_with_its_signed_change(before, after, text):
+    assert models._moved_text(before, after) == text, (
+        f"expected {text!r} for {before} -> {after}, got {models._moved_text(before, after)!r}")
