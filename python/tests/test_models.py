@@ -269,11 +269,16 @@ def test_loads_and_unloads_are_logged_with_the_memory_moved(fake, manager):
         models_ = manager(keep_alive=None)
         models_.get("tts", loader(fake, 3 * 1024 * 1024), size=3 * 1024 * 1024)
         models_.unload("tts")
+        models_.get("a", loader(fake, 1024 * 1024), size=1024 * 1024)
+        models_.get("b", loader(fake, 2 * 1024 * 1024), size=2 * 1024 * 1024)
+        models_.unload_idle()
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
     assert records[0].startswith("loaded model 'tts' in ") and "host +3.0 MiB (expected 3.0 MiB)" in records[0]
     assert records[1] == "unloaded model 'tts' (asked): host -3.0 MiB"
+    # Two at once: one line, the plural, both names.
+    assert records[4] == "unloaded models 'a', 'b' (asked): host -3.0 MiB", records[4]
 
 
 @pytest.mark.parametrize("kwargs", [{"keep_alive": -1}, {"margin": 1.0}, {"margin": -0.1}])
