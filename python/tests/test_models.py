@@ -281,10 +281,19 @@ def test_loads_and_unloads_are_logged_with_the_memory_moved(fake, manager):
     assert records[4] == "unloaded models 'a', 'b' (asked): host -3.0 MiB", records[4]
 
 
-@pytest.mark.parametrize("kwargs", [{"keep_alive": -1}, {"margin": 1.0}, {"margin": -0.1}])
-def test_bad_settings_are_refused(kwargs):
-    with pytest.raises(ValueError):
+BAD_SETTING_ROWS = [
+    # (settings, the message that names what is allowed)
+    ({"keep_alive": -1}, "keep_alive must be >= 0 seconds, or None for never"),
+    ({"margin": 1.0}, "margin must be a fraction in [0, 1)"),
+    ({"margin": -0.1}, "margin must be a fraction in [0, 1)"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_SETTING_ROWS, ids=[str(r[0]) for r in BAD_SETTING_ROWS])
+def test_bad_settings_are_refused_with_what_is_allowed(kwargs, message):
+    with pytest.raises(ValueError) as refused:
         qvshim.ModelManager(**kwargs)
+    assert str(refused.value) == message, f"expected {message!r}, got {str(refused.value)!r}"
 
 
 def test_model_in_use_when_the_manager_closes_leaves_when_its_block_ends(fake):
