@@ -1,5 +1,8 @@
 """The pool numbers and names of qvshim.memory, as include/qvshim.h numbers the pools."""
 
+import sys
+import types
+
 import pytest
 
 import qvshim
@@ -22,3 +25,9 @@ def test_gpu_pool_numbers_and_names_follow_the_c_header(device, pool, name):
 def test_host_pool_is_zero_and_named_host():
     assert qvshim.POOL_HOST == 0
     assert memory.pool_name(qvshim.POOL_HOST) == "host", f"got {memory.pool_name(qvshim.POOL_HOST)!r}"
+
+
+def test_release_memory_with_a_torch_that_has_no_cuda(monkeypatch):
+    # A CPU-only or stub torch module (no torch.cuda attribute) must not make the release fail.
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    memory.release_memory()
