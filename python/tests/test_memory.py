@@ -31,3 +31,11 @@ def test_release_memory_with_a_torch_that_has_no_cuda(monkeypatch):
     # A CPU-only or stub torch module (no torch.cuda attribute) must not make the release fail.
     monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
     memory.release_memory()
+
+
+def test_rss_bytes_is_the_resident_size_and_grows_with_written_memory():
+    before = memory.rss_bytes()
+    written = b"\x01" * (64 << 20)
+    grown = memory.rss_bytes() - before
+    assert written[-1] == 1
+    assert grown >= 48 << 20, f"expected rss_bytes to grow by about 64 MiB with 64 MiB written, grew {grown}"
