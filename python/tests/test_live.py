@@ -71,9 +71,12 @@ def test_budget_from_the_environment_and_set_at_run_time(tmp_path, library):
             qvshim.set_budget(42, 1)
         except ValueError as error:
             print(error)
+        qvshim.set_budget(0, None)  # None turns the budget off
+        print(qvshim.stats()[0]["budget"])
     """, plain_env(QVSHIM_BUDGET="256M"))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[:3] == [str(256 * MIB), str(300 * MIB), "unknown pool 42"]
+    assert result.stdout.split("\n")[:4] == [str(256 * MIB), str(300 * MIB), "unknown pool 42", str(2**64 - 1)], (
+        result.stdout)
 
 
 def test_model_manager_evicts_on_the_shims_own_headroom(tmp_path, library):

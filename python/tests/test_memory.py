@@ -39,3 +39,13 @@ def test_rss_bytes_is_the_resident_size_and_grows_with_written_memory():
     grown = memory.rss_bytes() - before
     assert written[-1] == 1
     assert grown >= 48 << 20, f"expected rss_bytes to grow by about 64 MiB with 64 MiB written, grew {grown}"
+
+
+def test_stats_skips_a_pool_that_is_not_there_and_goes_on(monkeypatch):
+    # A GPU pool between two others may have no statistics (its device not in use): the pools
+    # after it are still listed.
+    entries = {0: {"level": 0}, 1: None, 2: {"level": 1}}
+    monkeypatch.setattr(memory._capi, "pool_count", lambda: 3)
+    monkeypatch.setattr(memory._capi, "pool_stats", lambda pool: None if entries[pool] is None else dict(entries[pool]))
+    names = [(entry["name"], entry["level_name"]) for entry in memory.stats()]
+    assert names == [("host", "normal"), ("gpu1", "warn")], f"expected host and gpu1, got {names}"
