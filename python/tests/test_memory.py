@@ -49,3 +49,13 @@ def test_stats_skips_a_pool_that_is_not_there_and_goes_on(monkeypatch):
     monkeypatch.setattr(memory._capi, "pool_stats", lambda pool: None if entries[pool] is None else dict(entries[pool]))
     names = [(entry["name"], entry["level_name"]) for entry in memory.stats()]
     assert names == [("host", "normal"), ("gpu1", "warn")], f"expected host and gpu1, got {names}"
+
+
+@pytest.mark.parametrize("initialized,emptied", [(True, 1), (False, 0)])
+def test_release_memory_empties_torchs_cuda_cache_only_when_cuda_is_in_use(monkeypatch, initialized, emptied):
+    calls = []
+    torch = types.ModuleType("torch")
+    torch.cuda = types.SimpleNamespace(is_initialized=lambda: initialized, empty_cache=lambda: calls.append(1))
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    memory.release_memory()
+    assert len(calls) == emptied, f"expected empty_cache called {emptied} time(s) with CUDA initialized={initialized}"
