@@ -104,6 +104,11 @@ BAD_VALUES = [
     bad({"QVSHIM_WARN": "95", "QVSHIM_CRITICAL": "60"},
         rf'\[qvshim\] ERROR QVSHIM_WARN="95": .+; using default.*',
         why="both set, warn above critical: QVSHIM_WARN is reported"),
+    # QVSHIM_WARN unreadable (so the default 70 stands) and QVSHIM_CRITICAL below it: the
+    # critical value is the one blamed for the order, QVSHIM_WARN only for its own text.
+    bad({"QVSHIM_WARN": "lots", "QVSHIM_CRITICAL": "50"},
+        error_line("QVSHIM_WARN", "lots", "(?!not below).+"), error_line("QVSHIM_CRITICAL", "50", "not above .+"),
+        why="bad warn, critical below the default warn: QVSHIM_CRITICAL is reported"),
     bad_value("QVSHIM_LOG", "loud", "unknown log level"),
     bad_value("QVSHIM_LOG", "", "empty"),
     bad_value("QVSHIM_LOG", "3", "unknown log level"),

@@ -46,6 +46,8 @@ MALLOC_FAMILY_CASES = [
     "peak_of_a_single_thread_is_exact",
     "malloc_of_impossible_size_returns_null_with_enomem",
     "malloc_trim_returns_and_malloc_still_works",
+    "malloc_trim_gives_freed_pages_back",
+    "malloc_stats_reports_the_heap_on_stderr",
 ]
 
 

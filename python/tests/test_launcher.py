@@ -1,6 +1,8 @@
 """`python -m qvshim run` without the library: where it looks, what it says when it finds nothing."""
 
 
+import sys
+
 import pytest
 
 from conftest import plain_env, run_python
@@ -130,6 +132,13 @@ def test_preload_is_not_repeated_when_already_there():
     assert env["LD_PRELOAD"] == "/lib/libqvshim.so:/lib/other.so"
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_run_help_prints_the_usage_on_stdout_and_exits_zero(flag):
+    result = run_python(["-m", "qvshim", "run", flag], plain_env())
+    assert result.returncode == 0, f"expected `qvshim run {flag}` to exit 0: {result.stderr}"
+    assert "usage: python -m qvshim run" in result.stdout, f"expected the usage on stdout, got {result.stdout!r}"
+
+
 def test_help_exits_zero():
     result = run_python(["-m", "qvshim", "--help"], plain_env())
     assert result.returncode == 0 and "python -m qvshim run SCRIPT" in result.stdout
@@ -148,6 +157,20 @@ def test_headroom_without_the_library_comes_from_meminfo():
     assert result.stdout.split() == ["True", "True", "True", "None"], result.stderr
 
 
+def test_reexec_without_orig_argv_runs_the_package_again(tmp_path, monkeypatch):
+    # Python 3.9 (pyproject allows it) has no sys.orig_argv: the re-exec then names the package.
+    library = make_file(tmp_path / "libqvshim.so")
+    execs = []
+    monkeypatch.setattr(launcher._capi, "is_loaded", lambda: False)
+    monkeypatch.delenv(launcher._REEXEC_MARK, raising=False)
+    monkeypatch.setenv("QVSHIM_LIBRARY", str(library))
+    monkeypatch.delattr(sys, "orig_argv", raising=False)
+    monkeypatch.setattr(launcher.os, "execve", lambda path, args, env: execs.append((path, args)))
+    launcher._ensure_preloaded(["run", "script.py", "x"])
+    expected = (sys.executable, [sys.executable, "-m", "qvshim", "run", "script.py", "x"])
+    assert execs == [expected], f"expected one re-exec {expected}, got {execs}"
+
+
 def test_library_that_does_not_load_is_reported_once_not_looped(tmp_path):
     broken = tmp_path / "libqvshim.so"
     broken.write_text("not an ELF file\n")
@@ -155,5 +178,8 @@ def test_library_that_does_not_load_is_reported_once_not_looped(tmp_path):
     script.write_text("print('ran')\n")
     result = run_python(["-m", "qvshim", "run", str(script)], plain_env(QVSHIM_LIBRARY=str(broken)), cwd=tmp_path)
     assert result.returncode == 127, result.stderr
-    assert f"LD_PRELOAD={broken} was set but the library did not load" in result.stderr
+    line = (f"LD_PRELOAD={broken} was set but the library did not load "
+            "(the dynamic loader's message, if any, is above)")
+    assert line in result.stderr, f"expected {line!r} in {result.stderr!r}"
+    assert "ld.so" in result.stderr.split(line)[0], "the dynamic loader's own message comes first"
     assert "ran" not in result.stdout

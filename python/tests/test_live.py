@@ -71,9 +71,12 @@ def test_budget_from_the_environment_and_set_at_run_time(tmp_path, library):
             qvshim.set_budget(42, 1)
         except ValueError as error:
             print(error)
+        qvshim.set_budget(0, None)  # None turns the budget off
+        print(qvshim.stats()[0]["budget"])
     """, plain_env(QVSHIM_BUDGET="256M"))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[:3] == [str(256 * MIB), str(300 * MIB), "unknown pool 42"]
+    assert result.stdout.split("\n")[:4] == [str(256 * MIB), str(300 * MIB), "unknown pool 42", str(2**64 - 1)], (
+        result.stdout)
 
 
 def test_model_manager_evicts_on_the_shims_own_headroom(tmp_path, library):
@@ -116,6 +119,17 @@ def test_run_reexecs_under_the_library_with_argv_and_exit_code(tmp_path, library
     first, second = result.stdout.splitlines()
     assert first == f"__main__ ['one', 'two words'] True {library}"
     assert second == "False", "the re-exec mark must not leak into the program"
+
+
+def test_run_script_imports_its_neighbours_from_its_own_folder(tmp_path, library):
+    # As `python app/main.py` does: the script's folder, not the working directory, comes first.
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "helper.py").write_text("WHERE = 'next to the script'\n")
+    (app / "main.py").write_text("import helper\nprint(helper.WHERE)\n")
+    result = run_python(["-m", "qvshim", "run", str(app / "main.py")], plain_env(), cwd=tmp_path)
+    assert result.returncode == 0, f"expected the script to import helper.py beside it: {result.stderr[-2000:]}"
+    assert result.stdout.strip() == "next to the script"
 
 
 def test_run_module_and_console_style_invocation(tmp_path, library):

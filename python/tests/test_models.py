@@ -10,6 +10,7 @@ import pytest
 
 import qvshim
 from qvshim import memory, models
+from qvshim._log import GIB, MIB
 
 WAIT_S = 10  # generous bound for background events; the tests never assert speed
 
@@ -268,17 +269,31 @@ def test_loads_and_unloads_are_logged_with_the_memory_moved(fake, manager):
         models_ = manager(keep_alive=None)
         models_.get("tts", loader(fake, 3 * 1024 * 1024), size=3 * 1024 * 1024)
         models_.unload("tts")
+        models_.get("a", loader(fake, 1024 * 1024), size=1024 * 1024)
+        models_.get("b", loader(fake, 2 * 1024 * 1024), size=2 * 1024 * 1024)
+        models_.unload_idle()
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
     assert records[0].startswith("loaded model 'tts' in ") and "host +3.0 MiB (expected 3.0 MiB)" in records[0]
     assert records[1] == "unloaded model 'tts' (asked): host -3.0 MiB"
+    # Two at once: one line, the plural, both names.
+    assert records[4] == "unloaded models 'a', 'b' (asked): host -3.0 MiB", records[4]
 
 
-@pytest.mark.parametrize("kwargs", [{"keep_alive": -1}, {"margin": 1.0}, {"margin": -0.1}])
-def test_bad_settings_are_refused(kwargs):
-    with pytest.raises(ValueError):
+BAD_SETTING_ROWS = [
+    # (settings, the message that names what is allowed)
+    ({"keep_alive": -1}, "keep_alive must be >= 0 seconds, or None for never"),
+    ({"margin": 1.0}, "margin must be a fraction in [0, 1)"),
+    ({"margin": -0.1}, "margin must be a fraction in [0, 1)"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_SETTING_ROWS, ids=[str(r[0]) for r in BAD_SETTING_ROWS])
+def test_bad_settings_are_refused_with_what_is_allowed(kwargs, message):
+    with pytest.raises(ValueError) as refused:
         qvshim.ModelManager(**kwargs)
+    assert str(refused.value) == message, f"expected {message!r}, got {str(refused.value)!r}"
 
 
 def test_model_in_use_when_the_manager_closes_leaves_when_its_block_ends(fake):
@@ -288,3 +303,21 @@ def test_model_in_use_when_the_manager_closes_leaves_when_its_block_ends(fake):
         models_.close()
         assert models_.loaded() == ["busy"]
     assert models_.loaded() == [] and fake.held == 0
+
+
+MOVED_ROWS = [
+    # (in use before, in use after, the text of a load or unload line)
+    ({"host": 0}, {"host": 312 * MIB}, "host +312.0 MiB"),
+    ({"host": 2 * GIB}, {"host": GIB}, "host -1.00 GiB"),
+    ({"host": 5}, {"host": 5}, "host +0 B"),
+    ({"host": 1}, {}, "host -1 B"),  # a pool gone from the figures counts as 0
+    ({}, {"gpu0": 1}, "gpu0 +1 B"),
+    ({}, {"gpu0": 0}, "gpu0 +0 B"),  # a new pool is counted from 0 too
+    ({"host": MIB, "gpu0": 0}, {"host": 0, "gpu0": GIB}, "gpu0 +1.00 GiB, host -1.0 MiB"),
+]
+
+
+@pytest.mark.parametrize("before,after,text", MOVED_ROWS, ids=[r[2] for r in MOVED_ROWS])
+def test_moved_text_names_each_pool_with_its_signed_change(before, after, text):
+    assert models._moved_text(before, after) == text, (
+        f"expected {text!r} for {before} -> {after}, got {models._moved_text(before, after)!r}")

@@ -32,8 +32,10 @@ def test_library_entry_point_is_the_dispatcher():
 def test_callback_runs_when_the_level_reaches_its_own(registered, raised, expected_calls):
     calls = []
     qvshim.on_pressure(lambda level, pool: calls.append((level, pool)), level=registered)
-    qvshim._on_pressure(raised, 3 if raised == "warn" else 0)
+    ran = qvshim._on_pressure(raised, 3 if raised == "warn" else 0)
     assert calls == expected_calls
+    # dispatch says how many callbacks ran (its docstring): an unknown level runs none and says 0.
+    assert ran == len(expected_calls), f"expected dispatch to report {len(expected_calls)} callbacks run, got {ran}"
 
 
 def test_default_level_is_critical():
@@ -89,6 +91,6 @@ def test_unknown_level_is_refused(bad_level):
         qvshim.on_pressure(lambda level, pool: None, level=bad_level)
 
 
-def test_non_callable_is_refused():
-    with pytest.raises(TypeError):
+def test_non_callable_is_refused_with_its_type_named():
+    with pytest.raises(TypeError, match="callback must be callable, not str"):
         qvshim.on_pressure("gc.collect")

@@ -1,6 +1,7 @@
 """WavWriter and concat_wavs: what goes in comes out, headers stay valid, bad input is named."""
 
 import array
+import ctypes
 import math
 import wave
 
@@ -67,6 +68,22 @@ def test_stereo_frames_interleave(tmp_path):
     assert channels == 2 and samples == [16384, -16384, 8192, -8192]
 
 
+BUFFER_ROWS = [
+    # (a buffer that is not a numpy array, its memoryview format): each holds 16-bit PCM
+    (array.array("h", [1, -2]), "h"),
+    ((ctypes.c_int16 * 2)(1, -2), "<h"),
+    (array.array("h", [1, -2]).tobytes(), "B"),
+]
+
+
+@pytest.mark.parametrize("samples,fmt", BUFFER_ROWS, ids=[r[1] for r in BUFFER_ROWS])
+def test_16_bit_buffers_of_every_accepted_format_are_written(tmp_path, samples, fmt):
+    assert memoryview(samples).format == fmt
+    with qvshim.WavWriter(tmp_path / "b.wav") as wav:
+        assert wav.write(samples) == 2, f"expected a buffer of format {fmt!r} to be written as 2 frames"
+    assert read_wav(tmp_path / "b.wav")[3] == [1, -2]
+
+
 @pytest.mark.parametrize(
     "samples, error, message",
     [
@@ -75,6 +92,7 @@ def test_stereo_frames_interleave(tmp_path):
         (numpy.array(["a"]), TypeError, "dtype"),
         (numpy.zeros((2, 3)), ValueError, "shape"),
         (numpy.zeros((2, 2, 2)), ValueError, "shape"),
+        ((ctypes.c_uint16 * 2)(1, 2), TypeError, "format '<H'"),  # unsigned 16-bit is not PCM16
     ],
 )
 def test_bad_samples_are_refused_with_the_reason(tmp_path, samples, error, message):

@@ -689,6 +689,70 @@ static void malloc_trim_returns_and_malloc_still_works(void)
     free(p);
 }
 
+static long resident_kib(void)
+{
+    long size = 0, resident = -1;
+    FILE *f = fopen("/proc/self/statm", "r");
+    if (f != NULL) {
+        if (fscanf(f, "%ld %ld", &size, &resident) != 2)
+            resident = -1;
+        fclose(f);
+    }
+    return resident < 0 ? -1 : resident * (sysconf(_SC_PAGESIZE) / 1024);
+}
+
+/* jemalloc keeps freed pages for a while (its decay); malloc_trim must give them back now, as
+ * glibc's gives back what it can. 64 MiB in 256 KiB blocks, written and freed: after malloc_trim
+ * the process is back within 16 MiB of where it started. */
+static void malloc_trim_gives_freed_pages_back(void)
+{
+    enum { BLOCKS = 256, BLOCK_BYTES = 256 * 1024, SLACK_KIB = 16 * 1024 };
+    static void *blocks[BLOCKS];
+    long start = resident_kib();
+    REQUIRE(start > 0, "expected to read /proc/self/statm");
+    for (int i = 0; i < BLOCKS; i++) {
+        blocks[i] = malloc(BLOCK_BYTES);
+        REQUIRE(blocks[i] != NULL, "expected a 256 KiB block");
+        memset(blocks[i], 0x5a, BLOCK_BYTES);
+    }
+    long written = resident_kib();
+    for (int i = 0; i < BLOCKS; i++)
+        free(blocks[i]);
+    malloc_trim(0);
+    long trimmed = resident_kib();
+    EXPECT(trimmed <= start + SLACK_KIB,
+           "expected malloc_trim(0) to bring the resident size back within %d KiB of %ld KiB, got %ld KiB "
+           "(%ld KiB with the 64 MiB written)", SLACK_KIB, start, trimmed, written);
+}
+
+/* malloc_stats writes glibc's summary to stderr, with jemalloc's figures: the bytes in use
+ * include a 1 MiB block the program holds. */
+static void malloc_stats_reports_the_heap_on_stderr(void)
+{
+    char *keep = malloc(MIB);
+    REQUIRE(keep != NULL, "expected malloc(1 MiB) to succeed");
+    memset(keep, 1, MIB);
+    FILE *capture = tmpfile();
+    REQUIRE(capture != NULL, "expected a temporary file");
+    fflush(stderr);
+    int saved = dup(STDERR_FILENO);
+    REQUIRE(saved >= 0 && dup2(fileno(capture), STDERR_FILENO) >= 0, "expected to redirect stderr");
+    malloc_stats();
+    dup2(saved, STDERR_FILENO);
+    close(saved);
+    static char text[4096];
+    rewind(capture);
+    size_t got = fread(text, 1, sizeof text - 1, capture);
+    text[got] = '\0';
+    fclose(capture);
+    const char *in_use = strstr(text, "in use bytes");
+    unsigned long long bytes = 0;
+    EXPECT(strstr(text, "Arena 0:") != NULL, "expected malloc_stats to write \"Arena 0:\" to stderr, got \"%s\"", text);
+    EXPECT(in_use != NULL && sscanf(in_use, "in use bytes = %llu", &bytes) == 1 && bytes >= MIB,
+           "expected malloc_stats to report at least %d bytes in use, got \"%s\"", MIB, text);
+    free(keep);
+}
+
 /* One thread: the peak is exactly the highest live figure (no credit counted into it). */
 static void peak_of_a_single_thread_is_exact(void)
 {
@@ -740,6 +804,8 @@ static const struct check_case cases[] = {
     CASE(libc_internal_allocations_come_from_the_shim),
     CASE(malloc_of_impossible_size_returns_null_with_enomem),
     CASE(malloc_trim_returns_and_malloc_still_works),
+    CASE(malloc_trim_gives_freed_pages_back),
+    CASE(malloc_stats_reports_the_heap_on_stderr),
     CASE(free_restores_errno_that_jemalloc_changed_inside_free),
     CASE(peak_of_a_single_thread_is_exact),
 };

@@ -75,6 +75,9 @@ def test_json_dump_on_sigusr2_has_every_documented_key(tmp_path, lib):
     assert d["pid"] == pid and d["dump_version"] == 1
     assert set(d["config"]) >= CONFIG_KEYS, f"missing {CONFIG_KEYS - set(d['config'])}"
     assert d["config"]["budget"] == 256 << 20 and d["config"]["dump_format"] == "json"
+    # The documented defaults of what the program did not set (docs/CONFIGURATION.md).
+    assert d["config"]["system_reserve"] == 512 << 20, (
+        f"expected the default QVSHIM_SYSTEM_RESERVE 512M, got {d['config']['system_reserve']}")
     host = d["pools"][0]
     assert set(host) >= POOL_KEYS, f"missing {POOL_KEYS - set(host)}"
     assert host["name"] == "host" and host["device"] == -1
