@@ -12,7 +12,8 @@
  *   - calls its own functions directly, never through the dynamic linker.
  * Environment: FAKE_CUDA_MEMORY_MIB="8192,4096" sets the devices' sizes (at most 4 devices).
  * fake_cuda_calls(name) tells a test how often an entry point was reached, and
- * fake_cuda_sequence() the order of the allocation calls and pool trims ("name:rc" each).
+ * fake_cuda_sequence() the order of the allocation calls and pool trims ("name:rc" each);
+ * FAKE_CUDA_LOG names a file each of those calls appends "name pid" to.
  *
  * Memory pools: each device has a default pool. With FAKE_CUDA_POOL_KEEPS=1 it keeps what
  * cuMemFreeAsync gives back (as a pool whose release threshold PyTorch raised does) until
@@ -27,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
@@ -106,7 +108,26 @@ static void set_up_devices(void) {
 #define MAX_COUNTERS 64
 static struct { const char *name; unsigned long long calls; } counters[MAX_COUNTERS];
 
+/* With FAKE_CUDA_LOG set, each counted call appends "name pid" to that file: a test sees which
+ * process (a fork child or its parent) reached the driver. */
+static void log_call(const char *name) {
+    const char *path = getenv("FAKE_CUDA_LOG");
+    if (!path) return;
+    FILE *f = fopen(path, "a");
+    if (!f) return;
+    fprintf(f, "%s %d\n", name, (int)getpid());
+    fclose(f);
+}
+
+/* A fork child may have been forked while another thread held the lock. */
+static void reset_lock_in_child(void) { pthread_mutex_init(&lock, NULL); }
+
+__attribute__((constructor)) static void register_fork_handler(void) {
+    pthread_atfork(NULL, NULL, reset_lock_in_child);
+}
+
 static void count(const char *name) {
+    log_call(name);
     pthread_mutex_lock(&lock);
     for (int i = 0; i < MAX_COUNTERS; i++) {
         if (!counters[i].name) counters[i].name = name;

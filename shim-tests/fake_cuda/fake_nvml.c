@@ -10,8 +10,9 @@
  * Built three ways: with every form of the process list (_v3, _v2, the original), with
  * -DNO_V3, and with -DNO_V3 -DNO_V2. FAKE_NVML_FAIL makes one step fail: "init", "handle",
  * "processes", "not_listed" (the process is absent, as in a pid namespace), "not_available".
- * FAKE_NVML_LOG names a file each call of the process list appends its form to ("v3", "v2",
- * "v1").
+ * FAKE_NVML_LOG names a file each call appends "name pid" to (the process list's forms are
+ * nvmlDeviceGetComputeRunningProcesses_v3, _v2 and the unsuffixed v1): a test sees which form
+ * was used, and which process (a fork child or its parent) called.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -45,7 +46,17 @@ static int failing(const char *step) {
     return fail && strcmp(fail, step) == 0;
 }
 
+static void log_call(const char *name) {
+    const char *path = getenv("FAKE_NVML_LOG");
+    if (!path) return;
+    FILE *f = fopen(path, "a");
+    if (!f) return;
+    fprintf(f, "%s %d\n", name, (int)getpid());
+    fclose(f);
+}
+
 EXPORT int nvmlInit_v2(void) {
+    log_call("nvmlInit_v2");
     if (failing("init")) return NVML_ERROR_DRIVER_NOT_LOADED;
     initialized = 1;
     return NVML_SUCCESS;
@@ -54,11 +65,13 @@ EXPORT int nvmlInit_v2(void) {
 EXPORT int nvmlInit(void) { return nvmlInit_v2(); }
 
 EXPORT int nvmlShutdown(void) {
+    log_call("nvmlShutdown");
     initialized = 0;
     return NVML_SUCCESS;
 }
 
 EXPORT int nvmlDeviceGetHandleByUUID(const char *uuid, void **device) {
+    log_call("nvmlDeviceGetHandleByUUID");
     if (!initialized) return NVML_ERROR_UNINITIALIZED;
     if (!uuid || !device) return NVML_ERROR_INVALID_ARGUMENT;
     if (failing("handle")) return NVML_ERROR_UNKNOWN;
@@ -71,6 +84,7 @@ EXPORT int nvmlDeviceGetHandleByUUID(const char *uuid, void **device) {
 
 /* For scripts/gpu-check's sampler: devices by index, as many as the fake driver has. */
 EXPORT int nvmlDeviceGetCount_v2(unsigned int *count) {
+    log_call("nvmlDeviceGetCount_v2");
     if (!initialized) return NVML_ERROR_UNINITIALIZED;
     if (!count) return NVML_ERROR_INVALID_ARGUMENT;
     *count = 2;
@@ -78,6 +92,7 @@ EXPORT int nvmlDeviceGetCount_v2(unsigned int *count) {
 }
 
 EXPORT int nvmlDeviceGetHandleByIndex_v2(unsigned int index, void **device) {
+    log_call("nvmlDeviceGetHandleByIndex_v2");
     if (!initialized) return NVML_ERROR_UNINITIALIZED;
     if (!device || index >= MAX_DEVICES) return NVML_ERROR_INVALID_ARGUMENT;
     *device = &handles[index];
@@ -105,18 +120,10 @@ static unsigned long long extra(int device) {
     return 0;
 }
 
-static void log_form(const char *form) {
-    const char *path = getenv("FAKE_NVML_LOG");
-    if (!path) return;
-    FILE *f = fopen(path, "a");
-    if (!f) return;
-    fprintf(f, "%s\n", form);
-    fclose(f);
-}
 
 /* Fills records of `size` bytes: pid 1 first, then this process (unless left out). */
-static int processes(const char *form, void *device, unsigned int *count, void *infos, size_t size) {
-    log_form(form);
+static int processes(const char *name, void *device, unsigned int *count, void *infos, size_t size) {
+    log_call(name);
     if (!initialized) return NVML_ERROR_UNINITIALIZED;
     if (!device || !count) return NVML_ERROR_INVALID_ARGUMENT;
     if (failing("processes")) return NVML_ERROR_UNKNOWN;
@@ -142,16 +149,16 @@ static int processes(const char *form, void *device, unsigned int *count, void *
 
 #ifndef NO_V3
 EXPORT int nvmlDeviceGetComputeRunningProcesses_v3(void *device, unsigned int *count, struct info_v2 *infos) {
-    return processes("v3", device, count, infos, sizeof *infos);
+    return processes("nvmlDeviceGetComputeRunningProcesses_v3", device, count, infos, sizeof *infos);
 }
 #endif
 
 #ifndef NO_V2
 EXPORT int nvmlDeviceGetComputeRunningProcesses_v2(void *device, unsigned int *count, struct info_v2 *infos) {
-    return processes("v2", device, count, infos, sizeof *infos);
+    return processes("nvmlDeviceGetComputeRunningProcesses_v2", device, count, infos, sizeof *infos);
 }
 #endif
 
 EXPORT int nvmlDeviceGetComputeRunningProcesses(void *device, unsigned int *count, struct info_v1 *infos) {
-    return processes("v1", device, count, infos, sizeof *infos);
+    return processes("nvmlDeviceGetComputeRunningProcesses", device, count, infos, sizeof *infos);
 }

@@ -13,6 +13,9 @@ from fakecuda import CUDA_ERROR_OUT_OF_MEMORY, MIB, nvml_library_path, run
 BUDGET_MIB = 1024
 # What the fake NVML shows beyond the fake driver's figure: a driver context.
 EXTRA_MIB = 300
+# The fake NVML's log names each call; these are the forms of the process list.
+FORM_OF_FUNCTION = {"nvmlDeviceGetComputeRunningProcesses_v3": "v3", "nvmlDeviceGetComputeRunningProcesses_v2": "v2",
+                    "nvmlDeviceGetComputeRunningProcesses": "v1"}
 READY_V3 = '"nvml":{"state":"ready","processes_version":3'
 
 # (fake NVML form or None for no library, FAKE_NVML_FAIL, what the dump must show of NVML,
@@ -54,7 +57,8 @@ def test_nvml_usage_beyond_the_count_lowers_the_gpu_budget_and_its_failures_chan
         f"last dump: {dump.read_text() if dump.exists() else None}\n{r.describe()}")
     assert "nvml" not in r.stderr.lower(), f"NVML's absence or failure must print nothing\n{r.describe()}"
     if form and fail not in ("init", "handle"):
-        forms = set((tmp_path / "forms").read_text().split())
+        forms = {FORM_OF_FUNCTION[line.split()[0]] for line in (tmp_path / "forms").read_text().splitlines()
+                 if line.split()[0] in FORM_OF_FUNCTION}
         assert forms == {form}, f"expected only the newest form {form} to be called, got {forms}"
 
 
