@@ -19,7 +19,8 @@
  * cuMemFreeAsync gives back (as a pool whose release threshold PyTorch raised does) until
  * cuMemPoolTrimTo, and reuses it for the next asynchronous allocations; cuMemPoolGetAttribute
  * reports RESERVED_MEM_CURRENT. fake_cuda_device_used(device) is what the device holds, for
- * the fake NVML. cuDeviceGetUuid(_v2) names device N fa ce 0N 00 ... .
+ * the fake NVML. cuDeviceGetUuid(_v2) names device N fa ce 0N 00 ... (and fails with
+ * FAKE_CUDA_FAIL=uuid).
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -540,6 +541,8 @@ static CUresult impl_mem_pool_trim_to(void *pool, size_t keep) {
 static CUresult impl_device_get_uuid(unsigned char *uuid, CUdevice device) {
     count("cuDeviceGetUuid");
     if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    const char *fail = getenv("FAKE_CUDA_FAIL");
+    if (fail && strcmp(fail, "uuid") == 0) return CUDA_ERROR_NOT_SUPPORTED;
     if (!uuid) return CUDA_ERROR_INVALID_VALUE;
     if (device < 0 || device >= device_count) return CUDA_ERROR_INVALID_DEVICE;
     memset(uuid, 0, 16);

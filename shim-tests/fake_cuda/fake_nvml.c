@@ -7,9 +7,11 @@
  * the driver's context and the like); another process (pid 1) is listed first with 1 TiB, which
  * the shim must not take for its own.
  *
- * Built three ways: with every form of the process list (_v3, _v2, the original), with
- * -DNO_V3, and with -DNO_V3 -DNO_V2. FAKE_NVML_FAIL makes one step fail: "init", "handle",
- * "processes", "not_listed" (the process is absent, as in a pid namespace), "not_available".
+ * Built four ways: with every form of the process list (_v3, _v2, the original), with
+ * -DNO_V3, with -DNO_V3 -DNO_V2, and with none (-DNO_V1 too). FAKE_NVML_FAIL makes one step
+ * fail: "init", "handle", "processes", "not_listed" (the process is absent, as in a pid
+ * namespace), "not_available", "growing" (the list always has one more entry than the room
+ * given). FAKE_NVML_OTHERS sets how many other processes are listed first (1 by default).
  * FAKE_NVML_LOG names a file each call appends "name pid" to (the process list's forms are
  * nvmlDeviceGetComputeRunningProcesses_v3, _v2 and the unsuffixed v1): a test sees which form
  * was used, and which process (a fork child or its parent) called.
@@ -121,27 +123,39 @@ static unsigned long long extra(int device) {
 }
 
 
-/* Fills records of `size` bytes: pid 1 first, then this process (unless left out). */
-static int processes(const char *name, void *device, unsigned int *count, void *infos, size_t size) {
+/* Other processes listed before this one: FAKE_NVML_OTHERS, 1 unless set. */
+static unsigned int others(void) {
+    const char *p = getenv("FAKE_NVML_OTHERS");
+    return p && *p ? (unsigned int)strtoul(p, NULL, 10) : 1;
+}
+
+/* Fills records of `size` bytes: the other processes (pid 1) first, then this process (unless
+ * left out). "growing" answers every call with a list one longer than the room it was given. */
+__attribute__((unused)) static int processes(const char *name, void *device, unsigned int *count, void *infos, size_t size) {
     log_call(name);
     if (!initialized) return NVML_ERROR_UNINITIALIZED;
     if (!device || !count) return NVML_ERROR_INVALID_ARGUMENT;
     if (failing("processes")) return NVML_ERROR_UNKNOWN;
+    if (failing("growing")) {
+        *count += 1;
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    }
     int index = (int)((int *)device - handles);
-    unsigned int listed = failing("not_listed") ? 1 : 2;
+    unsigned int other = others();
+    unsigned int listed = failing("not_listed") ? other : other + 1;
     if (*count < listed) {
         *count = listed;
         return NVML_ERROR_INSUFFICIENT_SIZE;
     }
     unsigned long long own = driver_used(index) + extra(index);
     if (failing("not_available")) own = ~0ULL;
-    unsigned int pids[2] = {OTHER_PID, (unsigned int)getpid()};
-    unsigned long long used[2] = {OTHER_USED, own};
     for (unsigned int i = 0; i < listed; i++) {
+        unsigned int pid = i < other ? OTHER_PID : (unsigned int)getpid();
+        unsigned long long used = i < other ? OTHER_USED : own;
         char *record = (char *)infos + i * size;
         memset(record, 0xff, size); /* the MIG ids: "not in MIG mode" */
-        memcpy(record, &pids[i], sizeof pids[i]);
-        memcpy(record + 8, &used[i], sizeof used[i]);
+        memcpy(record, &pid, sizeof pid);
+        memcpy(record + 8, &used, sizeof used);
     }
     *count = listed;
     return NVML_SUCCESS;
@@ -159,6 +173,8 @@ EXPORT int nvmlDeviceGetComputeRunningProcesses_v2(void *device, unsigned int *c
 }
 #endif
 
+#ifndef NO_V1
 EXPORT int nvmlDeviceGetComputeRunningProcesses(void *device, unsigned int *count, struct info_v1 *infos) {
     return processes("nvmlDeviceGetComputeRunningProcesses", device, count, infos, sizeof *infos);
 }
+#endif
