@@ -18,7 +18,8 @@
  * Memory pools: each device has a default pool. With FAKE_CUDA_POOL_KEEPS=1 it keeps what
  * cuMemFreeAsync gives back (as a pool whose release threshold PyTorch raised does) until
  * cuMemPoolTrimTo, and reuses it for the next asynchronous allocations; cuMemPoolGetAttribute
- * reports RESERVED_MEM_CURRENT. fake_cuda_device_used(device) is what the device holds, for
+ * reports RESERVED_MEM_CURRENT. Each device also has one pool of its own that only
+ * cuMemAllocFromPoolAsync names (handle 0x9100 + device), kept apart from the default pool. fake_cuda_device_used(device) is what the device holds, for
  * the fake NVML. cuDeviceGetUuid(_v2) names device N fa ce 0N 00 ... (and fails with
  * FAKE_CUDA_FAIL=uuid).
  */
@@ -72,9 +73,15 @@ static __thread int current_device = -1;
 
 /* Each device's default pool: what it keeps after asynchronous frees, and what it serves. */
 static int pool_keeps;
-static unsigned long long pool_cached[MAX_DEVICES];
-static unsigned long long pool_live[MAX_DEVICES];
+/* Slot d is device d's default pool, slot MAX_DEVICES + d the one other pool each device has,
+ * named only in cuMemAllocFromPoolAsync (handle NAMED_POOL_HANDLE_BASE + d). */
+#define POOL_SLOTS (2 * MAX_DEVICES)
+static unsigned long long pool_cached[POOL_SLOTS];
+static unsigned long long pool_live[POOL_SLOTS];
+/* The slot the next asynchronous allocation on this thread comes from, past its device. */
+static __thread int named_pool_next;
 #define POOL_HANDLE_BASE 0x9000
+#define NAMED_POOL_HANDLE_BASE 0x9100
 #define ATTR_RESERVED_MEM_CURRENT 5
 
 enum live_kind { LIVE_DEVICE, LIVE_HANDLE, LIVE_HOST, LIVE_REGISTERED, LIVE_ASYNC };
@@ -83,6 +90,7 @@ struct live {
     unsigned long long bytes;
     int device;
     int kind;
+    int pool; /* the pool slot of an asynchronous allocation */
     int in_use;
 };
 static struct live live[MAX_LIVE];
@@ -170,10 +178,10 @@ __attribute__((visibility("default"))) unsigned long long fake_cuda_device_used(
 
 /* ---- bookkeeping of live allocations (under lock) ---------------------------------------- */
 
-static int remember(unsigned long long key, unsigned long long bytes, int device, int kind) {
+static int remember(unsigned long long key, unsigned long long bytes, int device, int kind, int pool) {
     for (int i = 0; i < MAX_LIVE; i++) {
         if (!live[i].in_use) {
-            live[i] = (struct live){key, bytes, device, kind, 1};
+            live[i] = (struct live){key, bytes, device, kind, pool, 1};
             return 1;
         }
     }
@@ -191,16 +199,18 @@ static CUresult device_take(int device, unsigned long long bytes, int kind, unsi
     if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;
     CUresult rc = CUDA_SUCCESS;
     unsigned long long key;
+    int slot = device + (named_pool_next ? MAX_DEVICES : 0);
+    named_pool_next = 0;
     pthread_mutex_lock(&lock);
     if (device < 0 || device >= device_count) {
         rc = CUDA_ERROR_INVALID_DEVICE;
-    } else if (kind == LIVE_ASYNC && pool_cached[device] >= bytes) {
+    } else if (kind == LIVE_ASYNC && pool_cached[slot] >= bytes) {
         /* Served from what the pool keeps: the device holds no more. */
         key = device_next[device];
         device_next[device] += (bytes + ALIGN_BYTES - 1) / ALIGN_BYTES * ALIGN_BYTES;
-        if (remember(key, bytes, device, kind)) {
-            pool_cached[device] -= bytes;
-            pool_live[device] += bytes;
+        if (remember(key, bytes, device, kind, slot)) {
+            pool_cached[slot] -= bytes;
+            pool_live[slot] += bytes;
             *out = key;
         } else {
             rc = CUDA_ERROR_OUT_OF_MEMORY;
@@ -214,9 +224,9 @@ static CUresult device_take(int device, unsigned long long bytes, int kind, unsi
             key = device_next[device];
             device_next[device] += (bytes + ALIGN_BYTES - 1) / ALIGN_BYTES * ALIGN_BYTES;
         }
-        if (remember(key, bytes, device, kind)) {
+        if (remember(key, bytes, device, kind, slot)) {
             device_used[device] += bytes;
-            if (kind == LIVE_ASYNC) pool_live[device] += bytes;
+            if (kind == LIVE_ASYNC) pool_live[slot] += bytes;
             *out = key;
         } else {
             rc = CUDA_ERROR_OUT_OF_MEMORY;
@@ -234,8 +244,8 @@ static CUresult device_give(unsigned long long key, int kind) {
     if (!l && kind == LIVE_ASYNC) l = find(key, LIVE_DEVICE); /* cuMemFreeAsync of cuMemAlloc's */
     if (l) {
         if (l->kind == LIVE_ASYNC) {
-            pool_live[l->device] -= l->bytes;
-            if (pool_keeps) pool_cached[l->device] += l->bytes;
+            pool_live[l->pool] -= l->bytes;
+            if (pool_keeps) pool_cached[l->pool] += l->bytes;
             else device_used[l->device] -= l->bytes;
         } else {
             device_used[l->device] -= l->bytes;
@@ -378,14 +388,18 @@ static CUresult impl_mem_alloc_async_ptsz(CUdeviceptr *dptr, size_t bytes, CUstr
     return device_alloc_kind("cuMemAllocAsync_ptsz", dptr, bytes, LIVE_ASYNC);
 }
 
+static int pool_slot(void *pool);
+
 static CUresult impl_mem_alloc_from_pool_async(CUdeviceptr *dptr, size_t bytes, CUmemoryPool p, CUstream s) {
-    (void)p; (void)s;
+    (void)s;
+    named_pool_next = pool_slot(p) >= MAX_DEVICES;
     return device_alloc_kind("cuMemAllocFromPoolAsync", dptr, bytes, LIVE_ASYNC);
 }
 
 static CUresult impl_mem_alloc_from_pool_async_ptsz(CUdeviceptr *dptr, size_t bytes, CUmemoryPool p,
                                                     CUstream s) {
-    (void)p; (void)s;
+    (void)s;
+    named_pool_next = pool_slot(p) >= MAX_DEVICES;
     return device_alloc_kind("cuMemAllocFromPoolAsync_ptsz", dptr, bytes, LIVE_ASYNC);
 }
 
@@ -443,7 +457,7 @@ static CUresult host_take(const char *name, void **pp, size_t bytes) {
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
     pthread_mutex_lock(&lock);
-    int ok = remember((uintptr_t)p, bytes, -1, LIVE_HOST);
+    int ok = remember((uintptr_t)p, bytes, -1, LIVE_HOST, -1);
     pthread_mutex_unlock(&lock);
     if (!ok) {
         munmap(p, bytes);
@@ -480,7 +494,7 @@ static CUresult impl_mem_host_register_v2(void *p, size_t bytes, unsigned int fl
     if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
     if (!p || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
     pthread_mutex_lock(&lock);
-    int ok = remember((uintptr_t)p, bytes, -1, LIVE_REGISTERED);
+    int ok = remember((uintptr_t)p, bytes, -1, LIVE_REGISTERED, -1);
     pthread_mutex_unlock(&lock);
     return ok ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
 }
@@ -496,9 +510,13 @@ static CUresult impl_mem_host_unregister(void *p) {
 
 /* ---- memory pools and UUIDs ------------------------------------------------------------- */
 
-static int pool_device(void *pool) {
+/* A pool handle's slot, or -1 for a handle that is no pool (any other is taken for the default
+ * pool by cuMemAllocFromPoolAsync, as the fake always did). */
+static int pool_slot(void *pool) {
     intptr_t d = (intptr_t)pool - POOL_HANDLE_BASE;
-    return d >= 0 && d < device_count ? (int)d : -1;
+    if (d >= 0 && d < device_count) return (int)d;
+    d = (intptr_t)pool - NAMED_POOL_HANDLE_BASE;
+    return d >= 0 && d < device_count ? MAX_DEVICES + (int)d : -1;
 }
 
 static CUresult impl_device_get_default_mem_pool(void **pool, CUdevice device) {
@@ -512,26 +530,26 @@ static CUresult impl_device_get_default_mem_pool(void **pool, CUdevice device) {
 
 static CUresult impl_mem_pool_get_attribute(void *pool, int attribute, void *value) {
     count("cuMemPoolGetAttribute");
-    int device = pool_device(pool);
-    if (device < 0 || !value) return CUDA_ERROR_INVALID_VALUE;
+    int slot = pool_slot(pool);
+    if (slot < 0 || !value) return CUDA_ERROR_INVALID_VALUE;
     if (attribute != ATTR_RESERVED_MEM_CURRENT) return CUDA_ERROR_NOT_SUPPORTED;
     pthread_mutex_lock(&lock);
-    *(unsigned long long *)value = pool_live[device] + pool_cached[device];
+    *(unsigned long long *)value = pool_live[slot] + pool_cached[slot];
     pthread_mutex_unlock(&lock);
     return CUDA_SUCCESS;
 }
 
 static CUresult impl_mem_pool_trim_to(void *pool, size_t keep) {
     count("cuMemPoolTrimTo");
-    int device = pool_device(pool);
-    if (device < 0) return CUDA_ERROR_INVALID_VALUE;
+    int slot = pool_slot(pool);
+    if (slot < 0) return CUDA_ERROR_INVALID_VALUE;
     pthread_mutex_lock(&lock);
-    unsigned long long reserved = pool_live[device] + pool_cached[device];
+    unsigned long long reserved = pool_live[slot] + pool_cached[slot];
     if (reserved > keep) {
         unsigned long long give = reserved - keep;
-        if (give > pool_cached[device]) give = pool_cached[device];
-        pool_cached[device] -= give;
-        device_used[device] -= give;
+        if (give > pool_cached[slot]) give = pool_cached[slot];
+        pool_cached[slot] -= give;
+        device_used[slot % MAX_DEVICES] -= give;
     }
     note("cuMemPoolTrimTo", CUDA_SUCCESS);
     pthread_mutex_unlock(&lock);

@@ -95,26 +95,34 @@ def test_cuda_mem_get_info_reports_the_budget_as_total_and_the_effective_room_as
     assert got == want, f"expected (free, total) {want}: the budget stays the device's size\n{r.describe()}"
 
 
-# (FAKE_CUDA_POOL_KEEPS, steps after four 256 MiB cuMemAllocAsync in a 1 GiB budget and two
-#  frees, expected values of those steps, the fake driver's calls after the frees, refusals)
+# (allocation kind, FAKE_CUDA_POOL_KEEPS, steps after four 256 MiB allocations of that kind in a
+#  1 GiB budget and two frees, expected values of those steps, the fake driver's calls after the
+#  frees, refusals). "async" is cuMemAllocAsync from the device's default pool, "named_async"
+#  cuMemAllocFromPoolAsync from a pool of the fake's that only that call names.
 POOL_CASES = [
     # The pool keeps 512 MiB: it counts, the budget falls to 512 MiB; the next allocation is
     # refused by that budget, the pool is trimmed, and the retry fits.
-    ("1", ["eff:1:512", "a:async:256"], [512 * MIB, 0],
+    ("async", "1", ["eff:1:512", "a:async:256"], [512 * MIB, 0],
      "cuMemPoolTrimTo:0 cuMemAllocAsync:0", 0),
     # Full even after the trim: refused without calling the driver, the trim came first.
-    ("1", ["eff:1:512", "a:async:256", "a:async:256", "a:async:256"], [512 * MIB, 0, 0, CUDA_ERROR_OUT_OF_MEMORY],
+    ("async", "1", ["eff:1:512", "a:async:256", "a:async:256", "a:async:256"],
+     [512 * MIB, 0, 0, CUDA_ERROR_OUT_OF_MEMORY],
      "cuMemPoolTrimTo:0 cuMemAllocAsync:0 cuMemAllocAsync:0 cuMemPoolTrimTo:0", 1),
     # A pool that gives memory back at once: nothing is cached, the budget stays.
-    ("0", ["eff:1:1024", "a:async:256", "a:async:256", "a:async:256"], [1024 * MIB, 0, 0, CUDA_ERROR_OUT_OF_MEMORY],
+    ("async", "0", ["eff:1:1024", "a:async:256", "a:async:256", "a:async:256"],
+     [1024 * MIB, 0, 0, CUDA_ERROR_OUT_OF_MEMORY],
      "cuMemAllocAsync:0 cuMemAllocAsync:0 cuMemPoolTrimTo:0", 1),
+    # A pool named in cuMemAllocFromPoolAsync is read and trimmed as the default one is (the
+    # default pool is trimmed too: it holds nothing).
+    ("named_async", "1", ["eff:1:512", "a:named_async:256"], [512 * MIB, 0],
+     "cuMemPoolTrimTo:0 cuMemPoolTrimTo:0 cuMemAllocFromPoolAsync:0", 0),
 ]
 
 
-@pytest.mark.parametrize("keeps,steps,values,calls,refusals", POOL_CASES)
-def test_memory_pools_reserve_counts_and_is_trimmed_before_a_refusal(fake_cuda, keeps, steps, values, calls,
+@pytest.mark.parametrize("kind,keeps,steps,values,calls,refusals", POOL_CASES)
+def test_memory_pools_reserve_counts_and_is_trimmed_before_a_refusal(fake_cuda, kind, keeps, steps, values, calls,
                                                                     refusals):
-    fill = ["a:async:256"] * 4 + ["f", "f"]
+    fill = [f"a:{kind}:256"] * 4 + ["f", "f"]
     r = run(["cuda_client", "steps", *fill, *steps],
             {"QVSHIM_GPU_BUDGET": "1G", "QVSHIM_INTERVAL": "20ms", "FAKE_CUDA_POOL_KEEPS": keeps})
     assert r.returncode == 0, r.describe()
