@@ -289,6 +289,8 @@ static CUresult allocate(const char *kind, size_t bytes, u64 *key) {
     if (strcmp(kind, "async_ptsz") == 0) return p_mem_alloc_async_ptsz(key, bytes, NULL);
     if (strcmp(kind, "pool_async") == 0) return p_mem_alloc_pool(key, bytes, (void *)8, NULL);
     if (strcmp(kind, "pool_async_ptsz") == 0) return p_mem_alloc_pool_ptsz(key, bytes, (void *)8, NULL);
+    /* The fake's own pool of device 0 other than its default one. */
+    if (strcmp(kind, "named_async") == 0) return p_mem_alloc_pool(key, bytes, (void *)0x9100, NULL);
     if (strcmp(kind, "create") == 0) {
         struct fake_prop prop = {.type = 1, .location_type = 1, .location_id = 0};
         return p_mem_create(key, bytes, &prop, 0);
@@ -308,7 +310,8 @@ static CUresult allocate(const char *kind, size_t bytes, u64 *key) {
 }
 
 static CUresult release(const char *kind, u64 key) {
-    if (strcmp(kind, "async") == 0 || strcmp(kind, "pool_async") == 0) return p_mem_free_async(key, NULL);
+    if (strcmp(kind, "async") == 0 || strcmp(kind, "pool_async") == 0 || strcmp(kind, "named_async") == 0)
+        return p_mem_free_async(key, NULL);
     if (strcmp(kind, "async_ptsz") == 0 || strcmp(kind, "pool_async_ptsz") == 0)
         return p_mem_free_async_ptsz(key, NULL);
     if (strcmp(kind, "create") == 0) return p_mem_release(key);

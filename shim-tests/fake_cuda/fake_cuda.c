@@ -12,13 +12,16 @@
  *   - calls its own functions directly, never through the dynamic linker.
  * Environment: FAKE_CUDA_MEMORY_MIB="8192,4096" sets the devices' sizes (at most 4 devices).
  * fake_cuda_calls(name) tells a test how often an entry point was reached, and
- * fake_cuda_sequence() the order of the allocation calls and pool trims ("name:rc" each).
+ * fake_cuda_sequence() the order of the allocation calls and pool trims ("name:rc" each);
+ * FAKE_CUDA_LOG names a file each of those calls appends "name pid" to.
  *
  * Memory pools: each device has a default pool. With FAKE_CUDA_POOL_KEEPS=1 it keeps what
  * cuMemFreeAsync gives back (as a pool whose release threshold PyTorch raised does) until
  * cuMemPoolTrimTo, and reuses it for the next asynchronous allocations; cuMemPoolGetAttribute
- * reports RESERVED_MEM_CURRENT. fake_cuda_device_used(device) is what the device holds, for
- * the fake NVML. cuDeviceGetUuid(_v2) names device N fa ce 0N 00 ... .
+ * reports RESERVED_MEM_CURRENT. Each device also has one pool of its own that only
+ * cuMemAllocFromPoolAsync names (handle 0x9100 + device), kept apart from the default pool. fake_cuda_device_used(device) is what the device holds, for
+ * the fake NVML. cuDeviceGetUuid(_v2) names device N fa ce 0N 00 ... (and fails with
+ * FAKE_CUDA_FAIL=uuid).
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -27,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
@@ -69,9 +73,15 @@ static __thread int current_device = -1;
 
 /* Each device's default pool: what it keeps after asynchronous frees, and what it serves. */
 static int pool_keeps;
-static unsigned long long pool_cached[MAX_DEVICES];
-static unsigned long long pool_live[MAX_DEVICES];
+/* Slot d is device d's default pool, slot MAX_DEVICES + d the one other pool each device has,
+ * named only in cuMemAllocFromPoolAsync (handle NAMED_POOL_HANDLE_BASE + d). */
+#define POOL_SLOTS (2 * MAX_DEVICES)
+static unsigned long long pool_cached[POOL_SLOTS];
+static unsigned long long pool_live[POOL_SLOTS];
+/* The slot the next asynchronous allocation on this thread comes from, past its device. */
+static __thread int named_pool_next;
 #define POOL_HANDLE_BASE 0x9000
+#define NAMED_POOL_HANDLE_BASE 0x9100
 #define ATTR_RESERVED_MEM_CURRENT 5
 
 enum live_kind { LIVE_DEVICE, LIVE_HANDLE, LIVE_HOST, LIVE_REGISTERED, LIVE_ASYNC };
@@ -80,6 +90,7 @@ struct live {
     unsigned long long bytes;
     int device;
     int kind;
+    int pool; /* the pool slot of an asynchronous allocation */
     int in_use;
 };
 static struct live live[MAX_LIVE];
@@ -106,7 +117,26 @@ static void set_up_devices(void) {
 #define MAX_COUNTERS 64
 static struct { const char *name; unsigned long long calls; } counters[MAX_COUNTERS];
 
+/* With FAKE_CUDA_LOG set, each counted call appends "name pid" to that file: a test sees which
+ * process (a fork child or its parent) reached the driver. */
+static void log_call(const char *name) {
+    const char *path = getenv("FAKE_CUDA_LOG");
+    if (!path) return;
+    FILE *f = fopen(path, "a");
+    if (!f) return;
+    fprintf(f, "%s %d\n", name, (int)getpid());
+    fclose(f);
+}
+
+/* A fork child may have been forked while another thread held the lock. */
+static void reset_lock_in_child(void) { pthread_mutex_init(&lock, NULL); }
+
+__attribute__((constructor)) static void register_fork_handler(void) {
+    pthread_atfork(NULL, NULL, reset_lock_in_child);
+}
+
 static void count(const char *name) {
+    log_call(name);
     pthread_mutex_lock(&lock);
     for (int i = 0; i < MAX_COUNTERS; i++) {
         if (!counters[i].name) counters[i].name = name;
@@ -148,10 +178,10 @@ __attribute__((visibility("default"))) unsigned long long fake_cuda_device_used(
 
 /* ---- bookkeeping of live allocations (under lock) ---------------------------------------- */
 
-static int remember(unsigned long long key, unsigned long long bytes, int device, int kind) {
+static int remember(unsigned long long key, unsigned long long bytes, int device, int kind, int pool) {
     for (int i = 0; i < MAX_LIVE; i++) {
         if (!live[i].in_use) {
-            live[i] = (struct live){key, bytes, device, kind, 1};
+            live[i] = (struct live){key, bytes, device, kind, pool, 1};
             return 1;
         }
     }
@@ -169,16 +199,18 @@ static CUresult device_take(int device, unsigned long long bytes, int kind, unsi
     if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;
     CUresult rc = CUDA_SUCCESS;
     unsigned long long key;
+    int slot = device + (named_pool_next ? MAX_DEVICES : 0);
+    named_pool_next = 0;
     pthread_mutex_lock(&lock);
     if (device < 0 || device >= device_count) {
         rc = CUDA_ERROR_INVALID_DEVICE;
-    } else if (kind == LIVE_ASYNC && pool_cached[device] >= bytes) {
+    } else if (kind == LIVE_ASYNC && pool_cached[slot] >= bytes) {
         /* Served from what the pool keeps: the device holds no more. */
         key = device_next[device];
         device_next[device] += (bytes + ALIGN_BYTES - 1) / ALIGN_BYTES * ALIGN_BYTES;
-        if (remember(key, bytes, device, kind)) {
-            pool_cached[device] -= bytes;
-            pool_live[device] += bytes;
+        if (remember(key, bytes, device, kind, slot)) {
+            pool_cached[slot] -= bytes;
+            pool_live[slot] += bytes;
             *out = key;
         } else {
             rc = CUDA_ERROR_OUT_OF_MEMORY;
@@ -192,9 +224,9 @@ static CUresult device_take(int device, unsigned long long bytes, int kind, unsi
             key = device_next[device];
             device_next[device] += (bytes + ALIGN_BYTES - 1) / ALIGN_BYTES * ALIGN_BYTES;
         }
-        if (remember(key, bytes, device, kind)) {
+        if (remember(key, bytes, device, kind, slot)) {
             device_used[device] += bytes;
-            if (kind == LIVE_ASYNC) pool_live[device] += bytes;
+            if (kind == LIVE_ASYNC) pool_live[slot] += bytes;
             *out = key;
         } else {
             rc = CUDA_ERROR_OUT_OF_MEMORY;
@@ -212,8 +244,8 @@ static CUresult device_give(unsigned long long key, int kind) {
     if (!l && kind == LIVE_ASYNC) l = find(key, LIVE_DEVICE); /* cuMemFreeAsync of cuMemAlloc's */
     if (l) {
         if (l->kind == LIVE_ASYNC) {
-            pool_live[l->device] -= l->bytes;
-            if (pool_keeps) pool_cached[l->device] += l->bytes;
+            pool_live[l->pool] -= l->bytes;
+            if (pool_keeps) pool_cached[l->pool] += l->bytes;
             else device_used[l->device] -= l->bytes;
         } else {
             device_used[l->device] -= l->bytes;
@@ -356,14 +388,18 @@ static CUresult impl_mem_alloc_async_ptsz(CUdeviceptr *dptr, size_t bytes, CUstr
     return device_alloc_kind("cuMemAllocAsync_ptsz", dptr, bytes, LIVE_ASYNC);
 }
 
+static int pool_slot(void *pool);
+
 static CUresult impl_mem_alloc_from_pool_async(CUdeviceptr *dptr, size_t bytes, CUmemoryPool p, CUstream s) {
-    (void)p; (void)s;
+    (void)s;
+    named_pool_next = pool_slot(p) >= MAX_DEVICES;
     return device_alloc_kind("cuMemAllocFromPoolAsync", dptr, bytes, LIVE_ASYNC);
 }
 
 static CUresult impl_mem_alloc_from_pool_async_ptsz(CUdeviceptr *dptr, size_t bytes, CUmemoryPool p,
                                                     CUstream s) {
-    (void)p; (void)s;
+    (void)s;
+    named_pool_next = pool_slot(p) >= MAX_DEVICES;
     return device_alloc_kind("cuMemAllocFromPoolAsync_ptsz", dptr, bytes, LIVE_ASYNC);
 }
 
@@ -421,7 +457,7 @@ static CUresult host_take(const char *name, void **pp, size_t bytes) {
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
     pthread_mutex_lock(&lock);
-    int ok = remember((uintptr_t)p, bytes, -1, LIVE_HOST);
+    int ok = remember((uintptr_t)p, bytes, -1, LIVE_HOST, -1);
     pthread_mutex_unlock(&lock);
     if (!ok) {
         munmap(p, bytes);
@@ -458,7 +494,7 @@ static CUresult impl_mem_host_register_v2(void *p, size_t bytes, unsigned int fl
     if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
     if (!p || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
     pthread_mutex_lock(&lock);
-    int ok = remember((uintptr_t)p, bytes, -1, LIVE_REGISTERED);
+    int ok = remember((uintptr_t)p, bytes, -1, LIVE_REGISTERED, -1);
     pthread_mutex_unlock(&lock);
     return ok ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
 }
@@ -474,9 +510,13 @@ static CUresult impl_mem_host_unregister(void *p) {
 
 /* ---- memory pools and UUIDs ------------------------------------------------------------- */
 
-static int pool_device(void *pool) {
+/* A pool handle's slot, or -1 for a handle that is no pool (any other is taken for the default
+ * pool by cuMemAllocFromPoolAsync, as the fake always did). */
+static int pool_slot(void *pool) {
     intptr_t d = (intptr_t)pool - POOL_HANDLE_BASE;
-    return d >= 0 && d < device_count ? (int)d : -1;
+    if (d >= 0 && d < device_count) return (int)d;
+    d = (intptr_t)pool - NAMED_POOL_HANDLE_BASE;
+    return d >= 0 && d < device_count ? MAX_DEVICES + (int)d : -1;
 }
 
 static CUresult impl_device_get_default_mem_pool(void **pool, CUdevice device) {
@@ -490,26 +530,26 @@ static CUresult impl_device_get_default_mem_pool(void **pool, CUdevice device) {
 
 static CUresult impl_mem_pool_get_attribute(void *pool, int attribute, void *value) {
     count("cuMemPoolGetAttribute");
-    int device = pool_device(pool);
-    if (device < 0 || !value) return CUDA_ERROR_INVALID_VALUE;
+    int slot = pool_slot(pool);
+    if (slot < 0 || !value) return CUDA_ERROR_INVALID_VALUE;
     if (attribute != ATTR_RESERVED_MEM_CURRENT) return CUDA_ERROR_NOT_SUPPORTED;
     pthread_mutex_lock(&lock);
-    *(unsigned long long *)value = pool_live[device] + pool_cached[device];
+    *(unsigned long long *)value = pool_live[slot] + pool_cached[slot];
     pthread_mutex_unlock(&lock);
     return CUDA_SUCCESS;
 }
 
 static CUresult impl_mem_pool_trim_to(void *pool, size_t keep) {
     count("cuMemPoolTrimTo");
-    int device = pool_device(pool);
-    if (device < 0) return CUDA_ERROR_INVALID_VALUE;
+    int slot = pool_slot(pool);
+    if (slot < 0) return CUDA_ERROR_INVALID_VALUE;
     pthread_mutex_lock(&lock);
-    unsigned long long reserved = pool_live[device] + pool_cached[device];
+    unsigned long long reserved = pool_live[slot] + pool_cached[slot];
     if (reserved > keep) {
         unsigned long long give = reserved - keep;
-        if (give > pool_cached[device]) give = pool_cached[device];
-        pool_cached[device] -= give;
-        device_used[device] -= give;
+        if (give > pool_cached[slot]) give = pool_cached[slot];
+        pool_cached[slot] -= give;
+        device_used[slot % MAX_DEVICES] -= give;
     }
     note("cuMemPoolTrimTo", CUDA_SUCCESS);
     pthread_mutex_unlock(&lock);
@@ -519,6 +559,8 @@ static CUresult impl_mem_pool_trim_to(void *pool, size_t keep) {
 static CUresult impl_device_get_uuid(unsigned char *uuid, CUdevice device) {
     count("cuDeviceGetUuid");
     if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    const char *fail = getenv("FAKE_CUDA_FAIL");
+    if (fail && strcmp(fail, "uuid") == 0) return CUDA_ERROR_NOT_SUPPORTED;
     if (!uuid) return CUDA_ERROR_INVALID_VALUE;
     if (device < 0 || device >= device_count) return CUDA_ERROR_INVALID_DEVICE;
     memset(uuid, 0, 16);

@@ -7,11 +7,14 @@
  * the driver's context and the like); another process (pid 1) is listed first with 1 TiB, which
  * the shim must not take for its own.
  *
- * Built three ways: with every form of the process list (_v3, _v2, the original), with
- * -DNO_V3, and with -DNO_V3 -DNO_V2. FAKE_NVML_FAIL makes one step fail: "init", "handle",
- * "processes", "not_listed" (the process is absent, as in a pid namespace), "not_available".
- * FAKE_NVML_LOG names a file each call of the process list appends its form to ("v3", "v2",
- * "v1").
+ * Built four ways: with every form of the process list (_v3, _v2, the original), with
+ * -DNO_V3, with -DNO_V3 -DNO_V2, and with none (-DNO_V1 too). FAKE_NVML_FAIL makes one step
+ * fail: "init", "handle", "processes", "not_listed" (the process is absent, as in a pid
+ * namespace), "not_available", "growing" (the list always has one more entry than the room
+ * given). FAKE_NVML_OTHERS sets how many other processes are listed first (1 by default).
+ * FAKE_NVML_LOG names a file each call appends "name pid" to (the process list's forms are
+ * nvmlDeviceGetComputeRunningProcesses_v3, _v2 and the unsuffixed v1): a test sees which form
+ * was used, and which process (a fork child or its parent) called.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -45,7 +48,17 @@ static int failing(const char *step) {
     return fail && strcmp(fail, step) == 0;
 }
 
+static void log_call(const char *name) {
+    const char *path = getenv("FAKE_NVML_LOG");
+    if (!path) return;
+    FILE *f = fopen(path, "a");
+    if (!f) return;
+    fprintf(f, "%s %d\n", name, (int)getpid());
+    fclose(f);
+}
+
 EXPORT int nvmlInit_v2(void) {
+    log_call("nvmlInit_v2");
     if (failing("init")) return NVML_ERROR_DRIVER_NOT_LOADED;
     initialized = 1;
     return NVML_SUCCESS;
@@ -54,11 +67,13 @@ EXPORT int nvmlInit_v2(void) {
 EXPORT int nvmlInit(void) { return nvmlInit_v2(); }
 
 EXPORT int nvmlShutdown(void) {
+    log_call("nvmlShutdown");
     initialized = 0;
     return NVML_SUCCESS;
 }
 
 EXPORT int nvmlDeviceGetHandleByUUID(const char *uuid, void **device) {
+    log_call("nvmlDeviceGetHandleByUUID");
     if (!initialized) return NVML_ERROR_UNINITIALIZED;
     if (!uuid || !device) return NVML_ERROR_INVALID_ARGUMENT;
     if (failing("handle")) return NVML_ERROR_UNKNOWN;
@@ -71,6 +86,7 @@ EXPORT int nvmlDeviceGetHandleByUUID(const char *uuid, void **device) {
 
 /* For scripts/gpu-check's sampler: devices by index, as many as the fake driver has. */
 EXPORT int nvmlDeviceGetCount_v2(unsigned int *count) {
+    log_call("nvmlDeviceGetCount_v2");
     if (!initialized) return NVML_ERROR_UNINITIALIZED;
     if (!count) return NVML_ERROR_INVALID_ARGUMENT;
     *count = 2;
@@ -78,6 +94,7 @@ EXPORT int nvmlDeviceGetCount_v2(unsigned int *count) {
 }
 
 EXPORT int nvmlDeviceGetHandleByIndex_v2(unsigned int index, void **device) {
+    log_call("nvmlDeviceGetHandleByIndex_v2");
     if (!initialized) return NVML_ERROR_UNINITIALIZED;
     if (!device || index >= MAX_DEVICES) return NVML_ERROR_INVALID_ARGUMENT;
     *device = &handles[index];
@@ -105,36 +122,40 @@ static unsigned long long extra(int device) {
     return 0;
 }
 
-static void log_form(const char *form) {
-    const char *path = getenv("FAKE_NVML_LOG");
-    if (!path) return;
-    FILE *f = fopen(path, "a");
-    if (!f) return;
-    fprintf(f, "%s\n", form);
-    fclose(f);
+
+/* Other processes listed before this one: FAKE_NVML_OTHERS, 1 unless set. */
+static unsigned int others(void) {
+    const char *p = getenv("FAKE_NVML_OTHERS");
+    return p && *p ? (unsigned int)strtoul(p, NULL, 10) : 1;
 }
 
-/* Fills records of `size` bytes: pid 1 first, then this process (unless left out). */
-static int processes(const char *form, void *device, unsigned int *count, void *infos, size_t size) {
-    log_form(form);
+/* Fills records of `size` bytes: the other processes (pid 1) first, then this process (unless
+ * left out). "growing" answers every call with a list one longer than the room it was given. */
+__attribute__((unused)) static int processes(const char *name, void *device, unsigned int *count, void *infos, size_t size) {
+    log_call(name);
     if (!initialized) return NVML_ERROR_UNINITIALIZED;
     if (!device || !count) return NVML_ERROR_INVALID_ARGUMENT;
     if (failing("processes")) return NVML_ERROR_UNKNOWN;
+    if (failing("growing")) {
+        *count += 1;
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    }
     int index = (int)((int *)device - handles);
-    unsigned int listed = failing("not_listed") ? 1 : 2;
+    unsigned int other = others();
+    unsigned int listed = failing("not_listed") ? other : other + 1;
     if (*count < listed) {
         *count = listed;
         return NVML_ERROR_INSUFFICIENT_SIZE;
     }
     unsigned long long own = driver_used(index) + extra(index);
     if (failing("not_available")) own = ~0ULL;
-    unsigned int pids[2] = {OTHER_PID, (unsigned int)getpid()};
-    unsigned long long used[2] = {OTHER_USED, own};
     for (unsigned int i = 0; i < listed; i++) {
+        unsigned int pid = i < other ? OTHER_PID : (unsigned int)getpid();
+        unsigned long long used = i < other ? OTHER_USED : own;
         char *record = (char *)infos + i * size;
         memset(record, 0xff, size); /* the MIG ids: "not in MIG mode" */
-        memcpy(record, &pids[i], sizeof pids[i]);
-        memcpy(record + 8, &used[i], sizeof used[i]);
+        memcpy(record, &pid, sizeof pid);
+        memcpy(record + 8, &used, sizeof used);
     }
     *count = listed;
     return NVML_SUCCESS;
@@ -142,16 +163,18 @@ static int processes(const char *form, void *device, unsigned int *count, void *
 
 #ifndef NO_V3
 EXPORT int nvmlDeviceGetComputeRunningProcesses_v3(void *device, unsigned int *count, struct info_v2 *infos) {
-    return processes("v3", device, count, infos, sizeof *infos);
+    return processes("nvmlDeviceGetComputeRunningProcesses_v3", device, count, infos, sizeof *infos);
 }
 #endif
 
 #ifndef NO_V2
 EXPORT int nvmlDeviceGetComputeRunningProcesses_v2(void *device, unsigned int *count, struct info_v2 *infos) {
-    return processes("v2", device, count, infos, sizeof *infos);
+    return processes("nvmlDeviceGetComputeRunningProcesses_v2", device, count, infos, sizeof *infos);
 }
 #endif
 
+#ifndef NO_V1
 EXPORT int nvmlDeviceGetComputeRunningProcesses(void *device, unsigned int *count, struct info_v1 *infos) {
-    return processes("v1", device, count, infos, sizeof *infos);
+    return processes("nvmlDeviceGetComputeRunningProcesses", device, count, infos, sizeof *infos);
 }
+#endif

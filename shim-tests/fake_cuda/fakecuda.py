@@ -4,8 +4,9 @@ Everything lands in shim-tests/build/fake_cuda/: libcuda.so.1 (the fake driver, 
 through LD_LIBRARY_PATH), cuda_client (reaches the driver like a CUDA runtime: dlopen, then
 cuGetProcAddress_v2), cuda_client_direct (linked against libcuda, calls the exports by name),
 and the RTLD_NEXT pair (libwrapwrite.so, rtld_next_main) with its control, naive_dlsym.so.
-The fake NVML (libnvidia-ml.so.1) is built in three directories, one per newest form of the
-process list it exports: nvml_v3/, nvml_v2/, nvml_v1/ (see nvml_library_path).
+The fake NVML (libnvidia-ml.so.1) is built in four directories, one per newest form of the
+process list it exports: nvml_v3/, nvml_v2/, nvml_v1/, and nvml_none/ without any (see
+nvml_library_path).
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ def build_all() -> Path:
     return b
 
 
-# The fake NVML's builds: the newest form of nvmlDeviceGetComputeRunningProcesses each exports.
-NVML_FORMS = {"v3": [], "v2": ["-DNO_V3"], "v1": ["-DNO_V3", "-DNO_V2"]}
+# The fake NVML's builds: the newest form of nvmlDeviceGetComputeRunningProcesses each exports
+# ("none": a library without the process list).
+NVML_FORMS = {"v3": [], "v2": ["-DNO_V3"], "v1": ["-DNO_V3", "-DNO_V2"], "none": ["-DNO_V3", "-DNO_V2", "-DNO_V1"]}
 
 
 def nvml_library_path(form: str | None) -> str:

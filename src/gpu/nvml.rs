@@ -202,12 +202,13 @@ pub fn process_used(driver: &Driver, device: usize) -> Option<u64> {
     let mut capacity = PROCESSES_FIRST_ASK;
     let mut buffer: Vec<u8> = Vec::new();
     let mut count: c_uint = 0;
+    let mut result = NVML_ERROR_INSUFFICIENT_SIZE;
     for _ in 0..2 {
         buffer.clear();
         buffer.resize(capacity.saturating_mul(STRIDE_BUFFER_BYTES), 0);
         count = capacity as c_uint;
         // SAFETY: the buffer holds `count` records of any form; count is a local.
-        let result = unsafe { (nvml.processes)(handle, &mut count, buffer.as_mut_ptr().cast()) };
+        result = unsafe { (nvml.processes)(handle, &mut count, buffer.as_mut_ptr().cast()) };
         if result == NVML_SUCCESS {
             break;
         }
@@ -217,7 +218,11 @@ pub fn process_used(driver: &Driver, device: usize) -> Option<u64> {
         }
         // Processes came since: room for a few more than NVML counted.
         capacity = count as usize + PROCESSES_FIRST_ASK;
-        count = 0;
+    }
+    if result != NVML_SUCCESS {
+        // Still more processes than room on the second ask: NVML's own code, not "not listed".
+        set_error(device, result);
+        return None;
     }
     let own_pid = std::process::id();
     let listed = (count as usize).min(capacity);
