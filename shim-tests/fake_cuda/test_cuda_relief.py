@@ -56,16 +56,12 @@ def poll(what, done):
         assert time.monotonic() < deadline, f"expected {{what}} within {{DEADLINE_S}} s"
         time.sleep(0.01)
 
-class PoolStats(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_uint32), ("pool", ctypes.c_int32), ("level", ctypes.c_int32),
-                ("device", ctypes.c_int32)] + [(name, ctypes.c_uint64) for name in (
-        "budget", "effective_budget", "reserve", "reserve_in_use", "live", "peak", "allocs", "frees", "refusals",
-        "largest_refused", "purges", "level_changes", "notifications")]
+# struct qvshim_pool_stats from its one Python definition (python/qvshim/_capi.py, via shimstats).
+sys.path.insert(0, {str(fakecuda.REPO / "shim-tests" / "py")!r})
+import shimstats
 
 def notifications():
-    stats = PoolStats(struct_size=ctypes.sizeof(PoolStats))
-    assert ctypes.CDLL(None).qvshim_pool_stats(1, ctypes.byref(stats)) == 0
-    return stats.notifications
+    return shimstats.pool_stats(1).notifications
 
 def looks_at_refusals():
     # One line per monitor look that saw new refusals of gpu 0, with how many.

@@ -50,13 +50,18 @@ malloc_usable_size.argtypes = [ctypes.c_void_p]
 malloc_usable_size.restype = ctypes.c_size_t
 
 
-def host_stats() -> PoolStats:
-    """A fresh copy of the host pool's stats."""
+def pool_stats(pool: int) -> PoolStats:
+    """A fresh copy of one pool's stats (0: the host, 1 + N: GPU N)."""
     out = PoolStats()
     out.struct_size = ctypes.sizeof(PoolStats)
-    rc = _pool_stats(0, ctypes.byref(out))
-    assert rc == 0, f"expected qvshim_pool_stats(0) to return 0, got {rc}"
+    rc = _pool_stats(pool, ctypes.byref(out))
+    assert rc == 0, f"expected qvshim_pool_stats({pool}) to return 0, got {rc}"
     return out
+
+
+def host_stats() -> PoolStats:
+    """A fresh copy of the host pool's stats."""
+    return pool_stats(0)
 
 
 def read_host_live_into(array, index: int) -> None:
