@@ -100,15 +100,9 @@ fn dir_fd() -> Option<c_int> {
 
 /// The process's start time in clock ticks after boot (/proc/self/stat, field 22): with the
 /// pid, it tells this process from a later one that reuses the pid.
+/// (The one parser of that line is base/system.rs's, which the tree ledger uses too.)
 pub fn start_ticks(stat: &[u8]) -> Option<u64> {
-    // The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
-    let close = stat.iter().rposition(|&b| b == b')')?;
-    let rest = stat.get(close + 1..)?;
-    let field = rest
-        .split(|&b| b == b' ')
-        .filter(|f| !f.is_empty())
-        .nth(22 - 3)?;
-    system::parse_u64(field)
+    system::parse_stat_identity(stat).map(|identity| identity.start_ticks)
 }
 
 fn own_start_ticks() -> u64 {
