@@ -44,3 +44,14 @@ def shim():
     if not qvshim.is_loaded():
         pytest.fail("libqvshim.so is not preloaded in the test process: run `python -m qvshim run -m pytest python/tests`")
     return qvshim
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """qvshim.memory's headroom and in_use answered by a FakeMemory of budget 1000 (fakememory.py)."""
+    from fakememory import FakeMemory
+
+    fake_memory = FakeMemory(budget=1000)
+    monkeypatch.setattr(qvshim.memory, "headroom", fake_memory.headroom)
+    monkeypatch.setattr(qvshim.memory, "in_use", fake_memory.in_use)
+    return fake_memory

@@ -6,7 +6,9 @@ import time
 import pytest
 
 import qvshim
-from qvshim import _capi, events, memory
+from qvshim import _capi, events
+
+from fakememory import FakeModel
 
 WAIT_S = 10  # generous bound for the idle timer; the tests never assert speed
 
@@ -75,32 +77,6 @@ def test_record_inside_record_in_one_thread_does_not_deadlock(monkeypatch):
     assert sorted(messages()) == ["from relief", "outer"]
 
 
-class FakeMemory:
-    def __init__(self, budget):
-        self.budget, self.held = budget, 0
-
-    def headroom(self, pool, margin):
-        return memory.Room(int(self.budget * (1 - margin)) - self.held, self.budget, self.held)
-
-    def in_use(self):
-        return {"host": self.held}
-
-
-class FakeModel:
-    def __init__(self, fake, size):
-        self.fake, self.size = fake, size
-        fake.held += size
-
-    def __del__(self):
-        self.fake.held -= self.size
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    fake_memory = FakeMemory(budget=1000)
-    monkeypatch.setattr(memory, "headroom", fake_memory.headroom)
-    monkeypatch.setattr(memory, "in_use", fake_memory.in_use)
-    return fake_memory
 
 
 def test_model_manager_records_load_idle_unload_and_refusal(fake):

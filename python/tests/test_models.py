@@ -9,41 +9,14 @@ import time
 import pytest
 
 import qvshim
-from qvshim import memory, models
+from qvshim import models
 from qvshim._log import GIB, MIB
+
+from fakememory import FakeModel
 
 WAIT_S = 10  # generous bound for background events; the tests never assert speed
 
 
-class FakeMemory:
-    """A pool with a budget, whose holdings are the live FakeModels."""
-
-    def __init__(self, budget):
-        self.budget = budget
-        self.held = 0
-
-    def headroom(self, pool, margin):
-        return memory.Room(int(self.budget * (1 - margin)) - self.held, self.budget, self.held)
-
-    def in_use(self):
-        return {"host": self.held}
-
-
-class FakeModel:
-    def __init__(self, fake, size):
-        self.fake, self.size = fake, size
-        fake.held += size
-
-    def __del__(self):
-        self.fake.held -= self.size
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    fake_memory = FakeMemory(budget=1000)
-    monkeypatch.setattr(memory, "headroom", fake_memory.headroom)
-    monkeypatch.setattr(memory, "in_use", fake_memory.in_use)
-    return fake_memory
 
 
 @pytest.fixture
