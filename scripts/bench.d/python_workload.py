@@ -47,7 +47,8 @@ def one_round(round_number):
 def allocator_name():
     process = ctypes.CDLL(None)
     # the extent-hook prototype (docs/BENCHMARKS.md) also exports qvshim_pool_stats: ask for it first
-    for symbol, name in (("qvshim_extent_prototype", "qvshim-extent"), ("qvshim_pool_stats", "qvshim"),
+    for symbol, name in (("qvshim_extent_prototype", "qvshim-extent"), ("qvshim_bench_forwarder", "jemalloc-same-build"),
+                         ("qvshim_pool_stats", "qvshim"),
                          ("mallctl", "jemalloc")):
         if hasattr(process, symbol):
             return name

@@ -37,6 +37,8 @@ static inline const char *bench_allocator(void)
 {
     if (dlsym(RTLD_DEFAULT, "qvshim_extent_prototype") != NULL)
         return "qvshim-extent";
+    if (dlsym(RTLD_DEFAULT, "qvshim_bench_forwarder") != NULL)
+        return "jemalloc-same-build";
     if (dlsym(RTLD_DEFAULT, "qvshim_pool_stats") != NULL)
         return "qvshim";
     if (dlsym(RTLD_DEFAULT, "mallctl") != NULL)
