@@ -12,6 +12,8 @@ THREAD_AND_FORK_CASES = [
     ("threads", "blocks_freed_by_other_threads_return_live_to_start"),
     ("threads", "blocks_of_exited_threads_stay_counted_until_freed"),
     ("threads", "many_short_lived_threads_leave_live_unchanged"),
+    ("threads", "a_thread_that_frees_before_it_allocates_keeps_live_exact"),
+    ("threads", "a_new_thread_does_not_get_back_the_foreign_block_it_freed_first"),
     ("fork", "child_can_allocate_and_free"),
     ("fork", "child_allocations_do_not_touch_the_parent_ledger"),
     ("fork", "fork_while_another_thread_allocates_does_not_deadlock"),

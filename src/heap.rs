@@ -326,7 +326,7 @@ unsafe fn free_slow(p: *mut c_void) {
         // SAFETY: forwarded caller's contract.
         return unsafe { next(p) };
     }
-    let thread = ledger::host_thread();
+    let thread = ledger::host_thread_for_free();
     let Some(before) = thread.deallocated_total() else {
         // SAFETY: forwarded caller's contract.
         return unsafe { free_without_counters(thread, p) };
@@ -359,7 +359,10 @@ fn uncharge_tracked(thread: ledger::HostThread, p: *mut c_void, freed: u64) {
 }
 
 /// free for a thread without jemalloc's counters (before init, without a slot, or exiting):
-/// the usable size is looked up first.
+/// the usable size is looked up first. The block goes back to its arena, not into the thread's
+/// cache, as bare jemalloc does for a thread that has not allocated yet (its thread data is
+/// only minimally set up then): a thread that only frees, or frees before it allocates, keeps
+/// jemalloc's placement (see [`ledger::host_thread_for_free`]).
 ///
 /// # Safety
 /// `p` is a live block from this module not freed before.
@@ -371,7 +374,7 @@ unsafe fn free_without_counters(thread: ledger::HostThread, p: *mut c_void) {
     // SAFETY: p is a live jemalloc block (caller's contract).
     let usable = unsafe { je::malloc_usable_size(p) };
     // SAFETY: usable is p's own usable size, valid for sized deallocation.
-    unsafe { je::sdallocx(p, usable, 0) };
+    unsafe { je::sdallocx(p, usable, je::MALLOCX_TCACHE_NONE) };
     let freed = usable as u64;
     if freed < TRACK_MIN_BYTES {
         thread.uncharge(freed);
