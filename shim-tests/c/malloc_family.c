@@ -380,11 +380,16 @@ static void posix_memalign_returns_enomem_code_for_impossible_size(void)
 {
     void *sentinel = (void *)&size_max_v;
     void *p = sentinel;
-    errno = 0;
+    /* The error is the return value; errno keeps what the program had (a value neither 0 nor
+     * ENOMEM, so that a call that clears or sets it is seen). */
+    errno = EILSEQ;
     int rc = posix_memalign(&p, 64, size_max_v / 2);
+    int after = errno;
     EXPECT(rc == ENOMEM, "expected posix_memalign(64, SIZE_MAX/2) to return ENOMEM (%d) as its value, got %d",
            ENOMEM, rc);
     EXPECT(p == sentinel, "expected *memptr unchanged after a failed posix_memalign, got %p", p);
+    EXPECT(after == EILSEQ, "expected a failed posix_memalign to leave errno at EILSEQ (%d), got %d", EILSEQ,
+           after);
 }
 
 static void aligned_alloc_honours_alignment(void)
