@@ -201,6 +201,17 @@ static void small_allocations_run_into_the_reserve_until_budget_plus_reserve(voi
     if (again != NULL)
         free(again);
 
+    /* Closer still: 4 KiB blocks until one is refused. A 16-byte request aligned to 4 KiB is a
+     * 4 KiB block: it must be refused as well, however many bytes below 4 KiB are left. */
+    uint64_t tight = fill_with_small_blocks(4 * KIB);
+    errno = 0;
+    void *page = aligned_alloc(4 * KIB, 16);
+    EXPECT(page == NULL, "expected aligned_alloc(4096, 16), a 4 KiB block, refused with %lld bytes left below "
+                         "budget + reserve, got %p (live now %llu)",
+           (long long)(limit - tight), page, (unsigned long long)host_live());
+    if (page != NULL)
+        free(page);
+
     free_all();
     struct qvshim_pool_stats s2 = host_stats();
     EXPECT(s2.live == s0.live, "expected live back at %llu after freeing everything, got %llu",
