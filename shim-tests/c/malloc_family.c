@@ -6,6 +6,8 @@
  */
 #include "shimcheck.h"
 
+#include <sys/resource.h>
+
 #include <sys/syscall.h>
 #include <time.h>
 
@@ -772,9 +774,76 @@ static void peak_of_a_single_thread_is_exact(void)
            (unsigned long long)want, (unsigned long long)after.peak);
 }
 
+/* This process's mapped address space (VmSize), in bytes; 0 when /proc cannot say. */
+static size_t mapped_bytes(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    if (f == NULL)
+        return 0;
+    char line[256];
+    size_t kib = 0;
+    while (fgets(line, sizeof line, f) != NULL)
+        if (sscanf(line, "VmSize: %zu kB", &kib) == 1)
+            break;
+    fclose(f);
+    return kib * KIB;
+}
+
+#define ADDRESS_LIMIT_BLOCKS 4096
+#define ADDRESS_LIMIT_BLOCK_BYTES (128 * KIB)
+static void *address_limit_blocks[ADDRESS_LIMIT_BLOCKS];
+
+/* When jemalloc itself fails (the kernel refuses it address space: RLIMIT_AS at what the
+ * process maps now), the shim, which charged the request before asking, gives the charge back:
+ * live stays exactly the blocks the program holds. Requests over 64 KiB are charged on the
+ * slow path, which knows the call failed, also when the thread's credit would cover them (here
+ * the failed request's charge, given back, makes the credit cover the next one's 160 KiB). */
+static void a_request_jemalloc_itself_fails_leaves_live_exact(void)
+{
+    struct rlimit old;
+    REQUIRE(getrlimit(RLIMIT_AS, &old) == 0, "expected getrlimit(RLIMIT_AS) to work");
+    size_t vm = mapped_bytes();
+    REQUIRE(vm > 0, "expected VmSize in /proc/self/status");
+    uint64_t before = host_live();
+    struct rlimit tight = {vm, old.rlim_max};
+    REQUIRE(setrlimit(RLIMIT_AS, &tight) == 0, "expected setrlimit(RLIMIT_AS, %zu) to work", vm);
+    size_t n = 0, held = 0;
+    while (n < ADDRESS_LIMIT_BLOCKS) {
+        void *p = malloc(ADDRESS_LIMIT_BLOCK_BYTES);
+        if (p == NULL)
+            break;
+        held += malloc_usable_size(p);
+        address_limit_blocks[n++] = p;
+    }
+    int exhausted = n < ADDRESS_LIMIT_BLOCKS;
+    uint64_t at_failure = host_live();
+    size_t held_at_failure = held;
+    /* The failed request's charge came back as the thread's credit, which now covers 160 KiB. */
+    void *larger = exhausted ? malloc(160 * KIB) : NULL;
+    if (larger != NULL)
+        held += malloc_usable_size(larger);
+    uint64_t after = host_live();
+    setrlimit(RLIMIT_AS, &old);
+    EXPECT(exhausted, "expected %d blocks of 128 KiB to exhaust the address space left under RLIMIT_AS %zu",
+           ADDRESS_LIMIT_BLOCKS, vm);
+    EXPECT(at_failure == before + held_at_failure || !exhausted,
+           "expected live %llu + %zu bytes held when jemalloc failed a 128 KiB request, got %llu",
+           (unsigned long long)before, held_at_failure, (unsigned long long)at_failure);
+    EXPECT(larger == NULL, "expected the 160 KiB request to fail too, with no address space left, got %p", larger);
+    EXPECT(after == before + held, "expected live %llu + %zu bytes held after jemalloc failed a 160 KiB request, "
+                                   "got %llu (difference %lld)",
+           (unsigned long long)before, held, (unsigned long long)after,
+           (long long)(after - before - held));
+    free(larger);
+    for (size_t i = 0; i < n; i++)
+        free(address_limit_blocks[i]);
+    EXPECT_LIVE_BACK("freeing the blocks held under the address-space limit", before);
+}
+
 static const struct check_case cases[] = {
     START_UP_CASE(live_is_constant_from_main_while_the_program_allocates_nothing),
     CASE(malloc_zero_returns_unique_non_null_blocks),
+    CASE(a_request_jemalloc_itself_fails_leaves_live_exact),
     CASE(malloc_counts_usable_size_and_free_gives_it_back),
     CASE(free_null_does_nothing_and_keeps_errno),
     CASE(free_preserves_errno_for_small_block),
