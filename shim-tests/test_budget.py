@@ -26,8 +26,21 @@ def test_budget_refuses_gracefully(case, c_program, run_under_shim):
     shimrun.expect_pass(result, "budget", case, "QVSHIM_BUDGET=64M")
 
 
+# Cases that need a reserve of their own: (case, environment).
+SMALL_RESERVE_CASES = [
+    ("an_aligned_span_of_exactly_budget_plus_reserve_is_served", {"QVSHIM_BUDGET": "64M", "QVSHIM_RESERVE": "16M"}),
+]
+
+
+@pytest.mark.parametrize("case,env", SMALL_RESERVE_CASES)
+def test_budget_with_a_small_reserve(case, env, c_program, run_under_shim):
+    result = run_under_shim([c_program("budget"), case], env)
+    shimrun.expect_pass(result, "budget", case, " ".join(f"{k}={v}" for k, v in env.items()))
+
+
 def test_every_budget_case_has_a_row(c_program):
-    shimrun.expect_table_covers_program(c_program("budget"), BUDGET_CASES, "BUDGET_CASES")
+    shimrun.expect_table_covers_program(c_program("budget"), BUDGET_CASES + [c for c, _ in SMALL_RESERVE_CASES],
+                                        "BUDGET_CASES and SMALL_RESERVE_CASES")
 
 
 # QVSHIM_WARN and QVSHIM_CRITICAL move the levels: (environment, percent of a 100 MiB budget the

@@ -12,6 +12,7 @@ import shimrun
 MALLOC_FAMILY_CASES = [
     "malloc_zero_returns_unique_non_null_blocks",
     "a_request_jemalloc_itself_fails_leaves_live_exact",
+    "aligned_spans_past_the_address_space_are_enomem_not_budget_refusals",
     "malloc_counts_usable_size_and_free_gives_it_back",
     "free_null_does_nothing_and_keeps_errno",
     "free_preserves_errno_for_small_block",

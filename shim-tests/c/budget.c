@@ -267,6 +267,31 @@ static void allocations_over_64kib_use_the_reserve_only_once_after_a_refusal(voi
     free_all();
 }
 
+/* Run with QVSHIM_RESERVE=16M: an aligned request is checked by the span jemalloc reserves for
+ * it (size + alignment) against budget + reserve. A span of exactly budget + reserve fits
+ * (64 MiB alignment + 16 MiB = 80 MiB), and the 16 MiB block is then within the budget. */
+static void an_aligned_span_of_exactly_budget_plus_reserve_is_served(void)
+{
+    struct qvshim_pool_stats s = budget_stats();
+    REQUIRE(s.reserve == 16 * MIB, "expected QVSHIM_RESERVE=16M (%zu bytes), got %llu", 16 * MIB,
+            (unsigned long long)s.reserve);
+    REQUIRE(s.effective_budget == s.budget, "expected the whole 64 MiB budget in effect, got %llu",
+            (unsigned long long)s.effective_budget);
+    void *p = NULL;
+    int rc = posix_memalign(&p, 64 * MIB, 16 * MIB);
+    EXPECT(rc == 0 && p != NULL, "expected posix_memalign(64 MiB, 16 MiB), a span of exactly budget + reserve, "
+                                 "to be served, got rc %d", rc);
+    if (rc == 0) {
+        memset(p, 1, 16 * MIB);
+        free(p);
+    }
+    rc = posix_memalign(&p, 64 * MIB, 16 * MIB + 4096);
+    EXPECT(rc == ENOMEM, "expected posix_memalign(64 MiB, 16 MiB + 4 KiB), a span past budget + reserve, to "
+                         "return ENOMEM (%d), got %d", ENOMEM, rc);
+    if (rc == 0)
+        free(p);
+}
+
 static const struct check_case cases[] = {
     CASE(malloc_over_budget_fails_with_enomem_and_program_goes_on),
     CASE(calloc_over_budget_fails_with_enomem),
@@ -276,6 +301,7 @@ static const struct check_case cases[] = {
     CASE(large_allocations_reach_the_budget_but_never_cross_it),
     CASE(small_allocations_run_into_the_reserve_until_budget_plus_reserve),
     CASE(allocations_over_64kib_use_the_reserve_only_once_after_a_refusal),
+    CASE(an_aligned_span_of_exactly_budget_plus_reserve_is_served),
 };
 
 int main(int argc, char **argv)

@@ -774,6 +774,35 @@ static void peak_of_a_single_thread_is_exact(void)
            (unsigned long long)want, (unsigned long long)after.peak);
 }
 
+/* An aligned request makes jemalloc reserve about size + alignment. Past the largest address
+ * space any machine has (2^57 bytes) that span is ENOMEM whatever the budget, and not counted
+ * as a refusal by it; at exactly 2^57 it is the budget that refuses it, and counts it. */
+static void aligned_spans_past_the_address_space_are_enomem_not_budget_refusals(void)
+{
+    const struct {
+        size_t align, size;
+        uint64_t counted;
+    } rows[] = {
+        {(size_t)1 << 56, (size_t)1 << 57, 0}, /* span 2^57 + 2^56 */
+        {(size_t)1 << 56, (size_t)1 << 56, 1}, /* span exactly 2^57 */
+    };
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
+        uint64_t refusals = host_stats().refusals;
+        void *p = NULL;
+        int rc = posix_memalign(&p, rows[i].align, rows[i].size);
+        uint64_t counted = host_stats().refusals - refusals;
+        EXPECT(rc == ENOMEM, "expected posix_memalign(%zu, %zu) to return ENOMEM (%d), got %d", rows[i].align,
+               rows[i].size, ENOMEM, rc);
+        EXPECT(counted == rows[i].counted,
+               "expected posix_memalign(%zu, %zu), a span of %zu + %zu bytes, to count %llu refusals by the budget, "
+               "got %llu",
+               rows[i].align, rows[i].size, rows[i].size, rows[i].align, (unsigned long long)rows[i].counted,
+               (unsigned long long)counted);
+        if (rc == 0)
+            free(p);
+    }
+}
+
 /* This process's mapped address space (VmSize), in bytes; 0 when /proc cannot say. */
 static size_t mapped_bytes(void)
 {
@@ -844,6 +873,7 @@ static const struct check_case cases[] = {
     START_UP_CASE(live_is_constant_from_main_while_the_program_allocates_nothing),
     CASE(malloc_zero_returns_unique_non_null_blocks),
     CASE(a_request_jemalloc_itself_fails_leaves_live_exact),
+    CASE(aligned_spans_past_the_address_space_are_enomem_not_budget_refusals),
     CASE(malloc_counts_usable_size_and_free_gives_it_back),
     CASE(free_null_does_nothing_and_keeps_errno),
     CASE(free_preserves_errno_for_small_block),
