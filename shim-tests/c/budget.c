@@ -134,6 +134,25 @@ static void posix_memalign_over_budget_returns_enomem_code(void)
         free(p);
 }
 
+/* Up to 64 KiB of alignment a refusal is of the request's size; past it, of the span jemalloc
+ * would reserve (size + alignment). The largest refusal says which: 128 MiB asked for at 64 KiB
+ * alignment, a span just past budget + reserve (64M + 64M), is a refusal of 128 MiB. */
+static void a_refusal_at_64kib_alignment_is_of_the_size_asked_for(void)
+{
+    struct qvshim_pool_stats s0 = budget_stats();
+    const size_t size = 128 * MIB;
+    REQUIRE(s0.reserve == 64 * MIB, "expected the default reserve 64M, got %llu", (unsigned long long)s0.reserve);
+    void *p = NULL;
+    int rc = posix_memalign(&p, 64 * KIB, size);
+    struct qvshim_pool_stats s = host_stats();
+    EXPECT(rc == ENOMEM, "expected posix_memalign(64 KiB, 128 MiB) under a 64M budget to return ENOMEM (%d), got %d",
+           ENOMEM, rc);
+    EXPECT(s.largest_refused == size, "expected the largest refusal to be the 128 MiB asked for (%zu), got %llu",
+           size, (unsigned long long)s.largest_refused);
+    if (rc == 0)
+        free(p);
+}
+
 static void aligned_allocators_over_budget_fail_with_enomem(void)
 {
     budget_stats();
@@ -298,6 +317,7 @@ static const struct check_case cases[] = {
     CASE(realloc_over_budget_fails_and_keeps_the_old_block),
     CASE(posix_memalign_over_budget_returns_enomem_code),
     CASE(aligned_allocators_over_budget_fail_with_enomem),
+    CASE(a_refusal_at_64kib_alignment_is_of_the_size_asked_for),
     CASE(large_allocations_reach_the_budget_but_never_cross_it),
     CASE(small_allocations_run_into_the_reserve_until_budget_plus_reserve),
     CASE(allocations_over_64kib_use_the_reserve_only_once_after_a_refusal),

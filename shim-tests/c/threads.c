@@ -144,11 +144,18 @@ static void many_short_lived_threads_leave_live_unchanged(void)
     EXPECT_LIVE_BACK("200 threads that each allocated, freed and exited", start);
 }
 
-/* The blocks of thread 0 (allocated by the main thread), freed by a thread that has not
- * allocated yet, which then allocates and frees blocks of its own. */
+/* A block large enough for the large-allocation table (1 MiB and up), allocated by the main
+ * thread for the worker below to free. */
+#define FOREIGN_LARGE_BLOCK_BYTES (2 * MIB)
+static void *foreign_large_block;
+
+/* The blocks of thread 0 (allocated by the main thread) and one large block, freed by a thread
+ * that has not allocated yet, which then allocates and frees blocks of its own. */
 static void *free_foreign_then_own_worker(void *arg)
 {
     (void)arg;
+    free(foreign_large_block);
+    foreign_large_block = NULL;
     free_blocks_of(0);
     allocate_free_own_and_exit_worker((void *)(intptr_t)1);
     return NULL;
@@ -160,8 +167,12 @@ static void a_thread_that_frees_before_it_allocates_keeps_live_exact(void)
     uint64_t start = host_live();
     for (int round = 0; round < ROUNDS; round++) {
         allocate_own_blocks(0);
-        EXPECT(host_live() >= start + usable_sum[0], "expected live >= %llu with the main thread's blocks, got %llu",
-               (unsigned long long)(start + usable_sum[0]), (unsigned long long)host_live());
+        foreign_large_block = malloc(FOREIGN_LARGE_BLOCK_BYTES);
+        REQUIRE(foreign_large_block != NULL, "expected malloc(2 MiB) to succeed");
+        memset(foreign_large_block, 3, FOREIGN_LARGE_BLOCK_BYTES);
+        uint64_t held = usable_sum[0] + malloc_usable_size(foreign_large_block);
+        EXPECT(host_live() >= start + held, "expected live >= %llu with the main thread's blocks, got %llu",
+               (unsigned long long)(start + held), (unsigned long long)host_live());
         run_threads(free_foreign_then_own_worker, 1);
         EXPECT_LIVE_BACK("a new thread freed the main thread's blocks, then allocated and freed its own", start);
     }
