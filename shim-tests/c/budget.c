@@ -137,7 +137,7 @@ static void posix_memalign_over_budget_returns_enomem_code(void)
 /* Up to 64 KiB of alignment a refusal is of the request's size; past it, of the span jemalloc
  * would reserve (size + alignment). The largest refusal says which: 128 MiB asked for at 64 KiB
  * alignment, a span just past budget + reserve (64M + 64M), is a refusal of 128 MiB. */
-static void a_refusal_at_64kib_alignment_is_of_the_size_asked_for(void)
+static void a_refusal_up_to_64kib_alignment_is_of_the_size_asked_for(void)
 {
     struct qvshim_pool_stats s0 = budget_stats();
     const size_t size = 128 * MIB;
@@ -151,6 +151,13 @@ static void a_refusal_at_64kib_alignment_is_of_the_size_asked_for(void)
            size, (unsigned long long)s.largest_refused);
     if (rc == 0)
         free(p);
+    /* malloc's own alignment: a plain request past budget + reserve is a refusal of its size. */
+    void *q = malloc(2 * size);
+    s = host_stats();
+    EXPECT(q == NULL, "expected malloc(256 MiB) under a 64M budget to be refused, got %p", q);
+    EXPECT(s.largest_refused == 2 * size, "expected the largest refusal to be the 256 MiB asked for (%zu), got %llu",
+           2 * size, (unsigned long long)s.largest_refused);
+    free(q);
 }
 
 static void aligned_allocators_over_budget_fail_with_enomem(void)
@@ -317,7 +324,7 @@ static const struct check_case cases[] = {
     CASE(realloc_over_budget_fails_and_keeps_the_old_block),
     CASE(posix_memalign_over_budget_returns_enomem_code),
     CASE(aligned_allocators_over_budget_fail_with_enomem),
-    CASE(a_refusal_at_64kib_alignment_is_of_the_size_asked_for),
+    CASE(a_refusal_up_to_64kib_alignment_is_of_the_size_asked_for),
     CASE(large_allocations_reach_the_budget_but_never_cross_it),
     CASE(small_allocations_run_into_the_reserve_until_budget_plus_reserve),
     CASE(allocations_over_64kib_use_the_reserve_only_once_after_a_refusal),
