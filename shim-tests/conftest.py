@@ -3,10 +3,20 @@ and runners that start a program or python3 with libqvshim.so preloaded."""
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
 import pytest
+
+
+# Started as a background job of a non-interactive shell (`cmd &` in a script), this process
+# inherits SIGINT and SIGQUIT ignored, and so would every program a test starts: a Ctrl+C test
+# would then see its SIGINT ignored. The tests expect the dispositions a terminal gives.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -2,10 +2,20 @@
 run them with `python -m qvshim run -m pytest python/tests` (the light tier does)."""
 
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
+
+
+# Started as a background job of a non-interactive shell (`cmd &` in a script), this process
+# inherits SIGINT and SIGQUIT ignored, and so would every program a test starts: a Ctrl+C test
+# would then see its SIGINT ignored. The tests expect the dispositions a terminal gives.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_DIR = os.path.dirname(PYTHON_DIR)
