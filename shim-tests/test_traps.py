@@ -14,6 +14,7 @@ TRAP_CASES = [
     ("signal_storm_during_allocation_neither_deadlocks_nor_crashes", {}),
     ("glibc_internals_still_work_at_the_budget", {"QVSHIM_BUDGET": "64M"}),
     ("frees_in_thread_exit_destructors_are_counted", {}),
+    ("a_realloc_in_a_thread_exit_destructor_keeps_live_exact", {}),
 ]
 
 
