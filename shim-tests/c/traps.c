@@ -223,6 +223,10 @@ static void a_realloc_in_a_thread_exit_destructor_keeps_live_exact(void)
         pthread_join(thread, NULL);
     }
     EXPECT_LIVE_BACK("a thread whose key destructor shrank a block with realloc and freed it", before);
+    struct qvshim_pool_stats s = host_stats();
+    EXPECT(s.peak < 64 * MIB && s.level == QVSHIM_LEVEL_NORMAL,
+           "expected the peak under 64 MiB and the level normal after 64 KiB blocks, got peak %llu, level %d",
+           (unsigned long long)s.peak, s.level);
 }
 
 static const struct check_case cases[] = {
