@@ -15,6 +15,7 @@ BUDGET_CASES = [
     "posix_memalign_over_budget_returns_enomem_code",
     "aligned_allocators_over_budget_fail_with_enomem",
     "a_refusal_up_to_64kib_alignment_is_of_the_size_asked_for",
+    "credit_of_exited_threads_comes_back_to_the_budget",
     "large_allocations_reach_the_budget_but_never_cross_it",
     "small_allocations_run_into_the_reserve_until_budget_plus_reserve",
     "allocations_over_64kib_use_the_reserve_only_once_after_a_refusal",

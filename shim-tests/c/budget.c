@@ -7,6 +7,8 @@
  */
 #include "shimcheck.h"
 
+#include <pthread.h>
+
 #define EXPECTED_BUDGET_BYTES (64 * MIB)
 #define OVER_BUDGET_BYTES (100 * MIB)
 #define LARGE_BLOCK_BYTES MIB
@@ -318,6 +320,42 @@ static void an_aligned_span_of_exactly_budget_plus_reserve_is_served(void)
         free(p);
 }
 
+#define CREDIT_THREADS 240
+#define CREDIT_THREAD_BLOCKS 24
+
+/* Allocates and frees 24 blocks of 8 KiB: the thread ends holding credit (up to 192 KiB). */
+static void *allocate_free_and_exit(void *arg)
+{
+    (void)arg;
+    void *blocks[CREDIT_THREAD_BLOCKS];
+    for (int i = 0; i < CREDIT_THREAD_BLOCKS; i++)
+        blocks[i] = malloc(8 * KIB);
+    for (int i = 0; i < CREDIT_THREAD_BLOCKS; i++)
+        free(blocks[i]);
+    return NULL;
+}
+
+/* A thread's unused credit is budget set aside for it; when the thread exits it must come back,
+ * or 240 threads would strand up to 45 MiB of a 64 MiB budget. */
+static void credit_of_exited_threads_comes_back_to_the_budget(void)
+{
+    budget_stats();
+    for (int round = 0; round < CREDIT_THREADS / 8; round++) {
+        pthread_t threads[8];
+        for (int i = 0; i < 8; i++)
+            REQUIRE(pthread_create(&threads[i], NULL, allocate_free_and_exit, NULL) == 0,
+                    "expected pthread_create to succeed");
+        for (int i = 0; i < 8; i++)
+            pthread_join(threads[i], NULL);
+    }
+    errno = 0;
+    void *p = malloc(48 * MIB);
+    EXPECT(p != NULL, "expected malloc(48 MiB) under a 64M budget to be served after %d threads that allocated, "
+                      "freed and exited, got NULL (errno %d, live %llu)",
+           CREDIT_THREADS, errno, (unsigned long long)host_live());
+    free(p);
+}
+
 static const struct check_case cases[] = {
     CASE(malloc_over_budget_fails_with_enomem_and_program_goes_on),
     CASE(calloc_over_budget_fails_with_enomem),
@@ -329,6 +367,7 @@ static const struct check_case cases[] = {
     CASE(small_allocations_run_into_the_reserve_until_budget_plus_reserve),
     CASE(allocations_over_64kib_use_the_reserve_only_once_after_a_refusal),
     CASE(an_aligned_span_of_exactly_budget_plus_reserve_is_served),
+    CASE(credit_of_exited_threads_comes_back_to_the_budget),
 };
 
 int main(int argc, char **argv)
