@@ -8,6 +8,7 @@
 #include "shimcheck.h"
 
 #include <pthread.h>
+#include <sys/wait.h>
 
 #define EXPECTED_BUDGET_BYTES (64 * MIB)
 #define OVER_BUDGET_BYTES (100 * MIB)
@@ -356,6 +357,54 @@ static void credit_of_exited_threads_comes_back_to_the_budget(void)
     free(p);
 }
 
+static pthread_barrier_t fork_barrier;
+
+/* As allocate_free_and_exit, then waits (holding its credit) until the main thread has forked. */
+static void *allocate_free_and_wait_for_fork(void *arg)
+{
+    allocate_free_and_exit(arg);
+    pthread_barrier_wait(&fork_barrier);
+    pthread_barrier_wait(&fork_barrier);
+    return NULL;
+}
+
+/* In a fork child only the forking thread lives on: the credit the other threads held when it
+ * forked must come back to the child's budget, or 240 of them would strand up to 45 MiB of 64. */
+static void a_fork_child_gets_the_credit_of_the_threads_it_did_not_inherit(void)
+{
+    budget_stats();
+    pthread_t threads[CREDIT_THREADS];
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 64 * KIB);
+    REQUIRE(pthread_barrier_init(&fork_barrier, NULL, CREDIT_THREADS + 1) == 0, "expected a barrier");
+    for (int i = 0; i < CREDIT_THREADS; i++)
+        REQUIRE(pthread_create(&threads[i], &attr, allocate_free_and_wait_for_fork, NULL) == 0,
+                "expected pthread_create to succeed");
+    pthread_barrier_wait(&fork_barrier);
+    fflush(stdout);
+    pid_t child = fork();
+    REQUIRE(child >= 0, "expected fork to succeed");
+    if (child == 0) {
+        void *p = malloc(48 * MIB);
+        if (p == NULL)
+            printf("FAIL %s:%d: expected malloc(48 MiB) under a 64M budget in the fork child of a process with "
+                   "%d threads holding credit to be served, got NULL (live %llu)\n",
+                   __FILE__, __LINE__, CREDIT_THREADS, (unsigned long long)host_live());
+        fflush(stdout);
+        _exit(p == NULL ? 1 : 0);
+    }
+    int status = 0;
+    waitpid(child, &status, 0);
+    pthread_barrier_wait(&fork_barrier);
+    for (int i = 0; i < CREDIT_THREADS; i++)
+        pthread_join(threads[i], NULL);
+    pthread_barrier_destroy(&fork_barrier);
+    pthread_attr_destroy(&attr);
+    EXPECT(WIFEXITED(status) && WEXITSTATUS(status) == 0, "expected the fork child to exit 0, got status %d",
+           status);
+}
+
 static const struct check_case cases[] = {
     CASE(malloc_over_budget_fails_with_enomem_and_program_goes_on),
     CASE(calloc_over_budget_fails_with_enomem),
@@ -368,6 +417,7 @@ static const struct check_case cases[] = {
     CASE(allocations_over_64kib_use_the_reserve_only_once_after_a_refusal),
     CASE(an_aligned_span_of_exactly_budget_plus_reserve_is_served),
     CASE(credit_of_exited_threads_comes_back_to_the_budget),
+    CASE(a_fork_child_gets_the_credit_of_the_threads_it_did_not_inherit),
 };
 
 int main(int argc, char **argv)
