@@ -17,6 +17,7 @@ BUDGET_CASES = [
     "a_refusal_up_to_64kib_alignment_is_of_the_size_asked_for",
     "credit_of_exited_threads_comes_back_to_the_budget",
     "a_fork_child_gets_the_credit_of_the_threads_it_did_not_inherit",
+    "the_reserve_grant_after_a_refusal_reaches_exactly_half_the_reserve",
     "large_allocations_reach_the_budget_but_never_cross_it",
     "small_allocations_run_into_the_reserve_until_budget_plus_reserve",
     "allocations_over_64kib_use_the_reserve_only_once_after_a_refusal",

@@ -405,6 +405,21 @@ static void a_fork_child_gets_the_credit_of_the_threads_it_did_not_inherit(void)
            status);
 }
 
+/* The one larger request the reserve serves after a refusal may be up to half the reserve:
+ * 32 MiB of the default 64, exactly, is served. */
+static void the_reserve_grant_after_a_refusal_reaches_exactly_half_the_reserve(void)
+{
+    struct qvshim_pool_stats s0 = budget_stats();
+    REQUIRE(s0.reserve == 64 * MIB, "expected the default reserve 64M, got %llu", (unsigned long long)s0.reserve);
+    fill_to_budget_with_large_blocks();
+    errno = 0;
+    void *half = malloc(32 * MIB);
+    EXPECT(half != NULL, "expected malloc(32 MiB), half the reserve, to be served from the reserve after a refusal, "
+                         "got NULL (errno %d, live %llu)", errno, (unsigned long long)host_live());
+    free(half);
+    free_all();
+}
+
 static const struct check_case cases[] = {
     CASE(malloc_over_budget_fails_with_enomem_and_program_goes_on),
     CASE(calloc_over_budget_fails_with_enomem),
@@ -418,6 +433,7 @@ static const struct check_case cases[] = {
     CASE(an_aligned_span_of_exactly_budget_plus_reserve_is_served),
     CASE(credit_of_exited_threads_comes_back_to_the_budget),
     CASE(a_fork_child_gets_the_credit_of_the_threads_it_did_not_inherit),
+    CASE(the_reserve_grant_after_a_refusal_reaches_exactly_half_the_reserve),
 };
 
 int main(int argc, char **argv)
