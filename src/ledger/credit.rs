@@ -252,15 +252,21 @@ pub struct HostThread {
     errno: *mut i32,
 }
 
-/// The calling thread's handle; claims a slot on the thread's first allocation.
-#[inline]
-pub fn host_thread() -> HostThread {
-    let direct = HostThread {
+impl HostThread {
+    /// A thread without a slot or jemalloc's counters: it charges the pool directly and looks
+    /// block sizes up itself.
+    const DIRECT: HostThread = HostThread {
         slot: None,
         allocated: ptr::null(),
         deallocated: ptr::null(),
         errno: ptr::null_mut(),
     };
+}
+
+/// The calling thread's handle; claims a slot on the thread's first allocation.
+#[inline]
+pub fn host_thread() -> HostThread {
+    let direct = HostThread::DIRECT;
     thread_cache()
         .map(|t| match t.state.get() {
             THREAD_SLOTTED => HostThread {
@@ -287,12 +293,7 @@ pub fn host_thread() -> HostThread {
 pub fn host_thread_for_free() -> HostThread {
     match thread_cache() {
         Some(t) if t.state.get() == THREAD_SLOTTED => host_thread(),
-        _ => HostThread {
-            slot: None,
-            allocated: ptr::null(),
-            deallocated: ptr::null(),
-            errno: ptr::null_mut(),
-        },
+        _ => HostThread::DIRECT,
     }
 }
 
