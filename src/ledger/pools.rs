@@ -603,6 +603,111 @@ mod tests {
     }
 
     #[test]
+    fn a_forced_commit_past_the_peak_raises_it() {
+        let pool = Pool::new();
+        pool.set_budget(1000);
+        assert!(pool.try_commit(300, false));
+        // Past the budget: a forced commit is memory that already exists.
+        pool.force_commit(900);
+        assert_eq!(pool.peak(), 1200, "a forced commit to 1200 is the new peak");
+        pool.release(1000);
+        pool.force_commit(100);
+        assert_eq!(
+            pool.peak(),
+            1200,
+            "a forced commit below the peak leaves it"
+        );
+    }
+
+    /// A pool in tree scope over figures of its own: (tree total, this process's record,
+    /// member count). Leaked, as the shared ledger's mapping is never unmapped.
+    fn pool_in_tree(members: u32) -> (Pool, &'static AtomicU64, &'static AtomicU32) {
+        let total: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+        let own: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+        let count: &'static AtomicU32 = Box::leak(Box::new(AtomicU32::new(members)));
+        let pool = Pool::new();
+        pool.set_budget(1000);
+        pool.set_reserve(100);
+        // SAFETY: the three point to leaked atomics, valid for the process's life.
+        unsafe {
+            pool.join_tree(
+                total as *const _ as *mut _,
+                own as *const _ as *mut _,
+                count as *const _ as *mut _,
+            )
+        };
+        (pool, total, count)
+    }
+
+    #[test]
+    fn in_tree_scope_the_reserve_past_the_budget_is_one_for_each_member() {
+        let (pool, total, _) = pool_in_tree(3);
+        assert!(pool.in_tree());
+        assert!(pool.try_commit(1000, false));
+        assert!(!pool.try_commit(1, false), "the tree's budget is full");
+        assert!(
+            pool.try_commit(300, true),
+            "three members: three reserves past the budget"
+        );
+        assert!(
+            !pool.try_commit(1, true),
+            "budget plus three reserves is the hard end"
+        );
+        assert_eq!(total.load(Ordering::Relaxed), 1300);
+        assert_eq!(pool.own_committed(), 1300);
+    }
+
+    #[test]
+    fn a_pool_that_leaves_the_tree_charges_only_itself_again() {
+        let (pool, total, _) = pool_in_tree(2);
+        assert!(pool.try_commit(200, false));
+        // Another member's 700 bytes.
+        total.fetch_add(700, Ordering::Relaxed);
+        assert_eq!(pool.committed(), 900);
+        pool.leave_tree();
+        assert!(!pool.in_tree());
+        assert_eq!(pool.committed(), 200, "back to this process's own bytes");
+        assert!(
+            pool.try_commit(700, false),
+            "the other member's bytes no longer count"
+        );
+        assert!(
+            !pool.try_commit(201, true),
+            "one reserve again, not one for each member"
+        );
+        assert!(pool.try_commit(200, true), "up to budget plus one reserve");
+        assert_eq!(
+            total.load(Ordering::Relaxed),
+            900,
+            "the tree's total no longer moves with it"
+        );
+    }
+
+    #[test]
+    fn refresh_level_follows_the_other_members_charges() {
+        let (pool, total, _) = pool_in_tree(2);
+        assert!(pool.try_commit(100, false));
+        assert_eq!(pool.level(), LEVEL_NORMAL);
+        // Another member takes the tree to 95% of the budget.
+        total.fetch_add(850, Ordering::Relaxed);
+        pool.refresh_level();
+        assert_eq!(pool.level(), LEVEL_CRITICAL);
+        total.fetch_sub(850, Ordering::Relaxed);
+        pool.refresh_level();
+        assert_eq!(pool.level(), LEVEL_NORMAL);
+    }
+
+    #[test]
+    fn a_pool_is_in_the_tree_only_between_joining_and_leaving() {
+        let pool = Pool::new();
+        assert!(!pool.in_tree());
+        let (pool, _, _) = pool_in_tree(1);
+        assert!(pool.in_tree());
+        pool.leave_tree();
+        assert!(!pool.in_tree());
+    }
+
+    #[test]
     fn commit_of_huge_request_does_not_overflow() {
         let pool = Pool::new();
         assert!(pool.try_commit(10, false));
