@@ -537,6 +537,9 @@ mod tests {
             ("RTMIN-1", Err(NOT_FOR_USERS)),
             ("RTMIN+", Err(NOT_FOR_USERS)),
             ("RTMINX", Err(NOT_FOR_USERS)),
+            // A decimal offset is no signal, however small.
+            ("RTMIN+1.5", Err(NOT_FOR_USERS)),
+            ("SIGRTMAX-0.5", Err(NOT_FOR_USERS)),
             ("KILL", Err(NOT_FOR_USERS)),
             ("", Err(NOT_FOR_USERS)),
         ];
