@@ -73,6 +73,8 @@ BUFFER_ROWS = [
     (array.array("h", [1, -2]), "h"),
     ((ctypes.c_int16 * 2)(1, -2), "<h"),
     (array.array("h", [1, -2]).tobytes(), "B"),
+    (array.array("b", array.array("h", [1, -2]).tobytes()), "b"),
+    (memoryview(array.array("h", [1, -2]).tobytes()).cast("c"), "c"),
 ]
 
 
