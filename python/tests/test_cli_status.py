@@ -252,6 +252,20 @@ def test_bad_input_gets_one_clear_line_and_a_failure_status(args, code, message,
     assert os.path.exists(f"/proc/{plain_sleeper}"), "the process not under qvshim must not be signalled"
 
 
+def test_dump_of_a_process_that_takes_no_dump_signal_says_why_and_sends_none(library):
+    process = Governed(library, QVSHIM_DUMP_SIGNAL="off")
+    try:
+        process.published(dump_signal=False)
+        result = qvshim("dump", str(process.pid))
+        assert result.returncode == 1, f"expected exit 1, got {result.returncode}\n{result.stderr}"
+        assert result.stderr.splitlines() == [
+            f"qvshim: process {process.pid} takes no dump signal now (QVSHIM_DUMP_SIGNAL=off, the program "
+            "handles the signal itself, or Python is still starting)"], result.stderr
+        assert process.proc.poll() is None, "the process must not be signalled"
+    finally:
+        process.end()
+
+
 # (environment, exit status, lines doctor must print)
 DOCTOR_VARIABLE_CASES = [
     ({"QVSHIM_BUDGET": "lots", "QVSHIM_WARN": "50"}, 1,
@@ -262,17 +276,38 @@ DOCTOR_VARIABLE_CASES = [
     ({"QVSHIM_LOG_FILE": "{tmp}/log", "QVSHIM_INTERVAL": "1ms"}, 1,
      ["ok    QVSHIM_LOG_FILE  '{tmp}/log'", 'FAIL  QVSHIM_INTERVAL  QVSHIM_INTERVAL="1ms": shorter than 10ms']),
     ({"QVSHIM_LOG_FILE": "{tmp}/link"}, 1, ["FAIL  QVSHIM_LOG_FILE  '{tmp}/link' is a symbolic link"]),
+    # A path that cannot even be looked at: the reason, from the system.
+    ({"QVSHIM_LOG_FILE": "{tmp}/file/log"}, 1,
+     ["FAIL  QVSHIM_LOG_FILE  '{tmp}/file/log': Not a directory; the log stays on stderr"]),
+    ({"QVSHIM_PYTHON": "off"}, 0,
+     ["info  python hook      off (QVSHIM_PYTHON=off)", "ok    QVSHIM_PYTHON    'off' -> python false"]),
 ]
 
 
 @pytest.mark.parametrize("env,code,want", DOCTOR_VARIABLE_CASES, ids=[" ".join(c[0]) for c in DOCTOR_VARIABLE_CASES])
 def test_doctor_shows_how_each_variable_parses_and_fails_on_a_bad_one(library, tmp_path, env, code, want):
     os.symlink(tmp_path / "elsewhere", tmp_path / "link")
+    (tmp_path / "file").write_text("")
     env = {k: v.format(tmp=tmp_path) for k, v in env.items()}
     result = qvshim("doctor", env=plain_env(**env))
     assert result.returncode == code, f"{env}: expected exit {code}, got {result.returncode}\n{result.stdout}"
     for line in want:
         assert line.format(tmp=tmp_path) in result.stdout, f"{env}: expected {line!r}:\n{result.stdout}"
+
+
+def test_status_rows_show_each_pools_own_figures():
+    from qvshim import status
+
+    record = {"pid": 42, "command": "webui", "pools": [
+        {"pool": "host", "level": "warn", "live": 3 * MIB, "peak": 5 * MIB, "budget": 8 * MIB,
+         "effective_budget": 4 * MIB, "refusals": 2, "purges": 7},
+        {"pool": "gpu0", "level": "normal", "live": 512, "peak": 1536, "budget": status.UNLIMITED,
+         "effective_budget": status.UNLIMITED, "refusals": 0, "purges": 3},
+    ]}
+    assert status.rows(record) == [
+        ("42", "webui", "host", "warn", "3.0 MiB", "5.0 MiB", "4.0 MiB (of 8.0 MiB)", "75%", "2", "7"),
+        ("", "", "gpu0", "normal", "512 B", "1.5 KiB", "unlimited", "-", "0", "3"),
+    ]
 
 
 def test_doctor_fails_without_the_library(tmp_path):
