@@ -2,7 +2,9 @@
 
 import array
 import ctypes
+import gc
 import math
+import warnings
 import wave
 
 import numpy
@@ -109,6 +111,18 @@ def test_header_is_valid_before_close(tmp_path):
     wav.write(array.array("h", range(50)))
     assert read_wav(tmp_path / "open.wav")[3] == list(range(100)) + list(range(50))
     wav.close()
+
+
+def test_a_writer_dropped_without_close_closes_its_file(tmp_path):
+    wav = qvshim.WavWriter(tmp_path / "dropped.wav")
+    wav.write(array.array("h", range(10)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del wav
+        gc.collect()
+    unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not unclosed, f"expected the writer to close its file when dropped, got {unclosed}"
+    assert read_wav(tmp_path / "dropped.wav")[3] == list(range(10))
 
 
 def test_write_after_close_is_refused(tmp_path):
