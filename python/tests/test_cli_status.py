@@ -4,6 +4,7 @@ process, its removal at exit and after SIGKILL, a hostile run directory, a fork 
 
 import json
 import os
+import re
 import select
 import signal
 import stat
@@ -308,6 +309,17 @@ def test_status_rows_show_each_pools_own_figures():
         ("42", "webui", "host", "warn", "3.0 MiB", "5.0 MiB", "4.0 MiB (of 8.0 MiB)", "75%", "2", "7"),
         ("", "", "gpu0", "normal", "512 B", "1.5 KiB", "unlimited", "-", "0", "3"),
     ]
+
+
+def test_doctor_shows_the_machines_memory_and_what_is_kept_for_it(library):
+    from qvshim import status
+
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    result = qvshim("doctor", env=plain_env(QVSHIM_SYSTEM_RESERVE="256M"))
+    lines = [line for line in result.stdout.splitlines() if line.startswith("info  MemAvailable")]
+    want = rf"info  MemAvailable     [0-9.]+ [KMGT]?i?B of {re.escape(status.size(total))}; 256.0 MiB kept for the machine"
+    assert len(lines) == 1 and re.fullmatch(want, lines[0]), f"expected a line matching {want!r}:\n{result.stdout}"
 
 
 def test_doctor_fails_without_the_library(tmp_path):

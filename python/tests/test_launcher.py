@@ -139,6 +139,19 @@ def test_run_help_prints_the_usage_on_stdout_and_exits_zero(flag):
     assert "usage: python -m qvshim run" in result.stdout, f"expected the usage on stdout, got {result.stdout!r}"
 
 
+SUBCOMMAND_USAGE = [("status", "usage: qvshim status [PID]"), ("top", "usage: qvshim top [--once]"),
+                    ("dump", "usage: qvshim dump PID [--json]"), ("doctor", "usage: qvshim doctor")]
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize("command,usage", SUBCOMMAND_USAGE, ids=[c[0] for c in SUBCOMMAND_USAGE])
+def test_each_subcommands_help_prints_its_usage_and_exits_zero(command, usage, flag):
+    result = run_python(["-m", "qvshim", command, flag], plain_env())
+    assert (result.returncode, result.stdout) == (0, usage + "\n"), (
+        f"expected `qvshim {command} {flag}` to print {usage!r} and exit 0, got exit {result.returncode}: "
+        f"{result.stdout!r} {result.stderr!r}")
+
+
 def test_help_exits_zero():
     result = run_python(["-m", "qvshim", "--help"], plain_env())
     assert result.returncode == 0 and "python -m qvshim run SCRIPT" in result.stdout
