@@ -267,6 +267,19 @@ def test_dump_of_a_process_that_takes_no_dump_signal_says_why_and_sends_none(lib
         process.end()
 
 
+def test_the_dump_signal_goes_through_a_pidfd_where_there_is_one(monkeypatch, plain_sleeper):
+    # A pidfd opened before the start time is checked pins the process: a plain kill after the
+    # check could reach another process that took the pid in between.
+    from qvshim import dump, status
+
+    sent = []
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "kill", lambda *args: pytest.fail("os.kill used where a pidfd was at hand"))
+        patch.setattr(signal, "pidfd_send_signal", lambda fd, number: sent.append(number))
+        dump._signal(plain_sleeper, signal.SIGCONT, status.start_ticks(plain_sleeper))
+    assert sent == [signal.SIGCONT]
+
+
 # (environment, exit status, lines doctor must print)
 DOCTOR_VARIABLE_CASES = [
     ({"QVSHIM_BUDGET": "lots", "QVSHIM_WARN": "50"}, 1,
