@@ -3,6 +3,7 @@ the launcher's re-exec and Ctrl+C, and the cooperative demo. Run under the shim:
 `python -m qvshim run -m pytest python/tests` (tests that change budgets use child processes)."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -241,3 +242,24 @@ def test_budget_flag_reaches_a_script_even_when_python_already_runs_under_the_li
     flagged = run_python(["-m", "qvshim", "run", "--budget", "200M", str(script)],
                          plain_env(LD_PRELOAD=library, QVSHIM_BUDGET="1G"), cwd=tmp_path)
     assert (flagged.returncode, flagged.stdout.strip()) == (0, str(200 * MIB)), flagged.stderr
+
+
+# Values of a budget, good and bad: the launcher checks --budget before it starts anything.
+BUDGET_VALUES = ["lots", "-5%", "150%", "0%", "%", "x%", "1.5.%", "50 %", "\t50%", "100.0%", "100.01%", "0.5%",
+                 "15M", "16777215", "16777216", "5X", "5BiB", "5GiBs", "5Bb", "5B", "5b", "5 G", "5 KiB", "5kb",
+                 "5K B", "5GIB", "-1G", "", " ", "1.2.3G", ".5G", "5.G", ".", "1e3", "8388609T", "8388608T", "0",
+                 "2G", " 2G ", "1.5G", "50%", "off", "OFF", "512MiB", "1tb", "2\u212a", "\uff15G", "2G\u00a0"]
+
+
+@pytest.mark.parametrize("value", BUDGET_VALUES)
+def test_the_launcher_judges_a_budget_as_the_library_does(library, value):
+    library_says = run_python(["-c", "pass"], plain_env(LD_PRELOAD=library, QVSHIM_BUDGET=value)).stderr
+    launcher_says = run_python(["-m", "qvshim", "run", "--budget", value, "-m", "this"],
+                               plain_env()).stderr
+    # The library's line shows a byte outside printable ASCII as '?': the reason is what follows the value.
+    library_reason = [m.group(1) for line in library_says.splitlines()
+                      if (m := re.fullmatch(r'\[qvshim\] ERROR QVSHIM_BUDGET=".*?": (.*); using default \S+', line))]
+    launcher_reason = [line.split(f"--budget {value!r}: ", 1)[1]
+                       for line in launcher_says.splitlines() if f"--budget {value!r}: " in line]
+    assert launcher_reason == library_reason, (
+        f"--budget {value!r}: the launcher says {launcher_says!r}, the library {library_says!r}")
