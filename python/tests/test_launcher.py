@@ -82,6 +82,7 @@ def test_path_that_ld_preload_cannot_carry_is_refused(path):
         (["run", "missing.py"], {}, 2, "can't open file 'missing.py'"),
         (["run", "-m"], {}, 2, "needs a module name"),
         (["run"], {}, 2, "usage: python -m qvshim run"),
+        ([], {}, 2, "python -m qvshim run SCRIPT"),  # no command: the usage, on stderr
         (["frobnicate"], {}, 2, "unknown command 'frobnicate'"),
         (["library"], {"QVSHIM_LIBRARY": "/nonexistent/libqvshim.so"}, 127, "is not a file"),
         (["run", "--budget", "lots", "SCRIPT"], {}, 2, "qvshim: --budget 'lots': not a size (e.g. 6G, 512MiB, 1.5G, 50%, off)"),
