@@ -335,6 +335,24 @@ def test_doctor_shows_the_machines_memory_and_what_is_kept_for_it(library):
     assert len(lines) == 1 and re.fullmatch(want, lines[0]), f"expected a line matching {want!r}:\n{result.stdout}"
 
 
+def test_doctor_reports_a_cgroups_limit_and_use_and_the_host_budget(capsys):
+    # No cgroup limit here to run under: the lines doctor makes of a dump that has one.
+    from qvshim import doctor
+
+    gib = 1 << 30
+    dump = {"pools": [{"pool": 0, "budget": 2 * gib, "effective_budget": gib, "effective_reason": "cgroup"}],
+            "system": {"cgroup": {"memory_max": 4 * gib, "memory_current": 3 * gib}, "mem_available": 8 * gib,
+                       "mem_total": 16 * gib, "system_reserve": 512 * MIB}}
+    report = doctor.Report()
+    doctor._host(report, dump)
+    assert capsys.readouterr().out.splitlines() == [
+        "info  cgroup           memory limit 4.0 GiB, using 3.0 GiB",
+        "info  MemAvailable     8.0 GiB of 16.0 GiB; 512.0 MiB kept for the machine",
+        "ok    host budget      2.0 GiB, effective 1.0 GiB (cgroup)",
+    ]
+    assert report.failed == 0
+
+
 def test_doctor_fails_without_the_library(tmp_path):
     result = qvshim("doctor", env=plain_env(QVSHIM_LIBRARY=str(tmp_path / "missing.so")))
     assert result.returncode == 1 and "FAIL  library" in result.stdout, result.stdout

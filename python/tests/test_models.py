@@ -245,6 +245,9 @@ def test_loads_and_unloads_are_logged_with_the_memory_moved(fake, manager):
         models_.get("a", loader(fake, 1024 * 1024), size=1024 * 1024)
         models_.get("b", loader(fake, 2 * 1024 * 1024), size=2 * 1024 * 1024)
         models_.unload_idle()
+        models_.get("c", loader(fake, 1024 * 1024), size=1024 * 1024)
+        with models_.use("d", loader(fake, 2 * 1024 * 1024), size=2 * 1024 * 1024):
+            models_.close()
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
@@ -252,6 +255,9 @@ def test_loads_and_unloads_are_logged_with_the_memory_moved(fake, manager):
     assert records[1] == "unloaded model 'tts' (asked): host -3.0 MiB"
     # Two at once: one line, the plural, both names.
     assert records[4] == "unloaded models 'a', 'b' (asked): host -3.0 MiB", records[4]
+    # close() unloads the idle model at once, the one in use when its block ends; both say why.
+    assert records[7:] == ["unloaded model 'c' (closing): host -1.0 MiB",
+                           "unloaded model 'd' (closing): host -2.0 MiB"], records
 
 
 BAD_SETTING_ROWS = [
