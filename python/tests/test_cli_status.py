@@ -267,6 +267,37 @@ def test_dump_of_a_process_that_takes_no_dump_signal_says_why_and_sends_none(lib
         process.end()
 
 
+# Waits until the library published its counters file (it has opened its run directory by then),
+# closes its standard input and waits: descriptor 0 is then the lowest free one, the one the next
+# file the library opens gets (the ask file of `qvshim dump`).
+STDIN_CLOSER = r"""
+import os, sys, time
+counters = os.path.join(sys.argv[1], f"{os.getpid()}.json")
+while not os.path.exists(counters):
+    time.sleep(0.05)
+os.close(0)
+print("closed", flush=True)
+time.sleep(60)
+"""
+
+
+def test_dump_of_a_process_whose_descriptor_0_is_free_is_answered(library):
+    env = plain_env(LD_PRELOAD=library)
+    proc = subprocess.Popen([sys.executable, "-c", STDIN_CLOSER, run_dir(env)], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "closed", proc.stderr.read() if proc.poll() is not None else ""
+        wait_for("the dump signal to be set up", lambda: (c := read_counters(
+            os.path.join(run_dir(env), f"{proc.pid}.json"))) and c["dump_signal"])
+        result = qvshim("dump", str(proc.pid))
+        assert result.returncode == 0 and f"dump: pid {proc.pid}" in result.stdout, (
+            f"expected the dump of a process whose descriptor 0 is free, got exit {result.returncode}:\n"
+            f"{result.stderr}")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_the_dump_signal_goes_through_a_pidfd_where_there_is_one(monkeypatch, plain_sleeper):
     # A pidfd opened before the start time is checked pins the process: a plain kill after the
     # check could reach another process that took the pid in between.
@@ -321,6 +352,12 @@ def test_status_rows_show_each_pools_own_figures():
     assert status.rows(record) == [
         ("42", "webui", "host", "warn", "3.0 MiB", "5.0 MiB", "4.0 MiB (of 8.0 MiB)", "75%", "2", "7"),
         ("", "", "gpu0", "normal", "512 B", "1.5 KiB", "unlimited", "-", "0", "3"),
+    ]
+    # Names left-aligned, figures right-aligned, two spaces between columns.
+    assert status.table(status.rows(record)).splitlines() == [
+        "PID  COMMAND  POOL  LEVEL      LIVE     PEAK                BUDGET  USE  REFUSED  PURGES",
+        "42   webui    host  warn    3.0 MiB  5.0 MiB  4.0 MiB (of 8.0 MiB)  75%        2       7",
+        "              gpu0  normal    512 B  1.5 KiB             unlimited    -        0       3",
     ]
 
 
