@@ -21,7 +21,8 @@
  * reports RESERVED_MEM_CURRENT. Each device also has one pool of its own that only
  * cuMemAllocFromPoolAsync names (handle 0x9100 + device), kept apart from the default pool. fake_cuda_device_used(device) is what the device holds, for
  * the fake NVML. cuDeviceGetUuid(_v2) names device N fa ce 0N 00 ... (and fails with
- * FAKE_CUDA_FAIL=uuid).
+ * FAKE_CUDA_FAIL=uuid); cuDeviceTotalMem fails with FAKE_CUDA_FAIL=totalmem, and refuses a
+ * null pointer as the real driver does.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -315,6 +316,9 @@ static CUresult impl_ctx_get_device(CUdevice *device) {
 static CUresult impl_device_total_mem_v2(size_t *bytes, CUdevice device) {
     count("cuDeviceTotalMem_v2");
     if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    const char *fail = getenv("FAKE_CUDA_FAIL");
+    if (fail && strcmp(fail, "totalmem") == 0) return CUDA_ERROR_NOT_SUPPORTED;
+    if (!bytes) return CUDA_ERROR_INVALID_VALUE;
     if (device < 0 || device >= device_count) return CUDA_ERROR_INVALID_DEVICE;
     *bytes = device_total[device];
     return CUDA_SUCCESS;

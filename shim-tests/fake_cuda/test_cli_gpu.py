@@ -117,6 +117,13 @@ def test_doctor_reports_the_driver_and_each_devices_gpu_budget(fake_cuda):
         assert gpu0 and want in gpu0[0], f"QVSHIM_GPU_BUDGET={budget}: expected {want!r}:\n{done.stdout}"
 
 
+def test_doctor_says_when_a_devices_memory_is_unknown_and_does_not_fail(fake_cuda):
+    done = qvshim("doctor", extra={"FAKE_CUDA_FAIL": "totalmem"})
+    assert done.returncode == 0, done.stdout
+    gpus = [line for line in done.stdout.splitlines() if line.startswith("info  gpu ")]
+    assert gpus == ["info  gpu 0            memory unknown", "info  gpu 1            memory unknown"], done.stdout
+
+
 def test_doctor_without_a_driver_says_so_and_does_not_fail(fake_cuda):
     # Without the fake on the path: "no CUDA driver" here, the real one on a machine that has it.
     installed = "libcuda.so.1" in subprocess.run(["/sbin/ldconfig", "-p"], capture_output=True, text=True).stdout
