@@ -101,7 +101,7 @@ def test_wrong_number_of_results_is_an_error(tmp_path):
 
 
 def test_batch_size_must_be_positive(tmp_path):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^batch_size must be at least 1$"):
         qvshim.generate_batches(["a"], lambda batch: [tone("a")], tmp_path, batch_size=0)
 
 

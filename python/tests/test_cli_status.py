@@ -195,7 +195,8 @@ GOOD_CASES = [
     (["status"], ["{pid}", "host"]),
     (["top", "--once"], ["qvshim top", "{pid}", "host", "["]),
     (["dump", "{pid}"], ["==== qvshim", "dump: pid {pid}", "pool"]),
-    (["doctor"], ["ok    library", "ok    allocator", "ok    python hook", "all checks passed"]),
+    (["doctor"], ["ok    library", "ok    allocator",
+                  "ok    python hook      the interpreter was found (pymalloc arenas counted)", "all checks passed"]),
 ]
 
 
@@ -324,6 +325,7 @@ DOCTOR_VARIABLE_CASES = [
     # A path that cannot even be looked at: the reason, from the system.
     ({"QVSHIM_LOG_FILE": "{tmp}/file/log"}, 1,
      ["FAIL  QVSHIM_LOG_FILE  '{tmp}/file/log': Not a directory; the log stays on stderr"]),
+    ({"QVSHIM_LOG_FILE": "{tmp}/file"}, 0, ["ok    QVSHIM_LOG_FILE  '{tmp}/file'"]),
     ({"QVSHIM_PYTHON": "off"}, 0,
      ["info  python hook      off (QVSHIM_PYTHON=off)", "ok    QVSHIM_PYTHON    'off' -> python false"]),
 ]
@@ -388,6 +390,17 @@ def test_doctor_reports_a_cgroups_limit_and_use_and_the_host_budget(capsys):
         "ok    host budget      2.0 GiB, effective 1.0 GiB (cgroup)",
     ]
     assert report.failed == 0
+
+
+def test_doctor_fails_when_its_test_process_does_not_end(monkeypatch, capsys):
+    from qvshim import doctor
+
+    def hangs(library):
+        raise subprocess.TimeoutExpired("python", doctor.PROBE_TIMEOUT_S)
+
+    monkeypatch.setattr(doctor, "_probe", hangs)
+    assert doctor.main([]) == 1
+    assert f"FAIL  test process     did not end within {doctor.PROBE_TIMEOUT_S} s" in capsys.readouterr().out
 
 
 def test_doctor_fails_without_the_library(tmp_path):
@@ -463,6 +476,17 @@ def test_status_skips_and_removes_files_of_processes_that_are_gone(library, tmp_
     assert os.path.exists(path) == kept, f"{whose} pid, start time {ticks_delta:+d}: expected the file " \
                                          f"{'kept' if kept else 'removed'}"
     assert (f"\n{pid} " in result.stdout) == (whose == "governed"), result.stdout
+
+
+def test_status_removes_the_temporary_file_a_dead_process_left_alone(tmp_path, dead_pid):
+    # A write the process's end cut short leaves ".<pid>.json.<hex>" and nothing else.
+    base = _private_xdg(tmp_path)
+    left = base / "qvshim" / f".{dead_pid}.json.5f3a"
+    with open(os.open(left, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write("{")
+    result = qvshim("status", env=plain_env(XDG_RUNTIME_DIR=str(base)))
+    assert not result.stderr, result.stderr
+    assert not left.exists(), f"expected {left.name} of the dead process {dead_pid} removed"
 
 
 def test_fork_child_publishes_its_own_file_and_leaves_the_parents(governed):

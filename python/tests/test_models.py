@@ -198,7 +198,7 @@ def test_closed_manager_stops_answering_pressure(fake):
     models_ = qvshim.ModelManager(keep_alive=None)
     models_.close()
     assert all(callback is not models_._pressure_callback for callback, _ in qvshim.pressure._registrations)
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(RuntimeError, match=r"^this ModelManager is closed$"):
         models_.get("a", loader(fake, 1), size=1)
 
 
