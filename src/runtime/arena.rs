@@ -168,7 +168,7 @@ mod table {
     static COUNT: AtomicUsize = AtomicUsize::new(0);
     static LOCK: AtomicBool = AtomicBool::new(false);
 
-    fn home(address: usize) -> usize {
+    pub fn home(address: usize) -> usize {
         ((address as u64 >> 12).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - LG_SLOTS)) as usize
     }
 
@@ -351,6 +351,37 @@ mod tests {
             "its free gives it back: {back}"
         );
         assert_eq!(stats().live, 0);
+    }
+
+    #[test]
+    fn removing_an_entry_leaves_the_rest_of_its_probe_run_findable() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        // The first page address after `after` whose home slot is `slot`.
+        let with_home = |slot: usize, after: usize| {
+            (after / 4096 + 1..)
+                .map(|page| page << 12)
+                .find(|&address| table::home(address) == slot)
+                .unwrap()
+        };
+        // a and c share home slot h, b's home is the slot after it: inserted in that order they
+        // sit at h, h+1, h+2. Removing a must leave b at its home and move c back into the hole.
+        // With h the last slot the run wraps to slots 0 and 1.
+        for h in [1000, table::SLOTS - 1] {
+            table::clear();
+            let a = with_home(h, 0);
+            let b = with_home((h + 1) % table::SLOTS, 0);
+            let c = with_home(h, a);
+            for address in [a, b, c] {
+                assert!(table::insert(address));
+            }
+            assert!(table::remove(a), "home {h}: expected {a:#x} to be found");
+            assert!(table::remove(b), "home {h}: expected {b:#x}, whose home is the next slot, to be found after {a:#x} went");
+            assert!(
+                table::remove(c),
+                "home {h}: expected {c:#x} to be found after {a:#x} and {b:#x} went"
+            );
+        }
+        table::clear();
     }
 
     #[test]
