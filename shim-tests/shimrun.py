@@ -112,16 +112,22 @@ def _indent(text: str) -> str:
     return "\n".join("    " + ln for ln in text.rstrip("\n").splitlines())
 
 
+def _close_stdin() -> None:
+    os.close(0)
+
+
 def run(argv: list[str], env_set: dict[str, str] | None = None, preload: bool = True,
-        cwd: Path | None = None) -> Run:
-    """Run argv under the shim with env_set added to a clean environment."""
+        cwd: Path | None = None, stdin_closed: bool = False) -> Run:
+    """Run argv under the shim with env_set added to a clean environment (stdin_closed: the program
+    starts without descriptor 0, so the first file it or the library opens gets it)."""
     env_set = dict(env_set or {})
     env = shim_env(env_set, preload=preload)
     shown = {"LD_PRELOAD": env["LD_PRELOAD"]} if preload else {}
     shown.update(env_set)
     try:
         done = subprocess.run([str(a) for a in argv], env=env, capture_output=True, text=True,
-                              timeout=RUN_TIMEOUT_SECONDS, stdin=subprocess.DEVNULL, cwd=cwd)
+                              timeout=RUN_TIMEOUT_SECONDS, stdin=subprocess.DEVNULL, cwd=cwd,
+                              preexec_fn=_close_stdin if stdin_closed else None)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")

@@ -291,6 +291,18 @@ def test_log_file_receives_the_log_lines_appended(tmp_path, c_program, run_under
     assert not problems, "\n".join(problems) + f"\n  log file:\n{logged!r}" + result.describe()
 
 
+def test_log_file_opened_as_descriptor_0_is_used(tmp_path, c_program):
+    # A program started with its standard input closed: the log file is the first file opened.
+    log_file = tmp_path / "qvshim.log"
+    result = shimrun.run([c_program("hello")], {**START_ENV, "QVSHIM_LOG_FILE": str(log_file)}, stdin_closed=True)
+    problems = program_output_intact(result, 512 * MIB, 32 * MIB)
+    if result.shim_lines():
+        problems.append(f"expected no shim line on stderr with QVSHIM_LOG_FILE set, got {result.shim_lines()}")
+    logged = log_file.read_text().splitlines() if log_file.exists() else []
+    problems += start_line_problems(logged[:1])
+    assert not problems, "\n".join(problems) + f"\n  log file:\n{logged!r}" + result.describe()
+
+
 def test_unopenable_log_file_reports_and_logging_stays_on_stderr(c_program, run_under_shim):
     path = "/nonexistent-qvshim-dir/qvshim.log"
     result = run_under_shim([c_program("hello")], {**START_ENV, "QVSHIM_LOG_FILE": path})
