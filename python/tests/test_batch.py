@@ -1,6 +1,7 @@
 """generate_batches: lazy batches, every result on disk at once, MemoryError split in halves."""
 
 import array
+import logging
 import os
 import wave
 
@@ -72,8 +73,11 @@ def test_combined_file_holds_every_result_in_order(tmp_path):
         assert array.array("h", wav.readframes(100)).tolist() == [n for n in range(7) for _ in range(3)]
 
 
-def test_memory_error_on_a_batch_retries_it_in_halves(tmp_path):
+def test_memory_error_on_a_batch_retries_it_in_halves(tmp_path, caplog):
     attempts = []
+    # The package's logger does not propagate: caplog's handler is put on it.
+    logger = logging.getLogger("qvshim")
+    logger.addHandler(caplog.handler)
 
     def generate(batch):
         attempts.append(len(batch))
@@ -81,10 +85,17 @@ def test_memory_error_on_a_batch_retries_it_in_halves(tmp_path):
             raise MemoryError("batch too big for the budget")
         return [tone(line) for line in batch]
 
-    summary = qvshim.generate_batches([str(n) for n in range(8)], generate, tmp_path, batch_size=8)
+    try:
+        summary = qvshim.generate_batches([str(n) for n in range(8)], generate, tmp_path, batch_size=8)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert summary.lines == 8 and summary.splits == 3
     assert attempts == [8, 4, 2, 2, 4, 2, 2]
     assert len(os.listdir(tmp_path)) == 8
+    splits = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert splits == ["MemoryError generating 8 lines; retrying as 4 and 4",
+                      "MemoryError generating 4 lines; retrying as 2 and 2",
+                      "MemoryError generating 4 lines; retrying as 2 and 2"], splits
 
 
 def test_memory_error_on_a_single_line_is_raised(tmp_path):
