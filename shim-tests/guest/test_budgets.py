@@ -8,6 +8,7 @@ through shim-tests/py/shimstats.py.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -304,6 +305,24 @@ CGROUP_V1_ROWS = [
      CGROUP_LIMIT_BYTES // 2, True),
     ("explicit_size_budget_is_kept", {"QVSHIM_BUDGET": "2G"}, 2 * GIB, False),
 ]
+
+
+# Writes the library's JSON dump of itself to stdout.
+DUMP_ITSELF = """
+import ctypes, sys
+sys.stdout.flush()
+ctypes.CDLL(None).qvshim_dump(1, 1)
+"""
+
+
+def test_dump_reports_the_cgroup_v1_limit(v1_cgroup):
+    argv = ["/bin/sh", "-c", f'echo $$ > {v1_cgroup}/cgroup.procs && exec "$0" "$@"',
+            sys.executable, "-c", DUMP_ITSELF]
+    run = shimrun.run(argv)
+    assert run.returncode == 0, run.describe()
+    cgroup = json.loads(run.stdout)["system"]["cgroup"]
+    assert cgroup["memory_max"] == CGROUP_LIMIT_BYTES and 0 < cgroup["memory_current"] < CGROUP_LIMIT_BYTES, (
+        f"expected the dump to show the {CGROUP_LIMIT_BYTES // MIB} MiB limit and a use below it, got {cgroup}")
 
 
 @pytest.mark.parametrize("case", CGROUP_V1_ROWS, ids=[r[0] for r in CGROUP_V1_ROWS])
