@@ -418,7 +418,10 @@ mod tests {
             ("5GX", "unknown unit (use K, M, G or T, optionally with iB)"),
             ("5BB", "unknown unit (use K, M, G or T, optionally with iB)"),
             // Bytes take no binary suffix: "BiB" is no unit.
-            ("5BiB", "unknown unit (use K, M, G or T, optionally with iB)"),
+            (
+                "5BiB",
+                "unknown unit (use K, M, G or T, optionally with iB)",
+            ),
             ("1.2.3G", SIZE_EXAMPLES),
             ("99999999999T", "too large (at most 2^63 bytes)"),
         ];
