@@ -619,9 +619,9 @@ mod tests {
         );
     }
 
-    /// A pool in tree scope over figures of its own: (tree total, this process's record,
-    /// member count). Leaked, as the shared ledger's mapping is never unmapped.
-    fn pool_in_tree(members: u32) -> (Pool, &'static AtomicU64, &'static AtomicU32) {
+    /// A pool in tree scope over figures of its own, with the tree's total it is held against.
+    /// Leaked, as the shared ledger's mapping is never unmapped.
+    fn pool_in_tree(members: u32) -> (Pool, &'static AtomicU64) {
         let total: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
         let own: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
         let count: &'static AtomicU32 = Box::leak(Box::new(AtomicU32::new(members)));
@@ -636,12 +636,12 @@ mod tests {
                 count as *const _ as *mut _,
             )
         };
-        (pool, total, count)
+        (pool, total)
     }
 
     #[test]
     fn in_tree_scope_the_reserve_past_the_budget_is_one_for_each_member() {
-        let (pool, total, _) = pool_in_tree(3);
+        let (pool, total) = pool_in_tree(3);
         assert!(pool.in_tree());
         assert!(pool.try_commit(1000, false));
         assert!(!pool.try_commit(1, false), "the tree's budget is full");
@@ -659,7 +659,7 @@ mod tests {
 
     #[test]
     fn a_pool_that_leaves_the_tree_charges_only_itself_again() {
-        let (pool, total, _) = pool_in_tree(2);
+        let (pool, total) = pool_in_tree(2);
         assert!(pool.try_commit(200, false));
         // Another member's 700 bytes.
         total.fetch_add(700, Ordering::Relaxed);
@@ -685,7 +685,7 @@ mod tests {
 
     #[test]
     fn refresh_level_follows_the_other_members_charges() {
-        let (pool, total, _) = pool_in_tree(2);
+        let (pool, total) = pool_in_tree(2);
         assert!(pool.try_commit(100, false));
         assert_eq!(pool.level(), LEVEL_NORMAL);
         // Another member takes the tree to 95% of the budget.
@@ -701,7 +701,7 @@ mod tests {
     fn a_pool_is_in_the_tree_only_between_joining_and_leaving() {
         let pool = Pool::new();
         assert!(!pool.in_tree());
-        let (pool, _, _) = pool_in_tree(1);
+        let (pool, _) = pool_in_tree(1);
         assert!(pool.in_tree());
         pool.leave_tree();
         assert!(!pool.in_tree());
