@@ -126,6 +126,33 @@ print(got)
     assert "[('warn', 0)]" in r.stdout, r.stdout
 
 
+def test_a_fall_in_level_asks_for_no_relief(lib):
+    # Up to critical, then down to warn: the fall is logged, and the companion hears nothing more
+    # (a fall counted as a rise would ask for relief at warn). Periodic relief is kept out of it.
+    code = """
+import sys, types, time
+got = []
+companion = types.ModuleType("qvshim")
+companion._on_pressure = lambda level, pool: got.append(level)
+sys.modules["qvshim"] = companion
+held = []
+deadline = time.time() + 20
+while "critical" not in got and time.time() < deadline:
+    held.append(bytearray((1 << 20) - 4096))
+    time.sleep(0.02)
+at_critical = list(got)
+del held[-15:]                 # from just over 90% of the budget to about 76%: warn
+time.sleep(2)
+print("at critical", at_critical)
+print("after the fall", got[len(at_critical):])
+"""
+    r = run_python(code, QVSHIM_BUDGET="100M", QVSHIM_LOG="info", QVSHIM_PURGE_INTERVAL="60s")
+    assert r.returncode == 0, r.stderr
+    assert "at critical" in r.stdout and "'critical']" in r.stdout, r.stdout + r.stderr
+    assert "critical -> warn" in r.stderr, "the fall was not seen: " + r.stderr
+    assert "after the fall []" in r.stdout, r.stdout + r.stderr
+
+
 def test_exception_in_relief_is_logged_and_cleared_never_raised_into_the_app(lib):
     code = """
 import sys, types, time
