@@ -17,3 +17,4 @@ def test_c_api_level_callbacks_budget_and_dump(c_programs, tmp_path):
     d = json_dump(out.read_text())
     assert d["pools"][0]["budget"] == 64 << 20, "the budget set through the C API"
     assert d["runtime"]["callbacks"]["calls"] >= 2
+    assert d["runtime"]["callbacks"]["registered"] == 2, "the two left registered, not the free slots"

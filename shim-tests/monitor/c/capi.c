@@ -97,6 +97,9 @@ int main(int argc, char **argv) {
     CHECK(n == QVSHIM_MAX_LEVEL_CALLBACKS, "the callback table fills and then refuses");
     for (int i = 0; i < n; i++)
         qvshim_remove_level_callback(ids[i]);
+    /* Two left registered: the dump below counts them. */
+    CHECK(qvshim_on_level_change(noop, NULL) >= 0 && qvshim_on_level_change(noop, NULL) >= 0,
+          "two callbacks registered for the dump");
 
     CHECK(qvshim_pool_count() == 1, "one pool (host) without a GPU");
     CHECK(qvshim_level(QVSHIM_POOL_HOST) == QVSHIM_LEVEL_NORMAL, "level of the host");
