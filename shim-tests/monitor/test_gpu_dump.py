@@ -28,12 +28,14 @@ ctx = ctypes.c_void_p()
 assert cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0
 assert cuda.cuCtxSetCurrent(ctx) == 0
 held = []
+allocated_at = time.monotonic()
 for mib in (64, 256, 128):
     p = ctypes.c_uint64()
     assert cuda.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(mib * MIB)) == 0
     held.append(p)
 pinned = ctypes.c_void_p()
 assert cuda.cuMemHostAlloc(ctypes.byref(pinned), ctypes.c_size_t(32 * MIB), 0) == 0
+time.sleep(0.3)                # the allocations' age in the dump is at least this
 # The monitor sees the GPU pool's rise: purges and tells Python (a busy machine may take a while).
 deadline = time.monotonic() + 10
 while True:
@@ -44,6 +46,7 @@ while True:
     if (gpu["purges"] >= 1 and gpu["notifications"] >= 1) or time.monotonic() > deadline:
         break
     time.sleep(0.05)
+print("age bound ms", int((time.monotonic() - allocated_at) * 1000) + 1)
 """
 
 
@@ -74,6 +77,10 @@ def test_dump_lists_every_active_pool_with_its_driver_allocations(fake_driver, t
     assert gpu["purges"] >= 1 and gpu["notifications"] >= 1, "the GPU rise purged and told Python"
     assert [(b["size"] // MIB, b["call"]) for b in gpu["largest"]] == [
         (256, "cuMemAlloc"), (128, "cuMemAlloc"), (64, "cuMemAlloc")]
+    # Ages on the coarse monotonic clock (a tick of a few ms): from the sleep to the last dump.
+    bound = int(r.stdout.split("age bound ms")[1])
+    ages = [b["age_ms"] for b in gpu["largest"]]
+    assert all(290 <= age <= bound + 20 for age in ages), (ages, bound)
     assert (32 * MIB, "cuMemHostAlloc") in [(b["size"], b["call"]) for b in host["largest"]]
     assert "gpu 0 level normal -> warn" in r.stderr
     assert "gpu 0 peak 448.00 MiB of budget 512.00 MiB (87%)" in r.stderr, "the exit line"
