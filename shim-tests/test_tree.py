@@ -131,6 +131,29 @@ def test_descendants_count_unless_they_opt_out(mode, args, want):
             f"expected {key}={value!r} in {mode} {args}; saw {seen}:{result.describe()}")
 
 
+# The top starts a member child and looks for the ledger's file after the child has exited.
+LEDGER_FILE_PROGRAM = """
+import json, os, subprocess, sys
+path = os.environ.get("QVSHIM_TREE_LEDGER", "")
+child = subprocess.run([sys.executable, "-c", "import os; print(os.environ['QVSHIM_TREE_LEDGER'])"],
+                       capture_output=True, text=True)
+print(json.dumps({"path": path, "child_saw": child.stdout.strip(),
+                  "kept_after_the_child_exited": os.path.exists(path)}))
+"""
+
+
+def test_the_ledger_file_outlives_a_member_and_goes_with_the_last():
+    result = shimrun.run_python(["-c", LEDGER_FILE_PROGRAM], TREE_ENV)
+    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("{")]
+    assert result.returncode == 0 and lines, f"expected the program to finish:{result.describe()}"
+    seen = json.loads(lines[-1])
+    assert seen["path"].startswith("/") and seen["child_saw"] == seen["path"], seen
+    assert seen["kept_after_the_child_exited"], (
+        f"a member's exit removed the ledger its tree still uses: {seen}{result.describe()}")
+    assert not os.path.exists(seen["path"]), (
+        f"the last member left the ledger's file behind: {seen['path']}")
+
+
 def _make_ledger_cases(tmp_path):
     """(name, path, expected reason) for ledgers a process must refuse."""
     link = tmp_path / "link"
