@@ -502,6 +502,48 @@ def test_fork_child_publishes_its_own_file_and_leaves_the_parents(governed):
     assert os.path.exists(governed.counters), "and never its parent's"
 
 
+# Publishes, forks, and has the child look for its own counters file during its first 0.45 s;
+# prints when the child first saw it (null: not in that time).
+SHORT_CHILD = r"""
+import json, os, sys, time
+mine = os.path.join(sys.argv[1], f"{os.getpid()}.json")
+deadline = time.monotonic() + 20
+while not os.path.exists(mine) and time.monotonic() < deadline:
+    time.sleep(0.02)
+time.sleep(0.1)
+r, w = os.pipe()
+forked_at = time.monotonic()
+pid = os.fork()
+if pid == 0:
+    own = os.path.join(sys.argv[1], f"{os.getpid()}.json")
+    seen_at = None
+    while seen_at is None and time.monotonic() - forked_at < 0.45:
+        if os.path.exists(own):
+            seen_at = time.monotonic() - forked_at
+        time.sleep(0.005)
+    os.write(w, json.dumps({"seen_at": seen_at}).encode())
+    os._exit(0)
+os.close(w)
+print("parent published", os.path.exists(mine), os.read(r, 200).decode(), flush=True)
+os.waitpid(pid, 0)
+"""
+
+
+def test_fork_child_waits_its_own_half_second_before_publishing(library):
+    # A fork child is a new process: like one just loaded, it publishes only once it has lived
+    # FIRST_PUBLISH_AFTER_MS (500 ms), so short children leave no files. The parent's schedule
+    # (every 250 ms) is not its own. A quick monitor would publish at once on the parent's one.
+    env = plain_env(LD_PRELOAD=library, QVSHIM_INTERVAL="100ms")
+    result = subprocess.run([sys.executable, "-c", SHORT_CHILD, run_dir(env)], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "parent published True" in result.stdout, result.stdout + result.stderr
+    seen_at = json.loads(result.stdout.split("True", 1)[1])["seen_at"]
+    # The coarse clock's tick (a few ms) is the only slack.
+    assert seen_at is None or seen_at >= 0.48, (
+        f"the fork child published {seen_at:.3f} s after the fork, before its own 0.5 s")
+
+
 def _symlink(base):
     os.makedirs(base / "elsewhere", mode=0o700)
     os.symlink(base / "elsewhere", base / "qvshim")
