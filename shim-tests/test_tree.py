@@ -116,6 +116,7 @@ FAMILY_CASES = [
     ("optout", ["process"], {"child": "got"}),
     ("optout", ["tree"], {"child": "MemoryError"}),
     ("stats", [], {"child_sees_600M_or_more": True}),
+    ("exec", [], {"after_exec": "got"}),
 ]
 
 

@@ -9,6 +9,7 @@ shim-tests/test_tree.py. Run under the shim; prints one JSON line with what it s
                                      environment says QVSHIM_SCOPE=... allocates 600 MiB
     tree_family.py stats             a child's C API shows the tree's live bytes
     tree_family.py alone             allocates 600 MiB of a 1 GiB budget, nothing else
+    tree_family.py exec              holds 600 MiB, then execs a program that allocates 600 MiB
 """
 
 import json
@@ -197,6 +198,24 @@ def stats():
             "child_stderr": done.stderr}
 
 
+EXEC_CODE = """
+import json
+try:
+    held = bytearray(600 << 20)
+    print(json.dumps({"after_exec": "got"}))
+except MemoryError:
+    print(json.dumps({"after_exec": "MemoryError"}))
+"""
+
+
+def exec_holding():
+    """The same process after exec (same pid and start time): its old share went with its heap."""
+    held = touched(600 * MIB)
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-c", EXEC_CODE])
+    del held
+
+
 def main():
     mode = sys.argv[1]
     if mode == "pool":
@@ -210,6 +229,8 @@ def main():
         result = optout(sys.argv[2])
     elif mode == "stats":
         result = stats()
+    elif mode == "exec":
+        exec_holding()
     elif mode == "alone":
         result = {"got_600M": try_alloc(600 * MIB)}
     else:
