@@ -589,4 +589,25 @@ mod tests {
             assert_eq!(stalls_after(before, psi), after, "from {before} at {psi}");
         }
     }
+
+    #[test]
+    fn the_machine_is_read_more_often_under_pressure_and_never_less_often_than_configured() {
+        // Past the watch for a starting interpreter, so only the level and the setting decide.
+        let running_ms = PYTHON_START_WATCH_MS;
+        let before = INTERVAL_MS.load(Ordering::Relaxed);
+        // (configured interval, level, expected interval)
+        let cases: &[(u64, u8, u64)] = &[
+            (1_000, LEVEL_NORMAL, 1_000),
+            (1_000, crate::ledger::LEVEL_WARN, PRESSED_INTERVAL_MS),
+            (1_000, crate::ledger::LEVEL_CRITICAL, PRESSED_INTERVAL_MS),
+            (50, LEVEL_NORMAL, 50),
+            (50, crate::ledger::LEVEL_CRITICAL, 50),
+        ];
+        for &(configured, level, expected) in cases {
+            INTERVAL_MS.store(configured, Ordering::Relaxed);
+            let got = sample_interval_ms(level, running_ms);
+            INTERVAL_MS.store(before, Ordering::Relaxed);
+            assert_eq!(got, expected, "configured {configured} ms, level {level}");
+        }
+    }
 }
