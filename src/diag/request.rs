@@ -183,3 +183,34 @@ pub fn check_dump_signal() {
         _ => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    #[test]
+    fn the_exit_waits_for_a_dump_being_written() {
+        // Another thread is writing a dump; it finishes 50 ms later. The exit path must wait
+        // for it (up to EXIT_DUMP_WAIT_MS), not give up at once.
+        DUMP_WRITING.store(true, Ordering::Release);
+        let finished = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let finished = Arc::clone(&finished);
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                finished.store(true, Ordering::Release);
+                DUMP_WRITING.store(false, Ordering::Release);
+            })
+        };
+        finish_requested_dump();
+        let waited = finished.load(Ordering::Acquire);
+        writer.join().unwrap();
+        assert!(
+            waited,
+            "the exit path stopped waiting while the dump was being written"
+        );
+        assert!(!DUMP_WRITING.load(Ordering::Acquire));
+    }
+}
