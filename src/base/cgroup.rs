@@ -711,4 +711,17 @@ mod tests {
                 .collect::<Vec<_>>()
         );
     }
+
+    #[test]
+    fn a_file_that_ends_with_a_newline_has_no_empty_last_line() {
+        let path = std::env::temp_dir().join(format!("qvshim-lines-{}", std::process::id()));
+        std::fs::write(&path, "one\ntwo\n").unwrap();
+        let cpath = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        let mut lines = Vec::new();
+        for_each_line(&cpath, |l| {
+            lines.push(String::from_utf8_lossy(l).into_owned())
+        });
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(lines, ["one", "two"]);
+    }
 }
