@@ -49,6 +49,20 @@ def raise_program(shim_library):
     return shimrun.build(GUEST_C_DIR / "dumpfile_raise.c")
 
 
+@pytest.fixture(scope="session")
+def fixed_getrandom():
+    """c/fixed_getrandom.c as a shared object for LD_PRELOAD: the shim's temporary names known."""
+    source = GUEST_C_DIR / "fixed_getrandom.c"
+    built = shimrun.BUILD_DIR / "fixed_getrandom.so"
+    shimrun.BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    newest = max(source.stat().st_mtime, (GUEST_C_DIR / "fixed_getrandom.h").stat().st_mtime)
+    if not built.exists() or built.stat().st_mtime < newest:
+        cmd = ["gcc", "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o", str(built), str(source)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, f"expected {source.name} to compile:\n{done.stderr}"
+    return built
+
+
 def run_helper(argv, env_set, uid=None, cwd=None) -> shimrun.Run:
     """shimrun.run, optionally as another user (setuid in the child before exec)."""
     env = shimrun.shim_env(env_set)
@@ -253,17 +267,23 @@ def seen_root_file_kept_for_other_user(d, target, ctx, run):
     expect_dump_in_log(run)
 
 
-def planted_partial(d: Path, run) -> Path:
-    pid = int(run.stdout.split()[1])
-    return d / f"dump.txt.{pid}.partial"
+# What c/fixed_getrandom.h makes the shim draw, and how many of its names the program plants at.
+FIXED_GETRANDOM_BASE = 0x5A5A5A5A5A5A5A00
+FIXED_GETRANDOM_PLANTED = 4
+
+
+def planted_partials(d: Path) -> list[Path]:
+    """The names the shim tries first under fixed_getrandom.so, where the program planted."""
+    return [d / f"dump.txt.{FIXED_GETRANDOM_BASE + k:016x}.partial"
+            for k in range(FIXED_GETRANDOM_PLANTED)]
 
 
 def seen_planted_link_unused(d, target, ctx, run):
-    partial = planted_partial(d, run)
-    assert partial.is_symlink() and os.readlink(partial) == str(ctx["victim"]), (
-        f"expected the symlink planted at {partial} to be left alone:{run.describe()}")
+    for partial in planted_partials(d):
+        assert partial.is_symlink() and os.readlink(partial) == str(ctx["victim"]), (
+            f"expected the symlink planted at {partial} to be left alone:{run.describe()}")
     assert ctx["victim"].read_text() == VICTIM_TEXT, (
-        f"expected {ctx['victim']} (the planted link's target) untouched, it now holds "
+        f"expected {ctx['victim']} (the planted links' target) untouched, it now holds "
         f"{ctx['victim'].read_text()[:200]!r}")
     seen_written(d, target, ctx, run)
 
@@ -276,10 +296,10 @@ def seen_dangling_planted_link_unused(d, target, ctx, run):
 
 
 def seen_planted_file_unused(d, target, ctx, run):
-    partial = planted_partial(d, run)
-    assert partial.exists() and partial.read_text() == PLANTED_TEXT, (
-        f"expected the file planted at {partial} to be left alone:{run.describe()}")
-    assert os.lstat(partial).st_uid == OTHER_UID
+    for partial in planted_partials(d):
+        assert partial.exists() and partial.read_text() == PLANTED_TEXT, (
+            f"expected the file planted at {partial} to be left alone:{run.describe()}")
+        assert os.lstat(partial).st_uid == OTHER_UID
     seen_written(d, target, ctx, run)
 
 
@@ -391,13 +411,16 @@ ROWS = [
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.case for r in ROWS])
-def test_dump_file(row, raise_program, shared_dir):
+def test_dump_file(row, raise_program, fixed_getrandom, shared_dir):
     ctx: dict = {}
     target = row.arrange(shared_dir, ctx)
     args = [a.format(target=target, victim=ctx.get("victim", "")) for a in row.plant]
+    env_set = {"QVSHIM_DUMP_FILE": target}
+    if row.plant:
+        # The planted names are the ones the shim tries first only with its random draws fixed.
+        env_set["LD_PRELOAD"] = f"{fixed_getrandom} {shimrun.SHIM}"
     try:
-        run = run_helper([raise_program, *args], {"QVSHIM_DUMP_FILE": target}, uid=row.uid,
-                         cwd=shared_dir)
+        run = run_helper([raise_program, *args], env_set, uid=row.uid, cwd=shared_dir)
         assert not run.timed_out and run.returncode == 0 and run.stdout.startswith("pid "), (
             f"expected the program to ask for a dump and exit 0, got {run.exit_text()}:"
             f"{run.describe()}")

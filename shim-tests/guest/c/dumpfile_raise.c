@@ -3,11 +3,13 @@
  * finishes the dump. Used by shim-tests/guest/test_dumpfile.py.
  *
  *   dumpfile_raise                          just the dump
- *   dumpfile_raise plant-link DUMP VICTIM   first plant DUMP.<pid>.partial -> VICTIM (a symlink)
- *   dumpfile_raise plant-file DUMP UID      first plant DUMP.<pid>.partial, a 0666 file of UID
+ *   dumpfile_raise plant-link DUMP VICTIM   first plant DUMP.<suffix>.partial -> VICTIM (a symlink)
+ *   dumpfile_raise plant-file DUMP UID      first plant DUMP.<suffix>.partial, a 0666 file of UID
  *
- * The plant commands play a local attacker who guessed the temporary name the shim used to
- * write beside DUMP (the pid is public); the test then checks the planted thing is untouched.
+ * The plant commands play a local attacker who guessed the temporary names the shim writes
+ * beside DUMP: run with fixed_getrandom.so preloaded, the shim's first suffixes are known, and
+ * something is planted at each of the first FIXED_GETRANDOM_PLANTED names. The test then checks
+ * that every planted thing is untouched and the dump was written all the same.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -18,13 +20,16 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "fixed_getrandom.h"
+
 static const char PLANTED_TEXT[] = "planted by another user\n";
 
 int main(int argc, char **argv)
 {
-    if (argc == 4) {
+    for (unsigned k = 0; argc == 4 && k < FIXED_GETRANDOM_PLANTED; k++) {
         char partial[4096];
-        snprintf(partial, sizeof partial, "%s.%d.partial", argv[2], (int)getpid());
+        snprintf(partial, sizeof partial, "%s.%016llx.partial", argv[2],
+                 (unsigned long long)(FIXED_GETRANDOM_BASE + k));
         if (strcmp(argv[1], "plant-link") == 0) {
             if (symlink(argv[3], partial) != 0) {
                 perror("symlink");
