@@ -135,6 +135,20 @@ def test_memory_pools_reserve_counts_and_is_trimmed_before_a_refusal(fake_cuda, 
     assert r.number("pool_refusals") == refusals, r.describe()
 
 
+def test_the_dump_shows_what_the_memory_pools_keep(fake_cuda, tmp_path):
+    # Four 256 MiB from the default pool, two freed: the pool keeps 512 MiB, which lowers the
+    # budget and is the dump's pools_cached figure for the device.
+    dump = tmp_path / "dump.json"
+    fill = ["a:async:256"] * 4 + ["f", "f"]
+    r = run(["cuda_client", "steps", *fill, "eff:1:512", f'dump:{dump}:"pools_cached":{512 * MIB}'],
+            {"QVSHIM_GPU_BUDGET": "1G", "QVSHIM_INTERVAL": "20ms", "FAKE_CUDA_POOL_KEEPS": "1"})
+    assert r.returncode == 0, r.describe()
+    got = [r.number(f"s{i}") for i in range(len(fill) + 2)]
+    assert got == [0] * len(fill) + [512 * MIB, 1], (
+        f"expected the budget at 512 MiB and the dump to say the pools keep 512 MiB; got {got}\n"
+        f"last dump: {dump.read_text() if dump.exists() else None}\n{r.describe()}")
+
+
 def test_a_pinned_host_refusal_leaves_the_host_effective_budget_to_the_monitor(fake_cuda):
     # 256 MiB of anonymous memory the ledger does not see lowers the host's effective budget
     # below 320 MiB of its 512 MiB (to 290-320 MiB, with the process's own noise); a 400 MiB
