@@ -17,16 +17,7 @@
 
 use core::sync::atomic::{AtomicU8, Ordering};
 
-use super::system::{parse_u64, physical_memory_bytes, read_file};
-
-/// Memory the process may use: physical memory, or its memory cgroup's limit when lower.
-pub fn usable_memory_bytes() -> u64 {
-    let physical = physical_memory_bytes();
-    match cgroup_limit_below(physical) {
-        Some(limit) => limit,
-        None => physical,
-    }
-}
+use super::system::{parse_u64, read_file};
 
 /// The memory cgroup's limit when it is below `physical` bytes (a limit above the machine's
 /// memory limits nothing).
