@@ -17,7 +17,9 @@
  *                        (value: the effective budget in bytes at the end)
  *       dump:PATH:TEXT   write the JSON dump to PATH until it contains TEXT (20 s at most;
  *                        value: 1 when it did)
- *     then "sequence ..." (the fake driver's allocation calls and trims, in order).
+ *       sleep:MS         wait MS milliseconds (the monitor looks meanwhile)
+ *     then "sequence ..." (the fake driver's allocation calls and trims, in order) and
+ *     "default_pool_asksN calls" (how often the default memory pool of device N was asked for).
  *
  * Link with -ldl; built with -DDIRECT_LINK and -lcuda it calls the driver's exports by name.
  */
@@ -521,6 +523,9 @@ static void run_steps(int count, char **steps) {
             for (int waited = 0; effective_budget(pool) != want && waited < STEP_DEADLINE_MS; waited += STEP_POLL_MS)
                 sleep_ms(STEP_POLL_MS);
             printf("s%d %llu\n", i, effective_budget(pool));
+        } else if (strcmp(op, "sleep") == 0 && arg1) {
+            sleep_ms(atoi(arg1));
+            printf("s%d 0\n", i);
         } else if (strcmp(op, "dump") == 0 && arg1 && arg2) {
             int found = 0;
             for (int waited = 0; !(found = dump_contains(arg1, arg2)) && waited < STEP_DEADLINE_MS;
@@ -533,6 +538,10 @@ static void run_steps(int count, char **steps) {
     }
     const char *(*sequence)(void) = driver ? (const char *(*)(void))dlsym(driver, "fake_cuda_sequence") : NULL;
     printf("sequence %s\n", sequence ? sequence() : "");
+    if (fake_calls)
+        printf("default_pool_asks0 %llu\ndefault_pool_asks1 %llu\n",
+               (unsigned long long)fake_calls("cuDeviceGetDefaultMemPool:0"),
+               (unsigned long long)fake_calls("cuDeviceGetDefaultMemPool:1"));
     print_pool("pool", 1);
 }
 

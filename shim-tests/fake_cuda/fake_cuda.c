@@ -528,6 +528,10 @@ static CUresult impl_device_get_default_mem_pool(void **pool, CUdevice device) {
     if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
     if (!pool) return CUDA_ERROR_INVALID_VALUE;
     if (device < 0 || device >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    /* Per device as well, so a test can tell which devices were asked about. */
+    static const char *const per_device[] = {"cuDeviceGetDefaultMemPool:0", "cuDeviceGetDefaultMemPool:1",
+                                             "cuDeviceGetDefaultMemPool:2", "cuDeviceGetDefaultMemPool:3"};
+    if (device < (int)(sizeof per_device / sizeof per_device[0])) count(per_device[device]);
     *pool = (void *)(intptr_t)(POOL_HANDLE_BASE + device);
     return CUDA_SUCCESS;
 }

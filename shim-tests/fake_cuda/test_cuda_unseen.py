@@ -149,6 +149,16 @@ def test_the_dump_shows_what_the_memory_pools_keep(fake_cuda, tmp_path):
         f"last dump: {dump.read_text() if dump.exists() else None}\n{r.describe()}")
 
 
+def test_the_monitor_reads_only_the_devices_the_process_uses(fake_cuda):
+    # Two devices, only the second allocated on: about 15 looks at 20 ms read its memory pool,
+    # never the first device's, whose pool in the ledger (below the second's) stays unused.
+    r = run(["cuda_client", "steps", "dev:1", "a:alloc:256", "sleep:300"],
+            {"QVSHIM_GPU_BUDGET": "1G", "QVSHIM_INTERVAL": "20ms"})
+    assert r.returncode == 0, r.describe()
+    assert r.number("default_pool_asks1") > 0, f"the used device's pool was never read\n{r.describe()}"
+    assert r.number("default_pool_asks0") == 0, f"the unused device was asked about\n{r.describe()}"
+
+
 def test_a_pinned_host_refusal_leaves_the_host_effective_budget_to_the_monitor(fake_cuda):
     # 256 MiB of anonymous memory the ledger does not see lowers the host's effective budget
     # below 320 MiB of its 512 MiB (to 290-320 MiB, with the process's own noise); a 400 MiB
