@@ -19,7 +19,8 @@
  *                        value: 1 when it did)
  *       sleep:MS         wait MS milliseconds (the monitor looks meanwhile)
  *     then "sequence ..." (the fake driver's allocation calls and trims, in order) and
- *     "default_pool_asksN calls" (how often the default memory pool of device N was asked for).
+ *     "default_pool_asksN calls" (how often the default memory pool of device N was asked for)
+ *     and "null_pool_calls N" (pool calls the fake driver got with a null handle).
  *
  * Link with -ldl; built with -DDIRECT_LINK and -lcuda it calls the driver's exports by name.
  */
@@ -539,9 +540,11 @@ static void run_steps(int count, char **steps) {
     const char *(*sequence)(void) = driver ? (const char *(*)(void))dlsym(driver, "fake_cuda_sequence") : NULL;
     printf("sequence %s\n", sequence ? sequence() : "");
     if (fake_calls)
-        printf("default_pool_asks0 %llu\ndefault_pool_asks1 %llu\n",
+        printf("default_pool_asks0 %llu\ndefault_pool_asks1 %llu\nnull_pool_calls %llu\n",
                (unsigned long long)fake_calls("cuDeviceGetDefaultMemPool:0"),
-               (unsigned long long)fake_calls("cuDeviceGetDefaultMemPool:1"));
+               (unsigned long long)fake_calls("cuDeviceGetDefaultMemPool:1"),
+               (unsigned long long)(fake_calls("cuMemPoolGetAttribute(NULL)") +
+                                    fake_calls("cuMemPoolTrimTo(NULL)")));
     print_pool("pool", 1);
 }
 

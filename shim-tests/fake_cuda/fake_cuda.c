@@ -22,7 +22,8 @@
  * cuMemAllocFromPoolAsync names (handle 0x9100 + device), kept apart from the default pool. fake_cuda_device_used(device) is what the device holds, for
  * the fake NVML. cuDeviceGetUuid(_v2) names device N fa ce 0N 00 ... (and fails with
  * FAKE_CUDA_FAIL=uuid); cuDeviceTotalMem fails with FAKE_CUDA_FAIL=totalmem, and refuses a
- * null pointer as the real driver does.
+ * null pointer as the real driver does. FAKE_CUDA_FAIL=nullpool: cuDeviceGetDefaultMemPool
+ * succeeds with a null handle (a driver's bug the shim must not pass on).
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -532,12 +533,18 @@ static CUresult impl_device_get_default_mem_pool(void **pool, CUdevice device) {
     static const char *const per_device[] = {"cuDeviceGetDefaultMemPool:0", "cuDeviceGetDefaultMemPool:1",
                                              "cuDeviceGetDefaultMemPool:2", "cuDeviceGetDefaultMemPool:3"};
     if (device < (int)(sizeof per_device / sizeof per_device[0])) count(per_device[device]);
+    const char *fail = getenv("FAKE_CUDA_FAIL");
+    if (fail && strcmp(fail, "nullpool") == 0) {
+        *pool = NULL;
+        return CUDA_SUCCESS;
+    }
     *pool = (void *)(intptr_t)(POOL_HANDLE_BASE + device);
     return CUDA_SUCCESS;
 }
 
 static CUresult impl_mem_pool_get_attribute(void *pool, int attribute, void *value) {
     count("cuMemPoolGetAttribute");
+    if (!pool) count("cuMemPoolGetAttribute(NULL)");
     int slot = pool_slot(pool);
     if (slot < 0 || !value) return CUDA_ERROR_INVALID_VALUE;
     if (attribute != ATTR_RESERVED_MEM_CURRENT) return CUDA_ERROR_NOT_SUPPORTED;
@@ -549,6 +556,7 @@ static CUresult impl_mem_pool_get_attribute(void *pool, int attribute, void *val
 
 static CUresult impl_mem_pool_trim_to(void *pool, size_t keep) {
     count("cuMemPoolTrimTo");
+    if (!pool) count("cuMemPoolTrimTo(NULL)");
     int slot = pool_slot(pool);
     if (slot < 0) return CUDA_ERROR_INVALID_VALUE;
     pthread_mutex_lock(&lock);

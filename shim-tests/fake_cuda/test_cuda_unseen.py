@@ -159,6 +159,16 @@ def test_the_monitor_reads_only_the_devices_the_process_uses(fake_cuda):
     assert r.number("default_pool_asks0") == 0, f"the unused device was asked about\n{r.describe()}"
 
 
+def test_a_null_default_pool_from_the_driver_is_never_handed_back_to_it(fake_cuda):
+    # A driver that says success and gives a null pool: the looks (and a refusal's trim) skip it.
+    r = run(["cuda_client", "steps", "a:alloc:512", "a:alloc:512", "a:alloc:512", "sleep:200"],
+            {"QVSHIM_GPU_BUDGET": "1G", "QVSHIM_INTERVAL": "20ms", "FAKE_CUDA_FAIL": "nullpool"})
+    assert r.returncode == 0, r.describe()
+    assert [r.number(f"s{i}") for i in range(3)] == [0, 0, CUDA_ERROR_OUT_OF_MEMORY], r.describe()
+    assert r.number("default_pool_asks0") > 0, f"the device's pool was never asked for\n{r.describe()}"
+    assert r.number("null_pool_calls") == 0, f"the null pool went back to the driver\n{r.describe()}"
+
+
 def test_a_pinned_host_refusal_leaves_the_host_effective_budget_to_the_monitor(fake_cuda):
     # 256 MiB of anonymous memory the ledger does not see lowers the host's effective budget
     # below 320 MiB of its 512 MiB (to 290-320 MiB, with the process's own noise); a 400 MiB
