@@ -192,3 +192,34 @@ time.sleep(0.3)
     assert dirty_bytes < 16 * MIB, f"the premise: few dirty pages, but jemalloc holds {dirty_bytes}"
     dirty = [p for p in d["purges"] if p["reason"] == "dirty_pages"]
     assert not dirty, f"purged {len(dirty)} times for {dirty_bytes} bytes of dirty pages: {dirty}"
+
+
+def test_dirty_pages_are_purged_at_most_once_a_second(lib, tmp_path):
+    # Memory outside the ledger (unseen), and a program that keeps leaving 25 MiB of freed
+    # blocks dirty in jemalloc: each look at 100 ms finds enough to purge, but the purge of
+    # dirty pages comes at most once a second (DIRTY_PURGE_EVERY_MS, on the same clock as the
+    # purges' ages in the dump).
+    code = """
+import mmap, os, signal, time
+m = mmap.mmap(-1, 300 << 20, flags=mmap.MAP_PRIVATE)
+for i in range(0, len(m), 4096):
+    m[i] = 1
+end = time.monotonic() + 2.5
+while time.monotonic() < end:
+    blocks = [bytearray(64 << 10) for _ in range(400)]
+    del blocks
+    time.sleep(0.01)
+os.kill(os.getpid(), signal.SIGUSR2)
+time.sleep(0.3)
+"""
+    path = tmp_path / "dump.json"
+    r = run_python(code, QVSHIM_BUDGET="1G", QVSHIM_INTERVAL="100ms", QVSHIM_DUMP_FILE=str(path),
+                   QVSHIM_DUMP_FORMAT="json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(path.read_text())
+    dirty = [p for p in d["purges"] if p["reason"] == "dirty_pages"]
+    assert len(dirty) >= 2, f"the premise: dirty pages worth purging again, but: {d['purges']}"
+    ages = sorted(p["age_ms"] for p in dirty)
+    gaps = [later - earlier for earlier, later in zip(ages, ages[1:])]
+    # A purge records its time a moment after the look that decided it: a few ms of slack.
+    assert min(gaps) >= 950, f"purges of dirty pages {gaps} ms apart: {dirty}"
