@@ -6,6 +6,8 @@ changes nothing: the budget is the budget, and nothing is printed."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fakecuda import CUDA_ERROR_OUT_OF_MEMORY, MIB, nvml_library_path, run
@@ -149,14 +151,19 @@ def test_the_dump_shows_what_the_memory_pools_keep(fake_cuda, tmp_path):
         f"last dump: {dump.read_text() if dump.exists() else None}\n{r.describe()}")
 
 
-def test_the_monitor_reads_only_the_devices_the_process_uses(fake_cuda):
+def test_the_monitor_reads_only_the_devices_the_process_uses(fake_cuda, tmp_path):
     # Two devices, only the second allocated on: about 15 looks at 20 ms read its memory pool,
-    # never the first device's, whose pool in the ledger (below the second's) stays unused.
-    r = run(["cuda_client", "steps", "dev:1", "a:alloc:256", "sleep:300"],
+    # never the first device's, whose pool in the ledger (below the second's) stays unused and
+    # out of the dump.
+    dump = tmp_path / "dump.json"
+    r = run(["cuda_client", "steps", "dev:1", "a:alloc:256", "sleep:300", f'dump:{dump}:"name":"gpu 1"'],
             {"QVSHIM_GPU_BUDGET": "1G", "QVSHIM_INTERVAL": "20ms"})
     assert r.returncode == 0, r.describe()
     assert r.number("default_pool_asks1") > 0, f"the used device's pool was never read\n{r.describe()}"
     assert r.number("default_pool_asks0") == 0, f"the unused device was asked about\n{r.describe()}"
+    assert r.number("s3") == 1, f"the dump never listed gpu 1\n{r.describe()}"
+    names = [p["name"] for p in json.loads(dump.read_text())["pools"]]
+    assert names == ["host", "gpu 1"], f"the dump lists {names}: only pools in use belong there"
 
 
 def test_a_null_default_pool_from_the_driver_is_never_handed_back_to_it(fake_cuda):
