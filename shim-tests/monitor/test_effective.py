@@ -169,16 +169,15 @@ time.sleep(0.3)
     assert "purged jemalloc arenas (dirty_pages)" in r.stderr
 
 
-def test_memory_outside_the_ledger_with_few_dirty_pages_purges_nothing(lib, tmp_path):
-    # 300 MiB mapped outside malloc is unseen by the ledger; jemalloc holds only a few MiB of
-    # dirty pages (under DIRTY_PURGE_MIN_BYTES, 16 MiB): purging them would give back nothing
-    # worth a purge, so 20 looks of the monitor purge nothing.
-    code = """
+def dump_after_holding_unseen_memory(tmp_path, then: str) -> dict:
+    """Runs a program that maps and touches 300 MiB outside malloc (unseen by the ledger), runs
+    `then` (Python, at the top level), and asks for a JSON dump; returns the dump."""
+    code = f"""
 import mmap, os, signal, time
 m = mmap.mmap(-1, 300 << 20, flags=mmap.MAP_PRIVATE)
 for i in range(0, len(m), 4096):
     m[i] = 1
-time.sleep(2.0)
+{then}
 os.kill(os.getpid(), signal.SIGUSR2)
 time.sleep(0.3)
 """
@@ -186,7 +185,14 @@ time.sleep(0.3)
     r = run_python(code, QVSHIM_BUDGET="1G", QVSHIM_INTERVAL="100ms", QVSHIM_DUMP_FILE=str(path),
                    QVSHIM_DUMP_FORMAT="json")
     assert r.returncode == 0, r.stderr
-    d = json.loads(path.read_text())
+    return json.loads(path.read_text())
+
+
+def test_memory_outside_the_ledger_with_few_dirty_pages_purges_nothing(lib, tmp_path):
+    # jemalloc holds only a few MiB of dirty pages (under DIRTY_PURGE_MIN_BYTES, 16 MiB):
+    # purging them would give back nothing worth a purge, so 20 looks of the monitor purge
+    # nothing.
+    d = dump_after_holding_unseen_memory(tmp_path, "time.sleep(2.0)")
     assert d["system"]["unseen_anon"] > 200 * MIB, d["system"]
     dirty_bytes = d["jemalloc"]["resident"] - d["jemalloc"]["active"]
     assert dirty_bytes < 16 * MIB, f"the premise: few dirty pages, but jemalloc holds {dirty_bytes}"
@@ -195,28 +201,17 @@ time.sleep(0.3)
 
 
 def test_dirty_pages_are_purged_at_most_once_a_second(lib, tmp_path):
-    # Memory outside the ledger (unseen), and a program that keeps leaving 25 MiB of freed
-    # blocks dirty in jemalloc: each look at 100 ms finds enough to purge, but the purge of
-    # dirty pages comes at most once a second (DIRTY_PURGE_EVERY_MS, on the same clock as the
-    # purges' ages in the dump).
-    code = """
-import mmap, os, signal, time
-m = mmap.mmap(-1, 300 << 20, flags=mmap.MAP_PRIVATE)
-for i in range(0, len(m), 4096):
-    m[i] = 1
+    # The program keeps leaving 25 MiB of freed blocks dirty in jemalloc: each look at 100 ms
+    # finds enough to purge, but the purge of dirty pages comes at most once a second
+    # (DIRTY_PURGE_EVERY_MS, on the same clock as the purges' ages in the dump).
+    churn = """
 end = time.monotonic() + 2.5
 while time.monotonic() < end:
     blocks = [bytearray(64 << 10) for _ in range(400)]
     del blocks
     time.sleep(0.01)
-os.kill(os.getpid(), signal.SIGUSR2)
-time.sleep(0.3)
 """
-    path = tmp_path / "dump.json"
-    r = run_python(code, QVSHIM_BUDGET="1G", QVSHIM_INTERVAL="100ms", QVSHIM_DUMP_FILE=str(path),
-                   QVSHIM_DUMP_FORMAT="json")
-    assert r.returncode == 0, r.stderr
-    d = json.loads(path.read_text())
+    d = dump_after_holding_unseen_memory(tmp_path, churn)
     dirty = [p for p in d["purges"] if p["reason"] == "dirty_pages"]
     assert len(dirty) >= 2, f"the premise: dirty pages worth purging again, but: {d['purges']}"
     ages = sorted(p["age_ms"] for p in dirty)
