@@ -130,16 +130,18 @@ def test_a_fall_in_level_asks_for_no_relief(lib):
     # Up to critical, then down to warn: the fall is logged, and the companion hears nothing more
     # (a fall counted as a rise would ask for relief at warn). Periodic relief is kept out of it.
     code = """
-import sys, types, time
+import ctypes, sys, types, time
 got = []
 companion = types.ModuleType("qvshim")
 companion._on_pressure = lambda level, pool: got.append(level)
 sys.modules["qvshim"] = companion
+level = ctypes.CDLL(None).qvshim_level
 held = []
+while level(0) < 2:            # allocate up to critical, and no further
+    held.append(bytearray((1 << 20) - 4096))
 deadline = time.time() + 20
 while "critical" not in got and time.time() < deadline:
-    held.append(bytearray((1 << 20) - 4096))
-    time.sleep(0.02)
+    time.sleep(0.01)
 at_critical = list(got)
 del held[-15:]                 # from just over 90% of the budget to about 76%: warn
 time.sleep(2)
