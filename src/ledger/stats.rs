@@ -134,3 +134,24 @@ pub fn pool_stats(index: usize) -> Option<PoolStats> {
         notifications: pool.notifications.load(Ordering::Relaxed),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_is_whole_and_zero_without_a_budget() {
+        // (part, whole, expected)
+        let cases: &[(u64, u64, u64)] = &[
+            (50, 100, 50),
+            (99, 100, 99),
+            (150, 100, 150),
+            (u64::MAX, u64::MAX - 1, 100),
+            (5, 0, 0),
+            (5, UNLIMITED, 0),
+        ];
+        for &(part, whole, expected) in cases {
+            assert_eq!(percent(part, whole), expected, "{part} of {whole}");
+        }
+    }
+}
