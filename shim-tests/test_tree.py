@@ -155,6 +155,17 @@ def test_the_ledger_file_outlives_a_member_and_goes_with_the_last():
         f"the last member left the ledger's file behind: {seen['path']}")
 
 
+def test_a_joining_child_says_how_many_members_the_tree_has():
+    # At INFO the top says it created the ledger and the child that it joined, counting itself.
+    child = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'pass'], check=True)"
+    result = shimrun.run_python(["-c", child], {**TREE_ENV, "QVSHIM_LOG": "info"})
+    assert result.returncode == 0, f"expected the program to finish:{result.describe()}"
+    assert "tree scope: created the tree's ledger" in result.stderr, result.describe()
+    joined = [ln for ln in result.stderr.splitlines() if "tree scope: joined the tree's ledger" in ln]
+    assert len(joined) == 1 and "(2 members, host budget 1.00 GiB)" in joined[0], (
+        f"expected the child to join a tree of 2 members:{result.describe()}")
+
+
 def _make_ledger_cases(tmp_path):
     """(name, path, expected reason) for ledgers a process must refuse."""
     link = tmp_path / "link"
