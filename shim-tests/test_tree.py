@@ -20,6 +20,8 @@ import shimrun
 PROGRAM = shimrun.PY_PROGRAMS_DIR / "tree_family.py"
 BUDGET_BYTES = shimrun.GIB
 RESERVE_BYTES = 64 * shimrun.MIB  # QVSHIM_RESERVE's default
+# The first word of a ledger of this layout (src/ledger/tree.rs, MAGIC).
+LEDGER_MAGIC = 0x7176_7472_6565_0001
 TREE_ENV = {"QVSHIM_SCOPE": "tree", "QVSHIM_BUDGET": "1G", "QVSHIM_INTERVAL": "200ms"}
 
 
@@ -179,6 +181,11 @@ def _make_ledger_cases(tmp_path):
     garbage = tmp_path / "garbage"
     garbage.write_bytes(b"\xff" * (1 << 20))
     garbage.chmod(0o600)
+    # The right magic word, another layout's size: a library of another version made it.
+    other_layout = tmp_path / "other-layout"
+    other_layout.write_bytes(LEDGER_MAGIC.to_bytes(8, "little") + (12345).to_bytes(8, "little")
+                             + b"\0" * ((1 << 20) - 16))
+    other_layout.chmod(0o600)
     short = tmp_path / "short"
     short.write_bytes(b"\0" * 100)
     short.chmod(0o600)
@@ -187,6 +194,7 @@ def _make_ledger_cases(tmp_path):
         ("symlink", str(link), "a symbolic link (never followed)"),
         ("readable", str(readable), "others may read or write it (mode is not 0600)"),
         ("garbage", str(garbage), "not a ledger of this version of the library"),
+        ("other_layout", str(other_layout), "not a ledger of this version of the library"),
         ("short", str(short), "too short to be a ledger"),
         ("relative", "tree-ledger", "not an absolute path"),
     ]
