@@ -314,11 +314,16 @@ static CUresult impl_ctx_get_device(CUdevice *device) {
     return CUDA_SUCCESS;
 }
 
+/* Whether FAKE_CUDA_FAIL names `what`: the one failure the fake plays this run. */
+static int failing(const char *what) {
+    const char *fail = getenv("FAKE_CUDA_FAIL");
+    return fail && strcmp(fail, what) == 0;
+}
+
 static CUresult impl_device_total_mem_v2(size_t *bytes, CUdevice device) {
     count("cuDeviceTotalMem_v2");
     if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
-    const char *fail = getenv("FAKE_CUDA_FAIL");
-    if (fail && strcmp(fail, "totalmem") == 0) return CUDA_ERROR_NOT_SUPPORTED;
+    if (failing("totalmem")) return CUDA_ERROR_NOT_SUPPORTED;
     if (!bytes) return CUDA_ERROR_INVALID_VALUE;
     if (device < 0 || device >= device_count) return CUDA_ERROR_INVALID_DEVICE;
     *bytes = device_total[device];
@@ -533,8 +538,7 @@ static CUresult impl_device_get_default_mem_pool(void **pool, CUdevice device) {
     static const char *const per_device[] = {"cuDeviceGetDefaultMemPool:0", "cuDeviceGetDefaultMemPool:1",
                                              "cuDeviceGetDefaultMemPool:2", "cuDeviceGetDefaultMemPool:3"};
     if (device < (int)(sizeof per_device / sizeof per_device[0])) count(per_device[device]);
-    const char *fail = getenv("FAKE_CUDA_FAIL");
-    if (fail && strcmp(fail, "nullpool") == 0) {
+    if (failing("nullpool")) {
         *pool = NULL;
         return CUDA_SUCCESS;
     }
@@ -575,8 +579,7 @@ static CUresult impl_mem_pool_trim_to(void *pool, size_t keep) {
 static CUresult impl_device_get_uuid(unsigned char *uuid, CUdevice device) {
     count("cuDeviceGetUuid");
     if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
-    const char *fail = getenv("FAKE_CUDA_FAIL");
-    if (fail && strcmp(fail, "uuid") == 0) return CUDA_ERROR_NOT_SUPPORTED;
+    if (failing("uuid")) return CUDA_ERROR_NOT_SUPPORTED;
     if (!uuid) return CUDA_ERROR_INVALID_VALUE;
     if (device < 0 || device >= device_count) return CUDA_ERROR_INVALID_DEVICE;
     memset(uuid, 0, 16);

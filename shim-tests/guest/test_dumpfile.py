@@ -267,19 +267,16 @@ def seen_root_file_kept_for_other_user(d, target, ctx, run):
     expect_dump_in_log(run)
 
 
-# What c/fixed_getrandom.h makes the shim draw, and how many of its names the program plants at.
-FIXED_GETRANDOM_BASE = 0x5A5A5A5A5A5A5A00
-FIXED_GETRANDOM_PLANTED = 4
-
-
-def planted_partials(d: Path) -> list[Path]:
-    """The names the shim tries first under fixed_getrandom.so, where the program planted."""
-    return [d / f"dump.txt.{FIXED_GETRANDOM_BASE + k:016x}.partial"
-            for k in range(FIXED_GETRANDOM_PLANTED)]
+def planted_partials(run) -> list[Path]:
+    """The names the shim tries first under fixed_getrandom.so, where the program planted (it
+    prints them); four of them."""
+    planted = [Path(ln.split(" ", 1)[1]) for ln in run.stdout.splitlines() if ln.startswith("planted ")]
+    assert len(planted) == 4, f"expected the program to plant at four names:{run.describe()}"
+    return planted
 
 
 def seen_planted_link_unused(d, target, ctx, run):
-    for partial in planted_partials(d):
+    for partial in planted_partials(run):
         assert partial.is_symlink() and os.readlink(partial) == str(ctx["victim"]), (
             f"expected the symlink planted at {partial} to be left alone:{run.describe()}")
     assert ctx["victim"].read_text() == VICTIM_TEXT, (
@@ -296,7 +293,7 @@ def seen_dangling_planted_link_unused(d, target, ctx, run):
 
 
 def seen_planted_file_unused(d, target, ctx, run):
-    for partial in planted_partials(d):
+    for partial in planted_partials(run):
         assert partial.exists() and partial.read_text() == PLANTED_TEXT, (
             f"expected the file planted at {partial} to be left alone:{run.describe()}")
         assert os.lstat(partial).st_uid == OTHER_UID

@@ -9,7 +9,8 @@
  * The plant commands play a local attacker who guessed the temporary names the shim writes
  * beside DUMP: run with fixed_getrandom.so preloaded, the shim's first suffixes are known, and
  * something is planted at each of the first FIXED_GETRANDOM_PLANTED names. The test then checks
- * that every planted thing is untouched and the dump was written all the same.
+ * that every planted thing is untouched and the dump was written all the same. Each planted
+ * path is printed after the pid ("planted PATH").
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -26,9 +27,11 @@ static const char PLANTED_TEXT[] = "planted by another user\n";
 
 int main(int argc, char **argv)
 {
+    static char planted[FIXED_GETRANDOM_PLANTED][4096];
+    unsigned planted_count = 0;
     for (unsigned k = 0; argc == 4 && k < FIXED_GETRANDOM_PLANTED; k++) {
-        char partial[4096];
-        snprintf(partial, sizeof partial, "%s.%016llx.partial", argv[2],
+        char *partial = planted[planted_count++];
+        snprintf(partial, sizeof planted[0], "%s.%016llx.partial", argv[2],
                  (unsigned long long)(FIXED_GETRANDOM_BASE + k));
         if (strcmp(argv[1], "plant-link") == 0) {
             if (symlink(argv[3], partial) != 0) {
@@ -50,5 +53,7 @@ int main(int argc, char **argv)
     }
     raise(SIGUSR2);
     printf("pid %d\n", (int)getpid());
+    for (unsigned k = 0; k < planted_count; k++)
+        printf("planted %s\n", planted[k]);
     return 0;
 }
